@@ -1,0 +1,53 @@
+# Two commands do all the set-up (see README): `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PROTO_OUT := tpi_node/proto
+
+.PHONY: run test install install-test proto bench clean gpu-check device-check
+.DEFAULT_GOAL := run
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Runtime + the GGUF converter (prepare) + grpcio-tools for the generated wire code.
+$(VENV)/.installed-run: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[convert,dev]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
+	$(PIP) install -q -e '.[convert,dev,test]'
+	touch $@
+
+# The one wire contract: generated code is rebuilt whenever protos/tpi.proto changes.
+$(PROTO_OUT)/tpi_pb2.py: protos/tpi.proto $(VENV)/.installed-run
+	mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) protos/tpi.proto
+	sed -i 's/^import tpi_pb2 as/from . import tpi_pb2 as/' $(PROTO_OUT)/tpi_pb2_grpc.py
+	printf '"""Generated from protos/tpi.proto by make (grpc_tools.protoc). Do not edit."""\n' > $(PROTO_OUT)/__init__.py
+
+install: $(VENV)/.installed-run $(PROTO_OUT)/tpi_pb2.py
+install-test: $(VENV)/.installed-test $(PROTO_OUT)/tpi_pb2.py
+
+# Prepare the embedded default model, then serve it from a local 3-node cluster on :8000.
+run: install
+	$(VENV)/bin/tpi-node prepare
+	$(VENV)/bin/tpi-node run --nodes 3 --host 127.0.0.1 --port 8000
+
+test: install-test
+	$(VENV)/bin/tpi-node prepare
+	$(PY) -m pytest -q tests
+
+bench: install-test
+	$(PY) scripts/bench_single.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+device-check:
+	bash scripts/device_check.sh
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) .pytest_cache

@@ -1,0 +1,66 @@
+"""The Collective interface: the only place where nodes meet during a forward pass.
+
+Every node (master and workers) calls the same collectives in the same order with tensors of
+the same shape. `allreduce_add_norm` is the one the forward loop uses:
+
+    x_new = residual + sum_over_nodes(partial)     # [T, hidden]
+    h     = rms_norm(x_new, norm_weight, eps)       # [T, hidden]
+
+Implementations: LocalCollective (one node), the gRPC star (comm/star.py), torch.distributed
+gloo/nccl (comm/torch_dist.py), and the fused GPU path (gpu/).
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from tpi_node.model.layers import rms_norm
+
+
+@dataclass
+class CommStats:
+    """Seconds spent inside collectives (wire + waiting for the slowest peer), and how many."""
+
+    seconds: float = 0.0
+    calls: int = 0
+    bytes_sent: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.bytes_sent = 0.0, 0, 0
+
+
+class Collective(ABC):
+    """Sum of a tensor across all nodes of the plan. Subclasses implement `allreduce`."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    @abstractmethod
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of `t` over all nodes; every node gets the sum."""
+
+    def allreduce_add_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        total = self.allreduce(partial)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        x = residual + total.to(residual.dtype)
+        return x, rms_norm(x, norm_weight, eps)
+
+    def close(self) -> None:
+        pass
+
+
+class LocalCollective(Collective):
+    """One node holds the whole model: the sum over nodes is the partial itself."""
+
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t

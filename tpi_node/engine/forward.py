@@ -1,0 +1,85 @@
+"""NodeRunner: the one forward loop every node runs over its own slice of every layer."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tpi_node.comm.collective import Collective
+from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.kv_cache import KVCache
+from tpi_node.model.config import ModelConfig
+from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
+from tpi_node.weights.plan import NodeShare
+from tpi_node.weights.store import ShardStore
+
+
+@dataclass
+class StepStats:
+    """Seconds of the last steps, split so that compute + comm + stall = wall."""
+
+    steps: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    comm_s: float = 0.0
+    stall_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return self.wall_s - self.comm_s - self.stall_s
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "tokens": self.tokens, "wall_s": self.wall_s, "comm_s": self.comm_s,
+                "stall_s": self.stall_s, "compute_s": self.compute_s}
+
+
+class KVOutOfSync(RuntimeError):
+    pass
+
+
+class NodeRunner:
+    def __init__(self, cfg: ModelConfig, store: ShardStore, share: NodeShare, coll: Collective,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        self.cfg, self.store, self.share, self.coll = cfg, store, share, coll
+        self.dtype, self.device = dtype, torch.device(device)
+        self.kv = KVCache(cfg.num_layers, share.n_kv, cfg.head_dim, dtype, self.device)
+        self.rope = Rope(cfg, self.device)
+        self.stats = StepStats()
+
+    def _check_layout(self, layout: BatchLayout) -> None:
+        for seq, past in zip(layout.seq_ids, layout.past_lens):
+            have = self.kv.length(seq)
+            if past == 0 and have:
+                self.kv.free([seq])             # a sequence restarted (e.g. replayed after a fault)
+            elif have != past:
+                raise KVOutOfSync(f"sequence {seq}: step says {past} cached tokens, this node has {have}")
+
+    @torch.inference_mode()
+    def forward(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states."""
+        self._check_layout(layout)
+        t0, comm0, stall0 = time.perf_counter(), self.coll.stats.seconds, self.store.stats.stall_s
+        cfg, norms, eps = self.cfg, self.store.norms, self.cfg.rms_eps
+        x = x.to(self.device, self.dtype)
+        rope_cs = self.rope.tables(layout.positions().to(self.device), self.dtype)
+        h = rms_norm(x, norms.input[0], eps)
+        for i in range(cfg.num_layers):
+            with self.store.layer(i) as w:
+                a = attention_partial(h, w, self.kv.layer(i), layout, rope_cs, cfg.head_dim)
+                x, h = self.coll.allreduce_add_norm(a, x, norms.post[i], eps)
+                nxt = norms.input[i + 1] if i + 1 < cfg.num_layers else norms.final
+                x, h = self.coll.allreduce_add_norm(mlp_partial(h, w), x, nxt, eps)
+        s = self.stats
+        s.steps, s.tokens = s.steps + 1, s.tokens + layout.num_tokens
+        s.wall_s += time.perf_counter() - t0
+        s.comm_s += self.coll.stats.seconds - comm0
+        s.stall_s += self.store.stats.stall_s - stall0
+        return h
+
+    def free(self, seq_ids) -> None:
+        self.kv.free(seq_ids)
+
+    def close(self) -> None:
+        self.store.close()
+        self.coll.close()

@@ -1,0 +1,65 @@
+"""A sequence in the engine: its tokens, how many are in every node's KV cache, its sampler and
+detokeniser, and where its events go."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from dataclasses import dataclass, field
+
+from tpi_node.engine.client import TokenEvent
+from tpi_node.model.sampling import Sampler
+from tpi_node.model.sampling_params import SamplingParams
+from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher
+
+
+class QueueSink:
+    """Events to a thread (the CLI)."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+
+    def put(self, item) -> None:
+        self.q.put(item)
+
+
+class AsyncSink:
+    """Events to an asyncio task (the HTTP server), posted thread-safely from the step thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.q = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the client is gone
+            pass
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    tokens: list[int]                 # prompt + generated so far
+    num_prompt: int
+    params: SamplingParams
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    sink: object
+    cached: int = 0                   # tokens already in every node's KV cache
+    finished: bool = False
+    cancelled: bool = False
+    t_arrive: float = field(default_factory=time.monotonic)
+    t_first: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    def next_chunk(self, budget: int) -> list[int]:
+        """The tokens this sequence feeds into the next step (a prefill chunk, or one to decode)."""
+        return self.tokens[self.cached:self.cached + budget]
+
+    def emit(self, event: TokenEvent) -> None:
+        self.sink.put(event)

@@ -1,0 +1,133 @@
+"""The model math of one decoder layer, written over one node's slice of that layer.
+
+A node holds a contiguous group of KV heads (with their query heads) and a contiguous block of
+FFN columns. `attention_partial` and `mlp_partial` return that node's *partial* output
+[T, hidden]; the sum over all nodes (done by a Collective, never here) is the layer's output.
+With one node holding everything, the partial is the full output.
+
+Shapes: T = tokens in the step (all sequences concatenated), H = hidden size, hd = head dim,
+nq / nkv = query / KV heads held by this node, F = FFN columns held by this node.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tpi_node.model.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    """One node's slice of one layer (see weights/slicer.py for how it is cut)."""
+
+    n_q: int                       # query heads held here (0 -> no attention work)
+    n_kv: int                      # KV heads held here
+    wqkv: torch.Tensor | None      # [(n_q + 2 n_kv) hd, H]  q, k, v stacked by rows
+    bqkv: torch.Tensor | None      # [(n_q + 2 n_kv) hd]     Qwen2 / attention_bias only
+    wo: torch.Tensor | None        # [H, n_q hd]             columns of o_proj
+    w13: torch.Tensor | None       # [2F, H]                 gate rows then up rows
+    w2: torch.Tensor | None        # [H, F]                  columns of down_proj
+
+    def nbytes(self) -> int:
+        ts = (self.wqkv, self.bqkv, self.wo, self.w13, self.w2)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H]. Computed in fp32 as Hugging Face does, cast back, then scaled."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[hd/2] inverse frequencies, with Llama-3 or linear rope scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    sc = cfg.rope_scaling_dict
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type '{kind}' is not supported")
+    return inv
+
+
+class Rope:
+    """cos/sin tables [positions, hd], grown on demand (fp32, as Hugging Face computes them)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.inv_freq = rope_inv_freq(cfg).to(device)
+        self.cos = self.sin = torch.empty(0, cfg.head_dim, device=device)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            n = max(need, 2 * self.cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, device=self.inv_freq.device).float(), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]; cos/sin: [T, hd]. Rotate-half convention (Hugging Face layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int) -> torch.Tensor:
+    """h: [T, H] normed hidden states of every token in the step -> partial [T, H].
+
+    `cache.append(seq_id, k, v)` stores this layer's new keys/values ([n, n_kv, hd]) for one
+    sequence and returns all of them ([n_kv, past+n, hd] each). `rope_cs` = (cos, sin) [T, hd].
+    Each sequence attends only to its own cache; prompts arrive in bounded chunks (the engine's
+    prefill chunk), so no prompt-length-squared matrix is ever built.
+    """
+    T = h.shape[0]
+    if w.n_q == 0:
+        return h.new_zeros(T, h.shape[1])
+    qkv = F.linear(h, w.wqkv, w.bqkv)                               # [T, (nq + 2nkv) hd]
+    nq, nkv = w.n_q * head_dim, w.n_kv * head_dim
+    q = qkv[:, :nq].view(T, w.n_q, head_dim)
+    k = qkv[:, nq:nq + nkv].view(T, w.n_kv, head_dim)
+    v = qkv[:, nq + nkv:].view(T, w.n_kv, head_dim)
+    cos, sin = rope_cs
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
+    start = 0
+    for seq_id, past, n in zip(layout.seq_ids, layout.past_lens, layout.new_lens):
+        ks, vs = cache.append(seq_id, k[start:start + n], v[start:start + n])   # [nkv, past+n, hd]
+        qs = q[start:start + n].transpose(0, 1)                                  # [nq, n, hd]
+        if n == 1:
+            o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+        elif past == 0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        out[start:start + n] = o.transpose(0, 1)
+        start += n
+    return F.linear(out.view(T, nq), w.wo)                          # [T, H]
+
+
+def mlp_partial(h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    """SwiGLU over this node's FFN columns. h: [T, H] -> partial [T, H]."""
+    if w.w13 is None:
+        return torch.zeros_like(h)
+    gate, up = F.linear(h, w.w13).chunk(2, dim=-1)                  # [T, F] each
+    return F.linear(F.silu(gate) * up, w.w2)

@@ -1,0 +1,154 @@
+"""The partition plan: which KV-head groups and FFN columns each node holds.
+
+Units are KV-head groups (a KV head with its q_per_kv query heads) and FFN column blocks. Every
+node gets a share of the layer's work proportional to its capacity weight (measured speed when
+every node has one, else CPU cores); uneven splits are normal (3 KV heads over 2 nodes, or more
+nodes than KV heads, where some nodes hold FFN columns only). The plan is a frozen value; its
+digest names the shard cache on disk. Rank 0 is always the master.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from tpi_node.errors import UserError
+from tpi_node.model.config import ModelConfig
+
+FFN_BLOCK = 32  # FFN columns are assigned in blocks of this many (a SIMD-friendly width)
+
+
+class PlanError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    node_id: str
+    memory_bytes: int          # what this node may use for weights + KV cache (its budget)
+    cores: int = 1
+    disk_bytes: int = 0
+    speed: float | None = None  # measured, relative (higher = faster); None when unknown
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    node_id: str
+    rank: int
+    kv_start: int
+    kv_end: int
+    ffn_start: int
+    ffn_end: int
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv_end - self.kv_start
+
+    @property
+    def n_ffn(self) -> int:
+        return self.ffn_end - self.ffn_start
+
+    def layer_params(self, cfg: ModelConfig) -> int:
+        """Parameters of this node's slice of one layer."""
+        h, hd, g = cfg.hidden_size, cfg.head_dim, cfg.q_per_kv
+        attn = self.n_kv * hd * h * (2 * g + 2)        # q + o (g heads each) + k + v
+        bias = self.n_kv * hd * (g + 2) if cfg.attention_bias else 0
+        return attn + bias + 3 * h * self.n_ffn
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    model_digest: str
+    shares: tuple[NodeShare, ...]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shares)
+
+    def share_of(self, rank: int) -> NodeShare:
+        return self.shares[rank]
+
+    def to_dict(self) -> dict:
+        return {"model_digest": self.model_digest, "shares": [asdict(s) for s in self.shares]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PartitionPlan":
+        return cls(d["model_digest"], tuple(NodeShare(**s) for s in d["shares"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PartitionPlan":
+        return cls.from_dict(json.loads(s))
+
+
+def _largest_remainder(total: int, weights: list[float]) -> list[int]:
+    """Split `total` units proportionally to `weights` (ties go to the lower index)."""
+    s = sum(weights)
+    exact = [total * w / s for w in weights]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def capacity_weights(caps: list[NodeCapacity]) -> list[float]:
+    if all(c.speed for c in caps):
+        return [float(c.speed) for c in caps]
+    return [float(max(1, c.cores)) for c in caps]
+
+
+def make_plan(cfg: ModelConfig, caps: list[NodeCapacity], model_digest: str = "") -> PartitionPlan:
+    """Split one layer's work over the nodes by capacity weight.
+
+    KV-head groups go first (largest remainder on the weights); then FFN blocks fill each node up
+    to its target share of the layer's parameters, so a node with fewer heads gets more columns.
+    """
+    if not caps:
+        raise PlanError("a plan needs at least one node")
+    ids = [c.node_id for c in caps]
+    if len(set(ids)) != len(ids):
+        raise PlanError(f"duplicate node ids in the cluster: {sorted(ids)}")
+    weights = capacity_weights(caps)
+    kv = _largest_remainder(cfg.num_kv_heads, weights)
+
+    h, hd, g = cfg.hidden_size, cfg.head_dim, cfg.q_per_kv
+    per_kv = hd * h * (2 * g + 2)
+    per_block = 3 * h * FFN_BLOCK
+    n_blocks, tail = divmod(cfg.intermediate_size, FFN_BLOCK)
+    total = cfg.num_kv_heads * per_kv + n_blocks * per_block
+    # Target FFN blocks per node: its share of the whole layer minus what its heads already cost.
+    want = [max(0.0, total * w / sum(weights) - kv[i] * per_kv) / per_block for i, w in enumerate(weights)]
+    if sum(want) == 0:
+        want = weights
+    blocks = _largest_remainder(n_blocks, want)
+
+    shares, kv_at, col = [], 0, 0
+    for rank, c in enumerate(caps):
+        cols = blocks[rank] * FFN_BLOCK + (tail if rank == len(caps) - 1 else 0)
+        shares.append(NodeShare(c.node_id, rank, kv_at, kv_at + kv[rank], col, col + cols))
+        kv_at, col = kv_at + kv[rank], col + cols
+    plan = PartitionPlan(model_digest or cfg.digest, tuple(shares))
+    check_memory(cfg, plan, caps)
+    return plan
+
+
+def min_node_bytes(cfg: ModelConfig, share: NodeShare, dtype_bytes: int = 4) -> int:
+    """The least memory a node can serve its share with: a window of two layer slices."""
+    return 2 * share.layer_params(cfg) * dtype_bytes
+
+
+def check_memory(cfg: ModelConfig, plan: PartitionPlan, caps: list[NodeCapacity], dtype_bytes: int = 4) -> None:
+    for share, cap in zip(plan.shares, caps):
+        need = min_node_bytes(cfg, share, dtype_bytes)
+        if cap.memory_bytes and cap.memory_bytes < need:
+            raise PlanError(
+                f"node {cap.node_id} has {cap.memory_bytes / 2**20:.0f} MiB but its share needs at least "
+                f"{need / 2**20:.0f} MiB (two layers of its slice); add nodes or memory"
+            )

@@ -1,0 +1,138 @@
+"""Cutting one node's slices out of a checkpoint, and the on-disk shard cache.
+
+Weight loading is data: `LAYER_NAMES` maps our roles to Hugging Face tensor names, and
+`slice_layer` cuts rows or columns by the node's KV-head range and FFN range. Each node keeps its
+slices as one safetensors file per layer plus `norms.safetensors` (every RMSNorm weight; tiny,
+always resident) in a folder named by the model and plan digests.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tpi_node.model.config import ModelConfig
+from tpi_node.weights.checkpoint import CheckpointReader
+from tpi_node.weights.plan import NodeShare, PartitionPlan
+
+LAYER_NAMES = {
+    "q": "model.layers.{i}.self_attn.q_proj",
+    "k": "model.layers.{i}.self_attn.k_proj",
+    "v": "model.layers.{i}.self_attn.v_proj",
+    "o": "model.layers.{i}.self_attn.o_proj",
+    "gate": "model.layers.{i}.mlp.gate_proj",
+    "up": "model.layers.{i}.mlp.up_proj",
+    "down": "model.layers.{i}.mlp.down_proj",
+    "input_norm": "model.layers.{i}.input_layernorm.weight",
+    "post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+}
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def tpi_home() -> Path:
+    return Path(os.environ.get("TPI_HOME") or Path.home() / ".cache" / "tpi-node")
+
+
+def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i: int) -> dict[str, torch.Tensor]:
+    """One node's tensors of layer i (see model/layers.py LayerWeights for the shapes)."""
+    n = {k: v.format(i=i) for k, v in LAYER_NAMES.items()}
+    hd, g = cfg.head_dim, cfg.q_per_kv
+    out: dict[str, torch.Tensor] = {}
+    if share.n_kv:
+        q0, q1 = share.kv_start * g * hd, share.kv_end * g * hd       # query rows of our heads
+        k0, k1 = share.kv_start * hd, share.kv_end * hd
+        out["wqkv"] = torch.cat([reader.rows(n["q"] + ".weight", q0, q1),
+                                 reader.rows(n["k"] + ".weight", k0, k1),
+                                 reader.rows(n["v"] + ".weight", k0, k1)])
+        if cfg.attention_bias:
+            out["bqkv"] = torch.cat([reader.rows(n["q"] + ".bias", q0, q1),
+                                     reader.rows(n["k"] + ".bias", k0, k1),
+                                     reader.rows(n["v"] + ".bias", k0, k1)])
+        out["wo"] = reader.cols(n["o"] + ".weight", q0, q1)
+    if share.n_ffn:
+        f0, f1 = share.ffn_start, share.ffn_end
+        out["w13"] = torch.cat([reader.rows(n["gate"] + ".weight", f0, f1),
+                                reader.rows(n["up"] + ".weight", f0, f1)])
+        out["w2"] = reader.cols(n["down"] + ".weight", f0, f1)
+    return out
+
+
+def read_norms(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """All RMSNorm weights: input.{i}, post.{i}, final."""
+    out = {"final": reader.get(FINAL_NORM)}
+    for i in range(cfg.num_layers):
+        out[f"input.{i}"] = reader.get(LAYER_NAMES["input_norm"].format(i=i))
+        out[f"post.{i}"] = reader.get(LAYER_NAMES["post_norm"].format(i=i))
+    return out
+
+
+def shard_dir(model_digest: str, plan: PartitionPlan, rank: int, dtype: str) -> Path:
+    return tpi_home() / "shards" / model_digest[:12] / f"{plan.digest[:16]}-{dtype}" / f"rank-{rank}"
+
+
+def layer_file(i: int) -> str:
+    return f"layer-{i:03d}.safetensors"
+
+
+def shard_files(cfg: ModelConfig) -> list[str]:
+    return ["norms.safetensors"] + [layer_file(i) for i in range(cfg.num_layers)]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_node_shards(
+    model_dir: str | Path, cfg: ModelConfig, plan: PartitionPlan, rank: int, out_dir: Path,
+    dtype: str = "fp32", progress: bool = True,
+) -> dict[str, str]:
+    """Write rank's slices (one file per layer + norms) into out_dir; returns {file: sha256}.
+
+    Files already present (from an earlier run with the same plan) are kept; a `MANIFEST` file
+    with the sha256 of each file is written last, so an interrupted run is simply resumed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "MANIFEST"
+    if manifest.is_file():
+        sums = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
+        if all((out_dir / f).is_file() for f in sums):
+            return sums
+    reader = CheckpointReader(model_dir)
+    share, td = plan.share_of(rank), DTYPES[dtype]
+    t0, written = time.monotonic(), 0
+    for i in range(cfg.num_layers):
+        path = out_dir / layer_file(i)
+        if not path.is_file():
+            tensors = {k: v.to(td) for k, v in slice_layer(reader, cfg, share, i).items()}
+            _save_atomic(tensors, path)
+            written += sum(t.numel() * t.element_size() for t in tensors.values())
+        if progress and (i % 8 == 7 or i == cfg.num_layers - 1):
+            print(f"[tpi-node] slicing rank {rank}: layer {i + 1}/{cfg.num_layers} "
+                  f"({written / 2**20:.0f} MiB, {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+    norms = out_dir / "norms.safetensors"
+    if not norms.is_file():
+        _save_atomic({k: v.to(td) for k, v in read_norms(reader, cfg).items()}, norms)
+    sums = {f: sha256_file(out_dir / f) for f in shard_files(cfg)}
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sums.items()))
+    os.replace(tmp, manifest)
+    return sums
