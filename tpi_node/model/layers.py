@@ -108,19 +108,28 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     cos, sin = rope_cs
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+    g = w.n_q // w.n_kv                                             # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
     start = 0
     for seq_id, past, n in zip(layout.seq_ids, layout.past_lens, layout.new_lens):
         ks, vs = cache.append(seq_id, k[start:start + n], v[start:start + n])   # [nkv, past+n, hd]
-        qs = q[start:start + n].transpose(0, 1)                                  # [nq, n, hd]
         if n == 1:
-            o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
-        elif past == 0:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
-            mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-        out[start:start + n] = o.transpose(0, 1)
+            # decode: the g query heads of a KV head become g rows against that head's keys, so the
+            # fused kernel runs without a GQA expansion: [nkv, g, hd] x [nkv, S, hd]
+            qs = q[start].view(1, w.n_kv, g, head_dim)                          # 4-D: the fused CPU kernel
+            o = F.scaled_dot_product_attention(qs, ks[None], vs[None])           # [1, nkv, g, hd]
+            out[start] = o.reshape(w.n_q, head_dim)
+        else:
+            qs = q[start:start + n].transpose(0, 1)[None]                        # [1, nq, n, hd]
+            if g > 1:
+                ks, vs = ks.repeat_interleave(g, dim=0), vs.repeat_interleave(g, dim=0)
+            ks, vs = ks[None], vs[None]
+            if past == 0:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            out[start:start + n] = o[0].transpose(0, 1)
         start += n
     return F.linear(out.view(T, nq), w.wo)                          # [T, H]
 
