@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from tpi_node.engine.device import add_device_flag
 from tpi_node.errors import UserError
 
 
@@ -29,7 +30,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="a model name (prepared on first use) or a Hugging Face style directory")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA sm_80+ and MPS)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="per-node memory budget (e.g. 2GiB); streams layers through a window when the model does not fit")
 
@@ -57,6 +59,7 @@ def add_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--nodes", type=_positive_int, default=1, help="local cluster size (master + N-1 workers)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -131,7 +134,11 @@ def _open_engine(args, model_dir):
         from tpi_node.cluster.commands import local_cluster_engine  # noqa: PLC0415
 
         return local_cluster_engine(model_dir, args)
+    from tpi_node.engine.device import default_dtype, device_from_args
     from tpi_node.engine.local import build_local_engine
 
-    engine = build_local_engine(model_dir, dtype=args.dtype, memory_budget=args.memory_budget)
+    info = device_from_args(args)
+    print(f"[tpi-node] computing on {info.summary()}", file=sys.stderr)
+    engine = build_local_engine(model_dir, dtype=default_dtype(info, args.dtype), memory_budget=args.memory_budget,
+                                device=str(info.device))
     return engine, engine.shutdown

@@ -48,6 +48,8 @@ class NodeRunner:
         self.stats = StepStats()
 
     def _check_layout(self, layout: BatchLayout) -> None:
+        if self.share.n_kv == 0:            # an FFN-only node keeps no cache to check
+            return
         for seq, past in zip(layout.seq_ids, layout.past_lens):
             have = self.kv.length(seq)
             if past == 0 and have:
@@ -59,6 +61,8 @@ class NodeRunner:
     def forward(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states."""
         self._check_layout(layout)
+        if self.share.n_kv:
+            self.kv.reserve(layout)
         t0, comm0, stall0 = time.perf_counter(), self.coll.stats.seconds, self.store.stats.stall_s
         cfg, norms, eps = self.cfg, self.store.norms, self.cfg.rms_eps
         x = x.to(self.device, self.dtype)
@@ -70,6 +74,7 @@ class NodeRunner:
                 x, h = self.coll.allreduce_add_norm(a, x, norms.post[i], eps)
                 nxt = norms.input[i + 1] if i + 1 < cfg.num_layers else norms.final
                 x, h = self.coll.allreduce_add_norm(mlp_partial(h, w), x, nxt, eps)
+        self.kv.commit(layout)
         s = self.stats
         s.steps, s.tokens = s.steps + 1, s.tokens + layout.num_tokens
         s.wall_s += time.perf_counter() - t0

@@ -33,7 +33,7 @@ class ModelHead:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, H] final-normed hidden -> [B, V] float32 logits."""
-        return F.linear(h.to(self.lm_head_w.dtype), self.lm_head_w).float()
+        return F.linear(h.to(self.lm_head_w.device, self.lm_head_w.dtype), self.lm_head_w).float()
 
     def nbytes(self) -> int:
         n = self.embed_w.numel() * self.embed_w.element_size()

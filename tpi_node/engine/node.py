@@ -2,10 +2,8 @@
 shard cache, open them; and the Driver of a one-node cluster."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import psutil
 import torch
 
 from tpi_node.comm.collective import Collective, LocalCollective
@@ -17,10 +15,12 @@ from tpi_node.weights.slicer import DTYPES, shard_dir, write_node_shards
 from tpi_node.weights.store import ShardStore
 
 
-def local_capacity(node_id: str, memory_budget: int | None = None) -> NodeCapacity:
-    vm = psutil.virtual_memory()
-    return NodeCapacity(node_id=node_id, memory_bytes=memory_budget or vm.available,
-                        cores=len(os.sched_getaffinity(0)), disk_bytes=psutil.disk_usage(str(Path.home())).free)
+def local_capacity(node_id: str, memory_budget: int | None = None, device: str = "cpu",
+                   dtype: str | None = None) -> NodeCapacity:
+    """This node's capacity for the plan: memory of the device it computes on and measured speed."""
+    from tpi_node.engine.device import device_capacity, select_device
+
+    return device_capacity(node_id, select_device(device), memory_budget, dtype)
 
 
 def open_runner(model_dir: Path, cfg: ModelConfig, plan: PartitionPlan, rank: int, coll: Collective,
@@ -54,4 +54,5 @@ class LocalDriver:
 
     def stats(self) -> dict:
         r = self.runner
-        return {"local": {**r.stats.as_dict(), **r.store.stats.as_dict(), "kv_bytes": r.kv.nbytes()}}
+        return {"local": {**r.stats.as_dict(), **r.store.stats.as_dict(), "kv_bytes": r.kv.nbytes(),
+                          "kv_reserved_bytes": r.kv.reserved_bytes(), "kv_sequences": len(r.kv.lens)}}

@@ -92,8 +92,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int) -> torch.Tensor:
     """h: [T, H] normed hidden states of every token in the step -> partial [T, H].
 
-    `cache.append(seq_id, k, v)` stores this layer's new keys/values ([n, n_kv, hd]) for one
-    sequence and returns all of them ([n_kv, past+n, hd] each). `rope_cs` = (cos, sin) [T, hd].
+    `cache` (engine/kv_cache.py LayerKV) stores this layer's new keys/values and hands back what
+    each sequence attends to. `rope_cs` = (cos, sin) [T, hd].
     Each sequence attends only to its own cache; prompts arrive in bounded chunks (the engine's
     prefill chunk), so no prompt-length-squared matrix is ever built.
     """
@@ -110,27 +110,34 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
 
     g = w.n_q // w.n_kv                                             # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
-    start = 0
-    for seq_id, past, n in zip(layout.seq_ids, layout.past_lens, layout.new_lens):
-        ks, vs = cache.append(seq_id, k[start:start + n], v[start:start + n])   # [nkv, past+n, hd]
+    starts = [0]
+    for n in layout.new_lens:
+        starts.append(starts[-1] + n)
+    decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
+    if decode:
+        # every one-token sequence in ONE call: the g query heads of a KV head become g rows
+        # against that head's keys (no GQA expansion); the mask hides each slot's unused tail
+        rows = torch.tensor([starts[j] for j in decode], device=h.device)
+        ks, vs, mask = cache.extend_decode([layout.seq_ids[j] for j in decode],
+                                           [layout.past_lens[j] for j in decode], k[rows], v[rows])
+        qs = q[rows].view(len(decode), w.n_kv, g, head_dim)                      # [B, nkv, g, hd]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)            # [B, nkv, g, hd]
+        out[rows] = o.reshape(len(decode), w.n_q, head_dim)
+    for j, n in enumerate(layout.new_lens):
         if n == 1:
-            # decode: the g query heads of a KV head become g rows against that head's keys, so the
-            # fused kernel runs without a GQA expansion: [nkv, g, hd] x [nkv, S, hd]
-            qs = q[start].view(1, w.n_kv, g, head_dim)                          # 4-D: the fused CPU kernel
-            o = F.scaled_dot_product_attention(qs, ks[None], vs[None])           # [1, nkv, g, hd]
-            out[start] = o.reshape(w.n_q, head_dim)
-        else:
-            qs = q[start:start + n].transpose(0, 1)[None]                        # [1, nq, n, hd]
-            if g > 1:
-                ks, vs = ks.repeat_interleave(g, dim=0), vs.repeat_interleave(g, dim=0)
-            ks, vs = ks[None], vs[None]
-            if past == 0:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-            else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
-                mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-            out[start:start + n] = o[0].transpose(0, 1)
-        start += n
+            continue
+        start, past = starts[j], layout.past_lens[j]
+        ks, vs = cache.extend(layout.seq_ids[j], past, k[start:start + n], v[start:start + n])  # [nkv, past+n, hd]
+        qs = q[start:start + n].transpose(0, 1)[None]                            # [1, nq, n, hd]
+        if g > 1:
+            ks, vs = ks.repeat_interleave(g, dim=0), vs.repeat_interleave(g, dim=0)
+        ks, vs = ks[None], vs[None]
+        if past == 0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        out[start:start + n] = o[0].transpose(0, 1)
     return F.linear(out.view(T, nq), w.wo)                          # [T, H]
 
 

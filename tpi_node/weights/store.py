@@ -1,24 +1,31 @@
 """ShardStore: a node's layer slices, resident or streamed from disk through a sliding window.
 
     with store.layer(i) as w:      # waits for the prefetcher, releases the layer afterwards
-        ...
+        ...                        # w is valid only inside the block
 
 Resident (window None or >= layers): every layer is loaded once and kept. Streaming (window W):
 a background thread keeps the next W layers loaded, in forward order and wrapping from the last
 layer to the first (the next token starts again at layer 0), while the current one computes and
-communicates; a layer is dropped as soon as the forward pass leaves it, so its memory returns to
-the operating system (one large buffer per layer file, freed whole).
+communicates; a layer is released as soon as the forward pass leaves it.
+
+Memory while streaming is exactly W buffers ("slots") of the largest layer file, allocated once
+and reused: the layer being loaded writes into the slot that the released layer left. Reusing
+matters as much as releasing: first-touching fresh pages costs ~1-2 s/GB in page faults on small
+machines (measured here), more than the read itself. close() returns the slots to the OS.
 """
 from __future__ import annotations
 
 import json
+import resource
 import struct
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from tpi_node.model.config import ModelConfig
@@ -33,32 +40,50 @@ class ShardError(RuntimeError):
     pass
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """Read a safetensors file into ONE anonymous buffer; tensors are views into it.
+def _read_header(f, path: Path) -> tuple[dict, int]:
+    """(tensor table, size of the data section) of an open safetensors file, left at the data."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise ShardError(f"{path}: truncated shard file")
+    (n,) = struct.unpack("<Q", head)
+    try:
+        header = json.loads(f.read(n))
+    except ValueError:
+        raise ShardError(f"{path}: corrupt shard header") from None
+    header.pop("__metadata__", None)
+    return header, max((v["data_offsets"][1] for v in header.values()), default=0)
 
-    Returns (tensors, bytes read). Freeing the tensors frees the buffer whole, so the memory
-    really goes back to the OS (unlike an mmap'd file, which stays in the page cache and RSS).
-    """
+
+def data_size(path: Path) -> int:
+    """Bytes of a safetensors file's tensor data (what a buffer for it must hold)."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ShardError(f"{path}: truncated shard file")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ShardError(f"{path}: corrupt shard header") from None
-        header.pop("__metadata__", None)
-        size = max((v["data_offsets"][1] for v in header.values()), default=0)
-        buf = bytearray(size)
-        if f.readinto(buf) != size:
-            raise ShardError(f"{path}: truncated shard file")
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        return _read_header(f, path)[1]
+
+
+def read_safetensors(path: Path, into: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a safetensors file into ONE buffer; tensors are views into it.
+
+    `into`: a uint8 buffer to reuse (at least the data size), else a fresh one is allocated.
+    Returns (tensors, bytes read). Unlike an mmap'd file, the bytes live in anonymous memory the
+    store controls: reused for the next layer or freed whole.
+    """
+    with open(path, "rb", buffering=0) as f:
+        header, size = _read_header(f, path)
+        if into is not None and into.numel() < size:
+            raise ShardError(f"{path}: {size} bytes of tensors do not fit the {into.numel()}-byte slot")
+        raw = into[:size] if into is not None else torch.empty(size, dtype=torch.uint8)
+        view, got = memoryview(raw.numpy()), 0
+        while got < size:                       # raw reads may return short; loop to the end
+            n = f.readinto(view[got:])
+            if not n:
+                raise ShardError(f"{path}: truncated shard file")
+            got += n
+        total = f.tell()
     out = {}
     for name, meta in header.items():
         a, b = meta["data_offsets"]
         out[name] = raw[a:b].view(_ST_DTYPES[meta["dtype"]]).view(meta["shape"])
-    return out, 8 + n + size
+    return out, total
 
 
 @dataclass
@@ -70,13 +95,38 @@ class Norms:
 
 @dataclass
 class StoreStats:
-    bytes_read: int = 0
-    load_s: float = 0.0
-    stall_s: float = 0.0
+    """Counters since the store opened (never reset; take differences per request)."""
+
+    window: int = 0               # layers held at once (= num_layers when resident)
+    bytes_read: int = 0           # shard bytes read from disk (or the page cache)
+    load_s: float = 0.0           # seconds the loads took (on the prefetch thread when streaming)
+    stall_s: float = 0.0          # seconds the forward pass waited for a layer to arrive
     layers_loaded: int = 0
+    restarts: int = 0             # the window jumped (a forward pass was abandoned midway)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The counters plus this process's memory: current and peak resident set size."""
+        return {**self.__dict__, "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: that one survives execve, so a child
+    started from a big parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 class ShardStore:
@@ -86,59 +136,92 @@ class ShardStore:
         L = cfg.num_layers
         self.window = L if window is None or window >= L else max(2, window)
         self.streaming = self.window < L
-        self.stats = StoreStats()
+        self.stats = StoreStats(window=self.window)
+        # CUDA: layer files go disk -> pinned host buffer -> device on a side stream (engine/device.py).
+        self._uploader = None
+        if self.device.type == "cuda":
+            from tpi_node.engine.device import PinnedUploader
+            self._uploader = PinnedUploader(self.device)
         t, nb = read_safetensors(self.dir / "norms.safetensors")
         self.stats.bytes_read += nb
         t = {k: v.to(self.device) for k, v in t.items()}
         self.norms = Norms([t[f"input.{i}"] for i in range(L)], [t[f"post.{i}"] for i in range(L)], t["final"])
         self._loaded: dict[int, LayerWeights] = {}
+        self._slot_of: dict[int, torch.Tensor] = {}   # layer -> the slot its tensors live in
+        self._free_slots: list[torch.Tensor] = []
         self._cv = threading.Condition()
         self._next = 0            # next layer the prefetcher will load
-        self._inflight: int | None = None
+        self._inflight: int | None = None       # the layer on its way in, and its window generation
+        self._inflight_gen = 0
         self._gen = 0             # bumped when the window restarts at another layer
         self._error: BaseException | None = None
         self._closed = False
         if self.streaming:
+            try:
+                self.slot_bytes = max(data_size(self.dir / layer_file(i)) for i in range(L))
+            except OSError as e:
+                raise ShardError(f"cannot read the layer files in {self.dir}: {e}") from None
+            # CPU: the weights are views into the slot, so it must survive as long as they do.
+            # Another device: the slot is only a staging buffer for the copy.
+            pin = self._uploader is not None      # pinned: the copy to the GPU runs asynchronously
+            self._free_slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin)
+                                for _ in range(self.window)]
             self._thread = threading.Thread(target=self._prefetch_loop, name="tpi-prefetch", daemon=True)
             self._thread.start()
         else:
+            self.slot_bytes = 0
             for i in range(L):
-                self._loaded[i] = self._load(i)
+                self._loaded[i] = self._load(i, None)
 
-    def _load(self, i: int) -> LayerWeights:
+    def _load(self, i: int, slot: torch.Tensor | None) -> LayerWeights:
         t0 = time.perf_counter()
-        t, nb = read_safetensors(self.dir / layer_file(i))
-        t = {k: v.to(self.device) for k, v in t.items()}
+        if self._uploader is not None:
+            path = self.dir / layer_file(i)
+            raw = slot if slot is not None else self._uploader.staging(data_size(path))
+            t, nb = read_safetensors(path, raw)
+            t = self._uploader.upload(raw, t)
+        else:
+            t, nb = read_safetensors(self.dir / layer_file(i), slot)
+            t = {k: v.to(self.device) for k, v in t.items()}
         g = self.cfg.q_per_kv
         w = LayerWeights(n_q=self.share.n_kv * g, n_kv=self.share.n_kv, wqkv=t.get("wqkv"), bqkv=t.get("bqkv"),
                          wo=t.get("wo"), w13=t.get("w13"), w2=t.get("w2"))
-        self.stats.bytes_read += nb
-        self.stats.load_s += time.perf_counter() - t0
-        self.stats.layers_loaded += 1
+        with self._cv:   # the prefetch thread and the forward pass both update stats
+            self.stats.bytes_read += nb
+            self.stats.load_s += time.perf_counter() - t0
+            self.stats.layers_loaded += 1
         return w
 
     def _prefetch_loop(self) -> None:
         L = self.cfg.num_layers
         while True:
             with self._cv:
-                while not self._closed and len(self._loaded) >= self.window:
+                while not self._closed and not self._free_slots:
                     self._cv.wait()
                 if self._closed:
                     return
-                i, gen = self._next, self._gen
-                self._next, self._inflight = (i + 1) % L, i
+                i, gen, slot = self._next, self._gen, self._free_slots.pop()
+                self._next, self._inflight, self._inflight_gen = (i + 1) % L, i, gen
             try:
-                w = self._load(i)
+                w = self._load(i, slot)
             except BaseException as e:  # surfaced to the forward pass that waits for it
                 with self._cv:
-                    self._error = e
+                    self._error, self._inflight = e, None
+                    self._free_slots.append(slot)
                     self._cv.notify_all()
                 return
             with self._cv:
                 self._inflight = None
-                if gen == self._gen:        # the window was not restarted meanwhile
-                    self._loaded[i] = w
+                if gen == self._gen and not self._closed:   # the window was not restarted meanwhile
+                    self._loaded[i], self._slot_of[i] = w, slot
+                else:
+                    self._free_slots.append(slot)
                 self._cv.notify_all()
+
+    def _release(self, i: int) -> None:
+        """Caller holds _cv: layer i leaves the window, its slot goes back to the prefetcher."""
+        if self._loaded.pop(i, None) is not None:
+            self._free_slots.append(self._slot_of.pop(i))
 
     @contextmanager
     def layer(self, i: int):
@@ -147,31 +230,57 @@ class ShardStore:
             return
         t0 = time.perf_counter()
         with self._cv:
-            if i not in self._loaded and i != self._inflight and i != self._next or (
-                    i not in self._loaded and len(self._loaded) >= self.window):
+            if self._closed:
+                raise ShardError("the shard store is closed")
+            coming = i == self._inflight and self._inflight_gen == self._gen
+            if not (i in self._loaded or coming or (i == self._next and self._free_slots)):
                 # out of order (a forward pass was abandoned midway): restart the window at i
-                self._loaded.clear()
+                for j in list(self._loaded):
+                    self._release(j)
                 self._next, self._gen = i, self._gen + 1
+                self.stats.restarts += 1
                 self._cv.notify_all()
             while i not in self._loaded:
                 if self._error is not None:
                     raise ShardError(f"loading layer {i} failed: {self._error}")
+                if self._closed:
+                    raise ShardError("the shard store is closed")
                 self._cv.wait()
             w = self._loaded[i]
-        self.stats.stall_s += time.perf_counter() - t0
+            self.stats.stall_s += time.perf_counter() - t0
         try:
             yield w
         finally:
             with self._cv:
-                self._loaded.pop(i, None)
+                self._release(i)
                 self._cv.notify_all()
 
-    def resident_bytes(self) -> int:
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until the prefetcher is idle (its window is full); True if it got there in time."""
+        if not self.streaming:
+            return True
         with self._cv:
+            return self._cv.wait_for(lambda: self._closed or self._error is not None or (
+                self._inflight is None and not self._free_slots), timeout)
+
+    def in_memory(self) -> int:
+        """Layers held now, the one being loaded included (never more than the window)."""
+        with self._cv:
+            return len(self._loaded) + (self._inflight is not None)
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights this store holds: the slots when streaming, every layer when resident."""
+        with self._cv:
+            if self.streaming:
+                return self.window * self.slot_bytes
             return sum(w.nbytes() for w in self._loaded.values())
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._loaded.clear()
+            self._slot_of.clear()
+            self._free_slots.clear()
             self._cv.notify_all()
+        if self.streaming and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)   # it finishes the load in flight, then sees _closed

@@ -1,0 +1,242 @@
+"""Where a node computes: pick the device (CUDA, then Apple MPS, then CPU), say what it is, choose
+its dtype, measure its speed for the partition plan, and copy layer files host -> device.
+
+    info = select_device("auto")          # DeviceInfo(name, kind, memory_bytes, capability, device)
+    dtype = default_dtype(info)           # bf16 on CUDA (sm_80+) and MPS, fp16 on older CUDA, fp32 on CPU
+    cap = device_capacity("w1", info)     # NodeCapacity with memory of that device and measured speed
+
+Nothing here imports CUDA-only code: `torch.cuda.is_available()` and `torch.backends.mps` are
+plain queries on a CPU build of torch, and streams / pinned memory are touched only once a CUDA
+device was chosen.
+
+Memory counted per device: a CUDA card's own memory (weights, KV cache, activations live there;
+host RAM then holds only the runtime and one pinned staging buffer of one layer file). On
+integrated GPUs (Jetson) and Apple silicon (MPS) the device memory IS the host RAM: one pool,
+`shared_memory=True`, and the budget counts weights once.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from tpi_node.errors import UserError
+from tpi_node.weights.plan import NodeCapacity
+
+DEVICE_ENV = "TPI_DEVICE"
+_SPEC = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str                   # "NVIDIA H100 80GB HBM3", "Apple MPS", "cpu (x86_64, 16 cores)"
+    kind: str                   # cuda | mps | cpu
+    memory_bytes: int           # total memory of the device (host RAM for cpu / mps / integrated)
+    capability: str | None      # CUDA compute capability "sm_90"; None elsewhere
+    device: torch.device
+    shared_memory: bool = True  # device memory is the host RAM (cpu, mps, Jetson)
+
+    def summary(self) -> str:
+        """One line, as printed at join and shown by `tpi-node status`."""
+        cap = f" {self.capability}" if self.capability else ""
+        pool = ", shared with host RAM" if self.shared_memory and self.kind != "cpu" else ""
+        return f"{self.device} ({self.name}{cap}, {self.memory_bytes / 2**30:.1f} GiB{pool})"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "memory_bytes": self.memory_bytes,
+                "capability": self.capability, "device": str(self.device),
+                "shared_memory": self.shared_memory, "summary": self.summary()}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def _cpu_info() -> DeviceInfo:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return DeviceInfo(f"cpu ({platform.machine() or 'unknown'}, {cores} cores)", "cpu",
+                      psutil.virtual_memory().total, None, torch.device("cpu"), True)
+
+
+def _cuda_info(index: int) -> DeviceInfo:
+    p = torch.cuda.get_device_properties(index)
+    integrated = bool(getattr(p, "is_integrated", False))     # Jetson: one memory for CPU and GPU
+    return DeviceInfo(p.name, "cuda", int(p.total_memory), f"sm_{p.major}{p.minor}",
+                      torch.device("cuda", index), integrated)
+
+
+def _mps_info() -> DeviceInfo:
+    total = psutil.virtual_memory().total
+    try:  # what Metal lets this process use (a share of the unified memory)
+        total = int(torch.mps.recommended_max_memory()) or total
+    except (AttributeError, RuntimeError):
+        pass
+    return DeviceInfo("Apple MPS", "mps", total, None, torch.device("mps"), True)
+
+
+def select_device(spec: str | None = "auto") -> DeviceInfo:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> DeviceInfo; UserError when not available here."""
+    text = (spec or "auto").strip().lower()
+    m = _SPEC.match(text)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise UserError(f"unknown device '{spec}': use auto, cpu, cuda, cuda:N or mps")
+    kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return _cuda_info(torch.cuda.current_device())
+        return _mps_info() if _mps_available() else _cpu_info()
+    if kind == "cpu":
+        return _cpu_info()
+    if kind == "mps":
+        if not _mps_available():
+            raise UserError("device 'mps' is not available here (needs Apple silicon, macOS 12.3+ and a "
+                            "torch build with MPS); use --device auto or cpu")
+        return _mps_info()
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU or driver found"
+        raise UserError(f"device '{text}' is not available here ({why}); use --device auto or cpu")
+    n = torch.cuda.device_count()
+    if index >= n:
+        raise UserError(f"device '{text}' does not exist: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return _cuda_info(index)
+
+
+def default_dtype(info: DeviceInfo, asked: str | None = None) -> str:
+    """The compute dtype name for this device: `asked` when it suits the device, else the default
+    (bf16 on CUDA sm_80+ and MPS; fp16 on older CUDA cards, which have no bf16 arithmetic; fp32 on CPU)."""
+    if asked is not None:
+        if asked not in DTYPE_NAMES:
+            raise UserError(f"unknown dtype '{asked}': use {', '.join(DTYPE_NAMES)}")
+        if asked == "fp16" and info.kind == "cpu":
+            raise UserError("dtype fp16 is not supported on cpu (too slow there); use fp32 or bf16")
+        if asked == "bf16" and info.kind == "cuda" and _sm(info) < (8, 0):
+            raise UserError(f"{info.name} ({info.capability}) has no bf16 arithmetic; use fp16 or fp32")
+        return asked
+    if info.kind == "cuda":
+        return "bf16" if _sm(info) >= (8, 0) else "fp16"
+    return "bf16" if info.kind == "mps" else "fp32"
+
+
+def _sm(info: DeviceInfo) -> tuple[int, int]:
+    digits = (info.capability or "sm_00")[3:]
+    return int(digits[:-1] or 0), int(digits[-1])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# A decode-shaped product: a few tokens [T, K] times one weight block [K, N], as one layer's matmuls
+# of a small model. It measures what decoding is bound by on each device (memory bandwidth plus
+# launch overhead), not a card's peak FLOP/s.
+BENCH_SHAPE = (16, 1024, 4096)  # T, K, N
+
+
+@functools.lru_cache(maxsize=None)
+def measure_speed(device: str | torch.device = "cpu", dtype: str = "fp32", seconds: float = 0.1) -> float:
+    """GFLOP/s of BENCH_SHAPE products on `device` in `dtype`, over about `seconds`: the best of
+    several timed rounds, so a neighbour's burst on a shared machine does not decide the plan."""
+    dev = torch.device(device)
+    T, K, N = BENCH_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, K, generator=gen).to(dev, DTYPE_NAMES[dtype])
+    w = torch.randn(N, K, generator=gen).to(dev, DTYPE_NAMES[dtype])
+    per_round = 2 if dev.type == "cpu" else 32
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, w)            # warm-up: kernels chosen, caches filled
+        synchronize(dev)
+        best, start = float("inf"), time.perf_counter()
+        while best == float("inf") or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                torch.nn.functional.linear(x, w)
+            synchronize(dev)
+            best = min(best, (time.perf_counter() - t0) / per_round)
+    return 2 * T * K * N / best / 1e9
+
+
+def device_memory_free(info: DeviceInfo) -> int:
+    """Bytes this node may still take on its device now (CUDA: free card memory; else free RAM)."""
+    if info.kind == "cuda" and not info.shared_memory:
+        free, _total = torch.cuda.mem_get_info(info.device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def device_capacity(node_id: str, info: DeviceInfo, memory_budget: int | None = None,
+                    dtype: str | None = None, speed: float | None = None) -> NodeCapacity:
+    """This node's NodeCapacity: memory of the device it computes on (the budget when given,
+    never more than what is free there) and its measured speed, so faster devices get more work."""
+    free = device_memory_free(info)
+    mem = min(memory_budget, free) if memory_budget else free
+    if speed is None:
+        speed = measure_speed(str(info.device), default_dtype(info, dtype))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return NodeCapacity(node_id=node_id, memory_bytes=mem, cores=cores,
+                        disk_bytes=psutil.disk_usage(os.path.expanduser("~")).free, speed=speed)
+
+
+# ---- the --device flag (serve, join, run, generate) -------------------------------------------
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"), metavar="DEVICE",
+                        help="where this node computes: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N "
+                             f"or mps (default auto; env {DEVICE_ENV})")
+
+
+def device_from_args(args: argparse.Namespace) -> DeviceInfo:
+    """The DeviceInfo the parsed flags ask for (UserError with one line when unavailable)."""
+    return select_device(getattr(args, "device", None) or "auto")
+
+
+# ---- host -> device copies of layer files ------------------------------------------------------
+class PinnedUploader:
+    """Copies a layer file's buffer to a CUDA device from pinned host memory, on a side stream,
+    so the copy overlaps the forward pass running on the default stream.
+
+    Used by the loading thread only (the prefetcher, or the constructor when resident):
+        raw = slot or uploader.staging(n)   # pinned uint8 [>= n]; the file is read into it
+        t = uploader.upload(raw, views)     # the same tensors, on the device, copy finished
+    The loading thread waits for its own copy (stream.synchronize), never the forward pass.
+    The device buffer is marked as used by the default stream, so when the forward pass drops
+    the layer the allocator does not reuse its memory before the kernels queued on it are done.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.consumer = torch.cuda.default_stream(device)
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def staging(self, n: int) -> torch.Tensor:
+        """A reused pinned buffer of at least n bytes (grown when a larger file comes)."""
+        if self._buf.numel() < n:
+            self._buf = torch.empty(0, dtype=torch.uint8)           # free the old one first
+            self._buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        return self._buf[:n]
+
+    def upload(self, raw: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """raw: the uint8 host buffer `views` live in -> the views' copies on the device, made by
+        ONE host->device copy of the bytes they span (one device buffer, freed whole)."""
+        base = raw.storage_offset()
+        spans = [(t.storage_offset() * t.element_size() - base, t.numel() * t.element_size())
+                 for t in views.values()]
+        n = max((a + b for a, b in spans), default=0)
+        with torch.cuda.stream(self.stream):
+            dev = torch.empty(n, dtype=torch.uint8, device=self.device)
+            dev.copy_(raw[:n], non_blocking=raw.is_pinned())
+        self.stream.synchronize()            # the host buffer may be refilled after this
+        dev.record_stream(self.consumer)
+        return {name: dev[a:a + nb].view(t.dtype).view(t.shape)
+                for (name, t), (a, nb) in zip(views.items(), spans)}

@@ -1,0 +1,105 @@
+"""OpenAI response and stream-chunk shapes, as plain dicts (json.dumps-ready).
+
+Chat logprobs:        {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": None}
+Completion logprobs:  {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{tok: lp}], "text_offset": [...]}
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from tpi_node.engine.client import TokenEvent
+from tpi_node.server.prompts import PromptEncoder
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(obj: dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _lp(x: float | None) -> float:
+    # -inf is not JSON; OpenAI clients expect a number.
+    return max(float(x), -9999.0) if x is not None else -9999.0
+
+
+def chat_logprobs(enc: PromptEncoder, events: list[TokenEvent]) -> dict:
+    content = []
+    for ev in events:
+        token, raw = enc.piece(ev.token_id)
+        tops = []
+        for tid, lp in ev.top_logprobs or []:
+            t, b = enc.piece(tid)
+            tops.append({"token": t, "logprob": _lp(lp), "bytes": b})
+        content.append({"token": token, "logprob": _lp(ev.logprob), "bytes": raw,
+                        "top_logprobs": tops})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(enc: PromptEncoder, events: list[TokenEvent], offset: int) -> dict:
+    """`offset`: length of the text before the first of these tokens (for text_offset)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for ev in events:
+        token, _ = enc.piece(ev.token_id)
+        tokens.append(token)
+        lps.append(_lp(ev.logprob))
+        tops.append({enc.piece(tid)[0]: _lp(lp) for tid, lp in ev.top_logprobs or []})
+        offsets.append(offset)
+        offset += len(ev.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": use, "system_fingerprint": None}
+
+
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": use, "system_fingerprint": None}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict],
+               with_usage: bool) -> dict:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": choices, "system_fingerprint": None}
+    if with_usage:
+        out["usage"] = None
+    return out
+
+
+def chat_delta(index: int, delta: dict, logprobs: dict | None = None,
+               finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict],
+                     with_usage: bool) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": choices, "system_fingerprint": None}
+    if with_usage:
+        out["usage"] = None
+    return out
