@@ -24,6 +24,7 @@ from tpi_node.model.config import ModelConfig
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
+from tpi_node.weights.counters import request_line, snapshot
 
 log = logging.getLogger("tpi_node.engine")
 
@@ -90,7 +91,7 @@ class Engine:
                               f"{self.max_context}", code="context_length_exceeded", status=400)
         seq = Sequence(next(self._ids), request_id, list(prompt_ids), len(prompt_ids), params,
                        Sampler(params, prompt_ids), IncrementalDecoder(self.tokenizer),
-                       StopMatcher(params.stop), sink)
+                       StopMatcher(params.stop), sink, node_counters=snapshot(self.driver.stats()))
         with self._cv:
             if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFull()
@@ -258,6 +259,8 @@ class Engine:
         self._free([s.seq_id])
         log.info("request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)", s.request_id or s.seq_id,
                  s.num_prompt, n, elapsed, (s.t_first or 0) - s.t_arrive)
+        if log.isEnabledFor(logging.INFO):
+            log.info(request_line(s.request_id or s.seq_id, s.node_counters, snapshot(self.driver.stats())))
 
     def _on_step_error(self, e: Exception) -> None:
         """A node failed mid-step. When the driver can re-plan over the survivors, replay every

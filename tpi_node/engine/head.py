@@ -16,25 +16,30 @@ class ModelHead:
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         reader = CheckpointReader(model_dir)
-        self.embed_w = reader.get(EMBED).to(device, dtype)                       # [V, H]
+        self.dtype, self.device = dtype, torch.device(device)
         if cfg.tie_embeddings or not reader.has(LM_HEAD):
-            self.lm_head_w = self.embed_w
+            self.lm_head_w = reader.get(EMBED).to(device, dtype)                 # [V, H], also the embedding
+            self._reader = None
         else:
+            # untied: the lm_head must be in memory (every row, every token), but the embedding
+            # is only looked up - those rows are read from the memory-mapped checkpoint on demand
             self.lm_head_w = reader.get(LM_HEAD).to(device, dtype)               # [V, H]
-        reader.close()
-        self.vocab_size = self.embed_w.shape[0]
+            self._reader = reader
+        self.vocab_size = self.lm_head_w.shape[0]
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """[T] token ids -> [T, H]."""
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.embed_w.device)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self.vocab_size):
             raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
-        return self.embed_w[ids]
+        if self._reader is None:
+            return self.lm_head_w[torch.tensor(token_ids, dtype=torch.long, device=self.device)]
+        rows = [self._reader.rows(EMBED, t, t + 1) for t in token_ids]
+        return torch.cat(rows).to(self.device, self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, H] final-normed hidden -> [B, V] float32 logits."""
         return F.linear(h.to(self.lm_head_w.device, self.lm_head_w.dtype), self.lm_head_w).float()
 
     def nbytes(self) -> int:
-        n = self.embed_w.numel() * self.embed_w.element_size()
-        return n if self.lm_head_w is self.embed_w else 2 * n
+        """Bytes held in memory (the memory-mapped embedding of an untied model is not held)."""
+        return self.lm_head_w.numel() * self.lm_head_w.element_size()

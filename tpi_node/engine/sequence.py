@@ -52,6 +52,7 @@ class Sequence:
     cancelled: bool = False
     t_arrive: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    node_counters: dict = field(default_factory=dict)   # every node's counters when it arrived
 
     @property
     def generated(self) -> list[int]:

@@ -1,0 +1,180 @@
+"""Sliding-window weight streaming: same tokens as resident, bounded memory, honest counters,
+and the memory budget arithmetic (tpi_node/weights/budget.py)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from tests.hf_util import OurModel
+from tpi_node.model import presets
+from tpi_node.model.config import ModelConfig
+from tpi_node.weights.budget import choose_window, estimate, format_size, parse_size
+from tpi_node.weights.counters import request_line, snapshot
+from tpi_node.weights.plan import NodeCapacity, PlanError, make_plan
+from tpi_node.weights.slicer import layer_file
+from tpi_node.weights.store import ShardError, ShardStore, rss_bytes
+from tpi_node.weights.synth import synthesize
+
+# 6 layers of ~29 MB (fp32): big enough that RSS shows whether a released layer really went back
+# to the operating system, small enough to synthesize in a second or two.
+MEDIUM = presets._llama(512, 4096, 6, 8, 4, 512, max_pos=2048)
+PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory):
+    presets.PRESETS["stream-medium"] = MEDIUM
+    try:
+        return synthesize("stream-medium", tmp_path_factory.mktemp("medium"), progress=False)
+    finally:
+        presets.PRESETS.pop("stream-medium", None)
+
+
+@pytest.fixture(autouse=True)
+def _tpi_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TPI_HOME", str(tmp_path_factory.getbasetemp() / "tpi-home"))
+
+
+def _layer_files_bytes(model: OurModel) -> int:
+    d = model.runner.store.dir
+    return sum((d / layer_file(i)).stat().st_size for i in range(model.cfg.num_layers))
+
+
+def test_streaming_w2_gives_the_resident_tokens_and_counts_its_reads(medium_model):
+    resident = OurModel(medium_model)
+    want = resident.greedy(PROMPT, 8)
+    r_stats = resident.runner.store.stats
+    read_once = r_stats.bytes_read
+    resident.greedy(PROMPT, 3, seq_id=2)
+    assert r_stats.bytes_read == read_once and r_stats.layers_loaded == resident.cfg.num_layers
+    resident.runner.close()
+
+    streamed = OurModel(medium_model, window=2)
+    store = streamed.runner.store
+    assert store.streaming and store.window == 2
+    assert streamed.greedy(PROMPT, 8) == want
+
+    # Every further step streams every layer file once: bytes_read grows by exactly their sum.
+    per_pass = _layer_files_bytes(streamed)
+    logits = streamed.step(3, 0, PROMPT)
+    token = int(logits[-1].argmax())
+    for n in range(3):
+        store.settle()
+        before = snapshot({"local": store.stats.as_dict()})
+        streamed.step(3, len(PROMPT) + n, [token])
+        store.settle()
+        after = snapshot({"local": store.stats.as_dict()})
+        delta = after["local"].minus(before["local"])
+        assert per_pass - 64 * 1024 < delta.bytes_read <= per_pass + 64 * 1024
+        assert delta.layers_loaded == streamed.cfg.num_layers
+        assert 0.0 <= delta.stall_s <= streamed.runner.stats.wall_s
+        assert delta.load_s > 0.0
+    line = request_line("r1", before, after)
+    assert "read" in line and "stall" in line and "peak rss" in line
+    assert after["local"].peak_rss_bytes >= rss_bytes() // 2
+    streamed.runner.close()
+
+
+def test_streaming_rss_stays_within_the_window(medium_model):
+    """Walk the layers like the forward pass; RSS never holds much more than W layers."""
+    m = OurModel(medium_model, window=2)
+    store, L = m.runner.store, m.cfg.num_layers
+    layer_bytes = _layer_files_bytes(m) // L
+    store.settle()
+    gc.collect()
+    base = rss_bytes() - 2 * layer_bytes          # what is not the two prefetched layers
+    high = 0
+    for _ in range(3):
+        for i in range(L):
+            with store.layer(i) as w:
+                assert store.in_memory() <= 2
+                torch.mv(w.w13, torch.ones(w.w13.shape[1]))   # touch the weights
+                high = max(high, rss_bytes())
+            del w
+    # W layers plus at most one layer's worth of allocator slack; a store that leaked released
+    # layers would be at 6 layers + after three passes.
+    assert high - base < 3.5 * layer_bytes, (format_size(high - base), format_size(layer_bytes))
+    m.runner.close()
+
+
+def test_out_of_order_access_restarts_the_window_with_the_right_weights(medium_model):
+    m = OurModel(medium_model)
+    res = m.runner.store
+    st = ShardStore(res.dir, m.cfg, res.share, window=2)
+    for i in [0, 1, 4, 5, 0, 3, 3, 2, 5, 1]:
+        with st.layer(i) as w, res.layer(i) as r:
+            assert torch.equal(w.w2, r.w2) and torch.equal(w.wqkv, r.wqkv)
+    assert st.stats.restarts >= 3
+    st.close()
+    m.runner.close()
+
+
+def test_a_corrupt_layer_file_fails_the_forward_pass_instead_of_hanging(medium_model, tmp_path):
+    m = OurModel(medium_model)
+    src = m.runner.store.dir
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    good = (src / layer_file(3)).read_bytes()
+    (tmp_path / layer_file(3)).write_bytes(good[: len(good) // 2])      # data cut short
+    st = ShardStore(tmp_path, m.cfg, m.runner.store.share, window=2)
+    with pytest.raises(ShardError, match="loading layer 3 failed: .*truncated"):
+        for i in range(m.cfg.num_layers):
+            with st.layer(i):
+                pass
+    st.close()
+    (tmp_path / layer_file(3)).write_bytes(b"\x05")                    # header gone: refused at open
+    with pytest.raises(ShardError, match="layer-003.safetensors: truncated"):
+        ShardStore(tmp_path, m.cfg, m.runner.store.share, window=2)
+    m.runner.close()
+
+
+# ---- budget -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,want", [("2GiB", 2 * 2**30), ("500M", 500 * 2**20), ("500m", 500 * 2**20),
+                                       ("8GB", 8 * 10**9), ("1.5G", int(1.5 * 2**30)), ("4096", 4096),
+                                       (" 64 MiB ", 64 * 2**20), ("10kb", 10_000)])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "two gigs", "5XB", "-1G", "0", "1e9"])
+def test_parse_size_rejects_nonsense_in_one_line(bad):
+    with pytest.raises(PlanError, match="memory size") as e:
+        parse_size(bad)
+    assert "\n" not in str(e.value)
+
+
+def _cfg_70b(tmp_path, nodes: int):
+    d = tmp_path / "cfg"
+    d.mkdir(exist_ok=True)
+    import json
+    (d / "config.json").write_text(json.dumps(presets.get_preset("llama2-70b")))
+    cfg = ModelConfig.from_dir(d)
+    plan = make_plan(cfg, [NodeCapacity(f"n{i}", 0, cores=1) for i in range(nodes)])
+    return cfg, plan
+
+
+def test_choose_window_resident_streaming_and_refusal(tmp_path):
+    cfg, plan = _cfg_70b(tmp_path, 8)
+    worker = plan.share_of(1)
+    layer = worker.layer_params(cfg) * 2                          # bf16 slice of one layer
+    assert choose_window(cfg, worker, None, 2) is None            # no budget: resident
+    assert choose_window(cfg, worker, 2**50, 2) is None           # everything fits: resident
+    est = estimate(cfg, worker, 2)
+    assert choose_window(cfg, worker, est.total(None) - 1, 2) == cfg.num_layers - 1
+    assert choose_window(cfg, worker, est.fixed + 5 * layer, 2) == 5
+    smallest = est.total(2)
+    assert choose_window(cfg, worker, smallest, 2) == 2
+    with pytest.raises(PlanError) as e:
+        choose_window(cfg, worker, smallest - 1, 2)
+    msg = str(e.value)
+    assert f"{-(-smallest // 2**20)} MiB" in msg and "\n" not in msg and "node n1" in msg
+    # The master also holds embedding + lm_head (untied: 2 x 32000 x 8192 x 2 bytes), counted.
+    master = estimate(cfg, plan.share_of(0), 2, is_master=True)
+    assert master.head >= 2 * 32000 * 8192 * 2
+    with pytest.raises(PlanError, match="the master"):
+        choose_window(cfg, plan.share_of(0), smallest, 2, is_master=True)
+    # The KV cache is counted: a longer context needs a bigger budget for the same window.
+    assert estimate(cfg, worker, 2, kv_tokens=32768).total(2) > smallest
