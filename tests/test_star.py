@@ -1,0 +1,196 @@
+"""The gRPC star allreduce between real processes on loopback: the hub runs in the test process,
+every spoke is a spawned process dialing it over real gRPC."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from tpi_node.comm import star
+from tpi_node.comm.codec import FrameError, to_proto
+from tpi_node.proto import tpi_pb2 as pb
+
+H = 576
+
+
+def _value(rank: int, i: int, tokens: int) -> torch.Tensor:
+    """What rank contributes to allreduce i: distinct per rank, element and call."""
+    g = torch.Generator().manual_seed(1000 * i + rank)
+    return torch.randn(tokens, H, generator=g)
+
+
+def _expected(world: int, i: int, tokens: int) -> torch.Tensor:
+    return sum(_value(r, i, tokens) for r in range(world))
+
+
+def _spoke(address, rank, world, wire, calls, tokens, jitter, q):
+    torch.set_num_threads(1)
+    try:
+        s = star.join_hub(address, rank, world, wire)
+        rnd = random.Random(rank)
+        worst = 0.0
+        for i in range(calls):
+            if i % 4 == 0:
+                s.begin_step(i // 4)
+            time.sleep(rnd.random() * jitter)                 # uneven timing between nodes
+            got = s.allreduce(_value(rank, i, tokens))
+            want = _expected(world, i, tokens)
+            if wire != "fp32":
+                want = want.to(star.wire_dtype(wire)).float()
+            worst = max(worst, (got - want).abs().max().item())
+        q.put(("ok", rank, worst))
+        time.sleep(0.5)
+        s.link.close()
+    except Exception as e:
+        q.put(("error", rank, f"{type(e).__name__}: {e}"))
+
+
+def _bad_spoke(address, rank, world, q):
+    """Sends a partial whose byte length does not match its shape; reports what the master says."""
+    link = star.SpokeLink(address)
+    link.open_session()
+    link.run(link.send(pb.WorkerMsg(hello=pb.Hello(node_id="bad", rank=rank))))
+    msg = pb.WorkerMsg(partial=pb.Partial(step_id=0, stage=0, tensor=to_proto(torch.zeros(1, H))))
+    msg.partial.tensor.data = msg.partial.tensor.data[:-4]
+    link.run(link.send(msg))
+    reply = link.run(link.recv(10.0))
+    q.put(reply.WhichOneof("kind") + ": " + (reply.shutdown.reason if reply else ""))
+
+
+def _idle_spoke(address, rank, world):
+    star.join_hub(address, rank, world)
+    time.sleep(60)
+
+
+@pytest.fixture
+def hub_factory():
+    made = []
+
+    def make(world, wire="fp32", timeout_s=5.0):
+        hub = star.StarHub(star.SharedLoop(background=False), world, wire, timeout_s)
+        _, port = star.serve_hub(hub, "127.0.0.1:0")
+        made.append(hub)
+        return hub, f"127.0.0.1:{port}"
+
+    yield make
+    for hub in made:
+        hub.shared.run(hub.server.stop(0))
+        hub.shared.loop.close()
+
+
+def _start(target, *args):
+    p = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
+    p.start()
+    return p
+
+
+@pytest.mark.parametrize("world, wire, tokens", [(3, "fp32", 1), (3, "bf16", 16), (2, "fp16", 3)])
+def test_sums_are_correct_with_uneven_timing(hub_factory, world, wire, tokens):
+    hub, addr = hub_factory(world, wire)
+    q = mp.get_context("spawn").Queue()
+    procs = [_start(_spoke, addr, r, world, wire, 12, tokens, 0.02 * r, q) for r in range(1, world)]
+    star.wait_for_peers(hub)
+    rnd = random.Random(0)
+    for i in range(12):
+        if i % 4 == 0:
+            hub.begin_step(i // 4)
+        time.sleep(rnd.random() * 0.02)
+        got = hub.allreduce(_value(0, i, tokens))
+        want = _expected(world, i, tokens)
+        tol = 1e-4 if wire == "fp32" else 0.0
+        if wire != "fp32":
+            want = want.to(star.wire_dtype(wire)).float()
+        assert got.dtype == torch.float32 and got.shape == (tokens, H)
+        # The master sums in fp32 in rank order; spokes sum nothing. bf16/fp16: all see the same
+        # rounded sum (within one rounding step of the exact one).
+        assert torch.allclose(got, want, atol=tol + (0.1 if wire != "fp32" else 0), rtol=1e-2 if wire != "fp32" else 0)
+    hub.shared.run(__import__("asyncio").sleep(0.1))
+    results = [q.get(timeout=30) for _ in range(world - 1)]
+    for status, rank, worst in results:
+        assert status == "ok", worst
+        assert worst <= (1e-4 if wire == "fp32" else 0.1), (rank, worst)
+    for p in procs:
+        p.join(timeout=10)
+
+
+def test_every_node_sees_the_identical_rounded_sum_on_a_bf16_wire(hub_factory):
+    hub, addr = hub_factory(2, "bf16")
+    q = mp.get_context("spawn").Queue()
+    p = _start(_spoke, addr, 1, 2, "bf16", 4, 5, 0.0, q)
+    star.wait_for_peers(hub)
+    for i in range(4):
+        if i % 4 == 0:
+            hub.begin_step(0)
+        got = hub.allreduce(_value(0, i, 5))
+        exact = _value(0, i, 5) + _value(1, i, 5).to(torch.bfloat16).float()
+        assert torch.equal(got, exact.to(torch.bfloat16).float())
+    assert q.get(timeout=30)[2] < 0.1
+    p.join(timeout=10)
+
+
+def test_a_malformed_frame_is_refused_with_a_message_on_both_sides(hub_factory):
+    hub, addr = hub_factory(2)
+    q = mp.get_context("spawn").Queue()
+    p = _start(_bad_spoke, addr, 1, 2, q)
+    star.wait_for_peers(hub)
+    hub.begin_step(0)
+    with pytest.raises(FrameError, match=r"malformed frame from node bad \(rank 1\): partial: 2300 bytes"):
+        hub.allreduce(torch.zeros(1, H))
+    told = q.get(timeout=10)
+    assert told.startswith("shutdown: malformed frame") and "2300 bytes for shape [1, 576]" in told
+    p.join(timeout=10)
+
+
+def test_a_killed_spoke_gives_peer_lost_within_5_seconds(hub_factory):
+    hub, addr = hub_factory(3)
+    procs = [_start(_idle_spoke, addr, r, 3) for r in (1, 2)]
+    star.wait_for_peers(hub)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(star.PeerLost, match=r"rank 2"):
+        hub.begin_step(0)
+        hub.allreduce(torch.zeros(1, H))
+    assert time.monotonic() - t0 < 5.0
+    procs[0].kill()
+
+
+def test_a_frozen_spoke_gives_peer_lost_after_the_timeout(hub_factory):
+    hub, addr = hub_factory(2, timeout_s=1.5)
+    p = _start(_idle_spoke, addr, 1, 2)
+    star.wait_for_peers(hub)
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(star.PeerLost, match=r"sent no partial sum for step 0 stage 0 within 1.5 s"):
+            hub.allreduce(torch.zeros(1, H))
+        assert 1.4 < time.monotonic() - t0 < 5.0
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+
+
+def test_a_stale_frame_is_detected(hub_factory):
+    hub, addr = hub_factory(2)
+    q = mp.get_context("spawn").Queue()
+    p = _start(_spoke, addr, 1, 2, "fp32", 1, 1, 0.0, q)   # sends step 0 stage 0
+    star.wait_for_peers(hub)
+    hub.begin_step(0)
+    hub.stage = 1                                           # the master is one allreduce ahead
+    with pytest.raises(FrameError, match="step 0 stage 0 while step 0 stage 1"):
+        hub.allreduce(torch.zeros(1, H))
+    p.kill()
+
+
+def _free_port_pair() -> tuple[int, int]:
+    import socket
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = tuple(s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    return ports

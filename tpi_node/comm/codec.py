@@ -1,0 +1,90 @@
+"""Tensors on the wire: torch.Tensor <-> tpi.Tensor (dtype enum + shape + raw little-endian bytes).
+
+Never pickle. bf16 has no numpy dtype, so its bytes travel as the int16 view of the tensor.
+Every received tensor is validated before use (dtype, shape, byte length, a size bound, and the
+shape the receiver expects) and anything else raises `FrameError` with a one-line message.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from tpi_node.proto import tpi_pb2 as pb
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TO_ENUM = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
+_FROM_ENUM = {v: k for k, v in _TO_ENUM.items()}
+# Same-width integer views: .numpy() has no bfloat16, and torch.frombuffer wants a plain dtype.
+_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+MAX_TENSOR_BYTES = 1 << 30       # no frame of ours carries more than 1 GiB
+MAX_DIMS = 4
+
+# torch.frombuffer warns on read-only buffers (protobuf bytes); we copy or only read them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+class FrameError(ValueError):
+    """A received frame is malformed: wrong dtype, shape, length, or out of order."""
+
+
+def wire_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' (or a torch dtype of those) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in _TO_ENUM:
+            raise ValueError(f"unsupported wire dtype {name}; use one of {', '.join(WIRE_DTYPES)}")
+        return name
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"unsupported wire dtype '{name}'; use one of {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+def dtype_enum(dtype: torch.dtype) -> int:
+    return _TO_ENUM[wire_dtype(dtype)]
+
+
+def to_proto(t: torch.Tensor, dtype: torch.dtype | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode `t` (any shape) as `dtype` (default: its own); fills `out` in place when given."""
+    dtype = wire_dtype(dtype or t.dtype)
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    data = t.contiguous().view(_VIEW[dtype]).numpy().tobytes()
+    msg = out if out is not None else pb.Tensor()
+    msg.dtype = _TO_ENUM[dtype]
+    msg.shape[:] = t.shape
+    msg.data = data
+    return msg
+
+
+def from_proto(msg: pb.Tensor, shape: tuple[int, ...] | None = None, copy: bool = True,
+               what: str = "tensor") -> torch.Tensor:
+    """Decode and validate. `shape`: the shape the receiver expects (None: any, within bounds).
+    copy=False returns a read-only view of the message bytes (use it only to read)."""
+    dtype = _FROM_ENUM.get(msg.dtype)
+    if dtype is None:
+        raise FrameError(f"{what}: unknown dtype code {msg.dtype}")
+    dims = tuple(msg.shape)
+    if len(dims) > MAX_DIMS or any(d < 0 for d in dims):
+        raise FrameError(f"{what}: bad shape {list(dims)}")
+    if shape is not None and dims != tuple(shape):
+        raise FrameError(f"{what}: shape {list(dims)} where {list(shape)} was expected")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = math.prod(dims)
+    if n * itemsize > MAX_TENSOR_BYTES:
+        raise FrameError(f"{what}: {n * itemsize} bytes is over the {MAX_TENSOR_BYTES} byte limit")
+    if len(msg.data) != n * itemsize:
+        raise FrameError(f"{what}: {len(msg.data)} bytes for shape {list(dims)} of "
+                         f"{_dtype_name(dtype)} (expected {n * itemsize})")
+    if n == 0:
+        return torch.empty(dims, dtype=dtype)
+    t = torch.frombuffer(msg.data, dtype=_VIEW[dtype]).view(dtype).view(dims)
+    return t.clone() if copy else t
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in WIRE_DTYPES.items()}[dtype]
