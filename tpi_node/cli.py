@@ -13,7 +13,8 @@ from tpi_node.errors import UserError
 # Modules that contribute subcommands through `add_commands(subparsers)`.
 COMMAND_MODULES = [
     "tpi_node.commands_model",      # prepare, synth, generate
-    "tpi_node.cluster.commands",    # serve, join, run, status, token, certs
+    "tpi_node.cluster.commands",    # serve, join, run
+    "tpi_node.cluster.ops_commands",  # status, token, certs
 ]
 
 
@@ -38,7 +39,8 @@ def non_negative_float(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpi-node", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tpi-node", description="Serve one large language model from the machines you own: "
+                                "tensor parallel over gRPC, layers streamed from disk, an OpenAI-compatible API.")
     p.add_argument("--version", action="version", version=f"tpi-node {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
