@@ -22,11 +22,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 	touch $@
 
 # The one wire contract: generated code is rebuilt whenever protos/tpi.proto changes.
+# Generated into a temporary folder and moved into place whole, so no process ever imports a
+# half-written module.
 $(PROTO_OUT)/tpi_pb2.py: protos/tpi.proto $(VENV)/.installed-run
-	mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) protos/tpi.proto
-	sed -i 's/^import tpi_pb2 as/from . import tpi_pb2 as/' $(PROTO_OUT)/tpi_pb2_grpc.py
-	printf '"""Generated from protos/tpi.proto by make (grpc_tools.protoc). Do not edit."""\n' > $(PROTO_OUT)/__init__.py
+	rm -rf $(PROTO_OUT).tmp && mkdir -p $(PROTO_OUT).tmp
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT).tmp --pyi_out=$(PROTO_OUT).tmp --grpc_python_out=$(PROTO_OUT).tmp protos/tpi.proto
+	sed -i 's/^import tpi_pb2 as/from . import tpi_pb2 as/' $(PROTO_OUT).tmp/tpi_pb2_grpc.py
+	printf '"""Generated from protos/tpi.proto by make (grpc_tools.protoc). Do not edit."""\n' > $(PROTO_OUT).tmp/__init__.py
+	rm -rf $(PROTO_OUT) && mv $(PROTO_OUT).tmp $(PROTO_OUT)
 
 install: $(VENV)/.installed-run $(PROTO_OUT)/tpi_pb2.py
 install-test: $(VENV)/.installed-test $(PROTO_OUT)/tpi_pb2.py

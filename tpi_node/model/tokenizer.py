@@ -41,6 +41,17 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: dict) -> dict:
+    """The model author's sampling defaults (generation_config.json), used by the API for the
+    parameters a request leaves out, as vLLM does. Only when the config samples at all."""
+    if not generation_config.get("do_sample"):
+        return {}
+    return {k: generation_config[k] for k in SAMPLING_KEYS if generation_config.get(k) is not None}
+
+
 class _GenerationTag(jinja2.ext.Extension):
     # transformers' `{% generation %}...{% endgeneration %}` marks assistant text for training
     # masks; for rendering it is a no-op wrapper.
@@ -86,6 +97,7 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, tok_config: dict, chat_template: str | None,
                  model_eos_ids: list[int]) -> None:
         self._tk = backend
+        self.sampling_defaults: dict = {}
         self._chat_source = chat_template
         self._chat_compiled: jinja2.Template | None = None
         self._clean_up = bool(tok_config.get("clean_up_tokenization_spaces", False))
@@ -118,7 +130,9 @@ class Tokenizer:
         eos: list[int] = []
         for name in ("config.json", "generation_config.json"):
             eos += _as_id_list(_read_json(path / name).get("eos_token_id"))
-        return cls(backend, tok_config, template or None, eos)
+        tok = cls(backend, tok_config, template or None, eos)
+        tok.sampling_defaults = sampling_defaults(_read_json(path / "generation_config.json"))
+        return tok
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tk.token_to_id(token)

@@ -74,17 +74,20 @@ class OpenAIServing:
         if len(stop) > MAX_STOP:
             raise APIError.bad_request(f"at most {MAX_STOP} stop sequences", param="stop")
         vocab = self.enc.vocab_size
-        top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+        # what the request leaves out: the model's own defaults, else OpenAI's
+        dflt = getattr(self.enc.tok, "sampling_defaults", {})
+        top_k = req.top_k if req.top_k is not None else dflt.get("top_k", 0)
+        top_k = top_k if top_k > 0 else 0
         try:
             return SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else ctx - prompt_len,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
+                temperature=dflt.get("temperature", 1.0) if req.temperature is None else req.temperature,
+                top_p=dflt.get("top_p", 1.0) if req.top_p is None else req.top_p,
                 top_k=min(top_k, vocab),
                 seed=req.seed,
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
-                repetition_penalty=req.repetition_penalty or 1.0,
+                repetition_penalty=req.repetition_penalty or dflt.get("repetition_penalty", 1.0),
                 stop=stop,
                 ignore_eos=bool(req.ignore_eos),
                 logprobs=None if logprobs is None else min(logprobs, vocab),

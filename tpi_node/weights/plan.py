@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from tpi_node.errors import UserError
@@ -99,8 +100,11 @@ def _largest_remainder(total: int, weights: list[float]) -> list[int]:
 
 
 def capacity_weights(caps: list[NodeCapacity]) -> list[float]:
+    """Measured speed when every node has one, rounded to a power of two so that the noise of a
+    short measurement does not change the plan (and with it the shard cache) from run to run;
+    else CPU cores."""
     if all(c.speed for c in caps):
-        return [float(c.speed) for c in caps]
+        return [2.0 ** round(math.log2(c.speed)) for c in caps]
     return [float(max(1, c.cores)) for c in caps]
 
 

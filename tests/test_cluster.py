@@ -1,0 +1,199 @@
+"""The cluster end to end: a master in this process (its engine, its gRPC server), workers as
+real `tpi-node join` processes over real gRPC on loopback, each with its own shard cache."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tpi_node.cluster.commands import start_master
+from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.local import build_local_engine
+from tpi_node.model.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 8]
+
+
+def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0) -> subprocess.Popen:
+    env = {**os.environ, "TPI_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "tpi_node.cli", "join", "--master", f"127.0.0.1:{port}",
+                             "--node-id", node_id, "--device", "cpu", "--speed", str(speed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+@contextlib.contextmanager
+def cluster(model_dir: Path, nodes: int, tmp: Path, wire: str = "fp32", peer_timeout: float = 5.0,
+            master_speed: float = 2.0):
+    """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
+    ns = argparse.Namespace(model=str(model_dir), dtype="fp32", device="cpu", host="127.0.0.1", grpc_host=None,
+                            wire=wire, peer_timeout=peer_timeout, token=None, node_id="master",
+                            speed=master_speed)
+    master, engine, port = start_master(ns, nodes, 0)
+    workers = [_worker(port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log") for i in range(1, nodes)]
+    try:
+        deadline = time.monotonic() + 120
+        while not master.ready():
+            assert not [w for w in workers if w.poll() is not None], _logs(tmp)
+            assert time.monotonic() < deadline, "cluster not ready: " + _logs(tmp)
+            time.sleep(0.05)
+        yield master, engine, port, workers
+    finally:
+        engine.shutdown()
+        master.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+
+
+def _logs(tmp: Path) -> str:
+    return " | ".join(p.read_text()[-800:] for p in sorted(tmp.glob("w*.log")))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPI_HOME", str(tmp_path / "master"))
+    return tmp_path
+
+
+def _reference(model_dir):
+    return build_local_engine(model_dir, dtype="fp32", progress=False)
+
+
+@pytest.mark.parametrize("preset, nodes", [("tiny-llama", 2), ("tiny-qwen2", 2), ("tiny-qwen2", 3)])
+def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, nodes):
+    model = tiny_model_dir(preset)
+    ref = _reference(model)
+    try:
+        layout = BatchLayout((1,), (0,), (len(PROMPT),))
+        x = ref.head.embed(PROMPT)
+        want_logits = ref.head.logits(ref.driver.step(layout, x))
+        ref.driver.free([1])
+        want_tokens = [e.token_id for e in ref.generate_sync(PROMPT, GREEDY)]
+    finally:
+        ref.shutdown()
+    with cluster(model, nodes, home) as (master, engine, _, _):
+        shares = master.plan.shares
+        assert len(shares) == nodes
+        if preset == "tiny-qwen2" and nodes == 2:
+            assert sorted(s.n_kv for s in shares) == [1, 2], (shares, master.members)  # 3 KV heads over 2 nodes
+        got_logits = engine.head.logits(engine.driver.step(layout, x))
+        engine.driver.free([1])
+        assert (got_logits - want_logits).abs().max().item() < 1e-3
+        got_tokens = [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)]
+        assert got_tokens == want_tokens
+
+
+def test_smollm2_at_three_nodes_matches_the_single_node_engine(smollm2_dir, home):
+    ref = _reference(smollm2_dir)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    try:
+        want = [e.token_id for e in ref.generate_sync(PROMPT, params)]
+        layout = BatchLayout((1,), (0,), (len(PROMPT),))
+        x = ref.head.embed(PROMPT)
+        want_logits = ref.head.logits(ref.driver.step(layout, x))
+    finally:
+        ref.shutdown()
+    with cluster(smollm2_dir, 3, home) as (master, engine, _, _):
+        assert [e.token_id for e in engine.generate_sync(PROMPT, params)] == want
+        got_logits = engine.head.logits(engine.driver.step(layout, x))
+        assert (got_logits - want_logits).abs().max().item() < 1e-3
+
+
+def test_a_killed_worker_fails_the_generation_quickly_and_the_master_stays_up(tiny_model_dir, home):
+    model = tiny_model_dir("tiny-llama")
+    with cluster(model, 3, home) as (master, engine, _, workers):
+        assert len([e for e in engine.generate_sync(PROMPT, GREEDY)]) == 12
+        events = engine.generate_sync(PROMPT, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        next(events)                                  # mid-generation ...
+        workers[1].send_signal(signal.SIGKILL)        # ... a worker dies
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match=r"node w2 \(rank \d\) disconnected") as e:
+            for _ in events:
+                pass
+        assert time.monotonic() - t0 < 5.0, e.value
+        assert not master.ready()
+        # the master is still up: the engine answers, saying the cluster is not ready
+        with pytest.raises(Exception, match="not ready"):
+            list(engine.generate_sync(PROMPT, GREEDY))
+        # the same worker comes back with the same node id: same plan, ready again, nothing fetched
+        log = home / "w2-again.log"
+        workers.append(_worker(master.bound_port, "w2", home / "w2", log))
+        deadline = time.monotonic() + 60
+        while not master.ready():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert "fetched 0 files, 0 bytes" in log.read_text()
+        assert len([e for e in engine.generate_sync(PROMPT, GREEDY)]) == 12
+
+
+def test_a_corrupted_shard_file_is_fetched_again(tiny_model_dir, home):
+    model = tiny_model_dir("tiny-llama")
+    with cluster(model, 2, home) as (master, engine, port, workers):
+        first = (home / "w1.log").read_text()
+        assert re.search(r"fetched \d+ files, [1-9]\d* bytes", first)
+        workers[0].kill()
+        workers[0].wait()
+        shard = next((home / "w1").rglob("layer-001.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        log = home / "w1-again.log"
+        workers.append(_worker(port, "w1", home / "w1", log))
+        deadline = time.monotonic() + 60
+        while not master.ready():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "layer-001.safetensors: corrupt or stale" in text and "fetched 1 files" in text
+
+
+def test_serve_and_two_join_processes_reach_health_200_with_three_nodes(tiny_model_dir, tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.test_star import _free_port_pair
+    http, grpc_port = _free_port_pair()
+    env = {**os.environ, "TPI_HOME": str(tmp_path / "master"), "TPI_GRPC_PORT": str(grpc_port)}
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model: {tiny_model_dir('tiny-llama')}\nmin_nodes: 3\ndevice: cpu\nport: 1\n")
+    serve = subprocess.Popen([sys.executable, "-m", "tpi_node.cli", "serve", "--config", str(cfg),
+                              "--port", str(http)], env=env, stderr=open(tmp_path / "serve.log", "w"))
+    joins = [_worker(grpc_port, f"j{i}", tmp_path / f"j{i}", tmp_path / f"j{i}.log") for i in (1, 2)]
+    try:
+        deadline, status, body = time.monotonic() + 90, None, {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
+                    status, body = r.status, json.loads(r.read())
+                    break
+            except urllib.error.HTTPError as e:
+                status = e.code
+                assert status == 503
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        assert status == 200, (tmp_path / "serve.log").read_text()
+        nodes = body["nodes"]
+        assert body["status"] == "ok" and len(nodes) == 3
+        assert sorted(n["id"] for n in nodes)[:2] == ["j1", "j2"]
+        assert sum(n["kv_heads"][1] - n["kv_heads"][0] for n in nodes) == 2      # tiny-llama: 2 KV heads
+    finally:
+        for p in joins + [serve]:
+            p.terminate()
+        for p in joins + [serve]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
