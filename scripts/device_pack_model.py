@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Carry a model to the GPU machine under the tool's 64 MiB limit: pack a model directory to
-3-bit MLP weights and 4-bit attention and embedding (the tied lm_head), unpack it there into an
+3-bit weights (every 2-D matrix, the tied embedding / lm_head too), unpack it there into an
 fp32 Hugging Face directory.
 
 SmolLM2-135M (the default model) is 538 MB in fp32 and 98 MB as its Q4_1 GGUF: neither travels.
-Round-to-nearest with one fp16 scale and minimum per group of 128 weights gives ~62 MB. The
+Round-to-nearest with one fp16 scale and minimum per group of 256 weights gives ~50 MiB, which
+leaves room for the wheels the gRPC path needs there (grpcio, protobuf, zeroconf). The
 unpacked model is NOT the default model's weights (it is a 3/4-bit rounding of them): the device
 check compares the CUDA runs with a CPU run of the SAME unpacked weights, on the default model's
 architecture and tokenizer.
@@ -22,18 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-GROUP = 128
+GROUP = 256          # weights per (scale, minimum) pair
+BITS = 3
 EMBED = "model.embed_tokens.weight"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def _bits(name: str) -> int:
-    return 4 if name == EMBED or ".self_attn." in name else 3      # the MLP (2/3 of the layers) at 3 bits
+    return BITS
 
 
-def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """w [R, C] fp32, R*C % GROUP == 0 -> (codes uint8 [R*C/GROUP, GROUP], scale fp16 [.., 1], min fp16 [.., 1])."""
-    g = w.reshape(-1, GROUP)
+def quantize(w: np.ndarray, bits: int, group: int = GROUP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [R, C] fp32, R*C % group == 0 -> (codes uint8 [R*C/group, group], scale fp16 [.., 1], min fp16 [.., 1])."""
+    g = w.reshape(-1, group)
     lo, hi = g.min(1, keepdims=True), g.max(1, keepdims=True)
     lo16 = lo.astype(np.float16)
     scale16 = ((hi - lo16.astype(np.float32)) / (2**bits - 1)).astype(np.float16)
@@ -77,7 +79,8 @@ def pack(model_dir: Path, out: Path) -> None:
             bits = _bits(name)
             q, s, m = quantize(w, bits)
             parts = [pack_bits(q, bits), s.view(np.uint8).reshape(-1), m.view(np.uint8).reshape(-1)]
-            meta[name] = {"shape": list(w.shape), "bits": bits, "sizes": [p.size for p in parts], "at": at}
+            meta[name] = {"shape": list(w.shape), "bits": bits, "group": GROUP, "sizes": [p.size for p in parts],
+                          "at": at}
         else:                                                   # norms: kept as fp32
             parts = [w.view(np.uint8).reshape(-1)]
             meta[name] = {"shape": list(w.shape), "bits": 32, "sizes": [parts[0].size], "at": at}
@@ -109,7 +112,7 @@ def unpack(packed: Path, out: Path) -> Path:
             tensors[name] = parts[0].view(np.float32).reshape(shape).copy()
             continue
         n = int(np.prod(shape))
-        q = unpack_bits(parts[0], m["bits"], n).reshape(-1, GROUP)
+        q = unpack_bits(parts[0], m["bits"], n).reshape(-1, m.get("group", 128))   # packs before v2: 128
         s, lo = parts[1].view(np.float16).reshape(-1, 1), parts[2].view(np.float16).reshape(-1, 1)
         tensors[name] = dequantize(q, s, lo, shape)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

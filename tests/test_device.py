@@ -188,6 +188,29 @@ def test_in_process_group_refuses_device_tensors_without_the_hop():
         g.member(0).allreduce(t)
 
 
+# ---- attention kernels on CUDA (process-wide flags; settable without a GPU) -----------------------------
+def test_cuda_attention_setting_turns_cudnn_off_by_default(monkeypatch):
+    from tpi_node.engine.device import SDPA_ENV, set_cuda_attention
+
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    try:
+        monkeypatch.delenv(SDPA_ENV, raising=False)
+        assert set_cuda_attention() == "no-cudnn"
+        assert not b.cudnn_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+        monkeypatch.setenv(SDPA_ENV, "math")
+        assert set_cuda_attention() == "math"
+        assert b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled())
+        monkeypatch.setenv(SDPA_ENV, "fastest")
+        with pytest.raises(UserError, match="unknown TPI_CUDA_SDPA 'fastest'"):
+            set_cuda_attention()
+    finally:
+        b.enable_cudnn_sdp(before[0])
+        b.enable_flash_sdp(before[1])
+        b.enable_mem_efficient_sdp(before[2])
+        b.enable_math_sdp(before[3])
+
+
 # ---- nothing CUDA-only is imported on a CPU machine ---------------------------------------------------
 def test_choosing_a_device_imports_no_cuda_only_code():
     # (torch itself may import pynvml when it is installed: only what our code adds counts)
@@ -209,7 +232,8 @@ def test_choosing_a_device_imports_no_cuda_only_code():
 # ---- the device check script, run here on the CPU (the flow the GPU run follows) ----------------------
 def test_device_check_script_runs_on_cpu(tmp_path):
     out = tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # keep what PYTHONPATH had (on the GPU machine: the carried grpcio / protobuf wheels)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "scripts/device_check.py", "--device", "cpu", "--models", "tiny",
                         "--tokens", "8", "--out", str(out), "--workdir", str(tmp_path / "w")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
@@ -218,8 +242,12 @@ def test_device_check_script_runs_on_cpu(tmp_path):
 
     res = json.loads(out.read_text())
     runs = res["models"]["tiny"]["runs"]
-    assert res["ok"] and runs["cpu+cpu-2node-fp32"]["equal_to_reference"]
-    assert runs["cpu+cpu+cpu-3node-fp32"]["equal_to_reference"]
+    # real `tpi-node join` processes over gRPC: even splits, and the measured-speed split
+    assert res["ok"] and runs["grpc:cpu+cpu-even"]["equal_to_reference"]
+    assert runs["grpc:cpu+cpu+cpu-even"]["equal_to_reference"]
+    assert [p["device"] for p in runs["grpc:cpu+cpu+cpu-even"]["plan"]] == ["cpu"] * 3
+    assert runs["grpc:cpu+cpu-by-speed"]["equal_to_reference"]
+    assert runs["cli:generate --nodes 2"]["equal_to_reference"]
     assert len(runs["cpu-1node-fp32"]["ids"]) == 8
     assert "RESULT: PASS" in r.stdout
 

@@ -211,9 +211,10 @@ class StarHub(Collective):
         return out
 
     async def _reduce(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-        acc = t.detach().to(torch.float32, copy=True)               # [T, H] fp32 accumulator
+        # [T, H] fp32 accumulator on the host, where the wire is (a GPU node's partial comes over)
+        acc = t.detach().to("cpu", torch.float32, copy=True)
         if self.world_size == 1:
-            return acc.to(t.dtype)
+            return acc.to(t.device, t.dtype)
         await self._wait_all(key)
         shape = tuple(t.shape)
         for r in range(1, self.world_size):
@@ -237,7 +238,7 @@ class StarHub(Collective):
             await self.peers[r].write(reduced)
         if self.wire != torch.float32:       # every node must see the very same (rounded) sum
             acc = acc.to(self.wire).float()
-        return acc.to(t.dtype)
+        return acc.to(t.device, t.dtype)
 
     async def _wait_all(self, key: tuple[int, int]) -> None:
         missing = self.missing()
@@ -434,7 +435,7 @@ class StarSpoke(Collective):
                                      f"(dtype code {r.tensor.dtype}) while step {key[0]} stage "
                                      f"{key[1]} (dtype code {self._wire_enum}) was expected")
                 total = from_proto(r.tensor, tuple(t.shape), copy=True, what="reduced sum")
-                return total.to(t.dtype)
+                return total.to(t.device, t.dtype)
             if kind == "abort":
                 raise StepAborted(reply.abort.reason)
             if kind == "shutdown":

@@ -31,6 +31,7 @@ from tpi_node.errors import UserError
 from tpi_node.weights.plan import NodeCapacity
 
 DEVICE_ENV = "TPI_DEVICE"
+SDPA_ENV = "TPI_CUDA_SDPA"
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,6 +69,7 @@ def _cpu_info() -> DeviceInfo:
 
 
 def _cuda_info(index: int) -> DeviceInfo:
+    set_cuda_attention()                  # a CUDA node computes here: pick its attention kernels
     p = torch.cuda.get_device_properties(index)
     integrated = bool(getattr(p, "is_integrated", False))     # Jetson: one memory for CPU and GPU
     return DeviceInfo(p.name, "cuda", int(p.total_memory), f"sm_{p.major}{p.minor}",
@@ -108,6 +110,37 @@ def select_device(spec: str | None = "auto") -> DeviceInfo:
     if index >= n:
         raise UserError(f"device '{text}' does not exist: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
     return _cuda_info(index)
+
+
+# ---- attention kernels on CUDA ------------------------------------------------------------------
+# Decode attends over a KV length that grows by one every step, so every step is a new shape.
+# PyTorch's cuDNN attention (the first choice for bf16/fp16 on sm_80+ in torch 2.5+) builds and
+# caches an execution plan per shape; on the H100 that made bf16 decode 3-14x slower than fp32
+# (docs/device-results.md). The other kernels (memory-efficient, flash, math) need no plan.
+SDPA_SETTINGS = {
+    "no-cudnn": dict(cudnn=False, flash=True, mem_efficient=True, math=True),    # our default
+    "default": dict(cudnn=True, flash=True, mem_efficient=True, math=True),      # torch's own choice
+    "mem-efficient": dict(cudnn=False, flash=False, mem_efficient=True, math=True),
+    "flash": dict(cudnn=False, flash=True, mem_efficient=False, math=True),
+    "math": dict(cudnn=False, flash=False, mem_efficient=False, math=True),
+}
+
+
+def set_cuda_attention(setting: str | None = None) -> str:
+    """Which scaled_dot_product_attention kernels CUDA may use (process-wide flags; a CPU node in
+    the same process is not affected). setting: a SDPA_SETTINGS key, else $TPI_CUDA_SDPA, else
+    'no-cudnn'. Math stays allowed in every setting, as the fallback for shapes the others refuse."""
+    name = setting or os.environ.get(SDPA_ENV) or "no-cudnn"
+    if name not in SDPA_SETTINGS:
+        raise UserError(f"unknown {SDPA_ENV} '{name}': use {', '.join(SDPA_SETTINGS)}")
+    flags = SDPA_SETTINGS[name]
+    b = torch.backends.cuda
+    if hasattr(b, "enable_cudnn_sdp"):          # torch >= 2.2
+        b.enable_cudnn_sdp(flags["cudnn"])
+    b.enable_flash_sdp(flags["flash"])
+    b.enable_mem_efficient_sdp(flags["mem_efficient"])
+    b.enable_math_sdp(flags["math"])
+    return name
 
 
 def default_dtype(info: DeviceInfo, asked: str | None = None) -> str:
