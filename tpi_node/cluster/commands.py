@@ -163,14 +163,19 @@ def _serve_http(args, master, engine) -> None:
     from tpi_node.server.dashboard import dashboard_router
     app = create_app(engine, engine.tokenizer, model_name=engine.model_name, api_key=args.api_key,
                      cluster_info=master.cluster_info)
-    app.include_router(dashboard_router(ClusterState(master, engine, getattr(args, "cluster", "default"))))
     ad = advertise_master(args, master.members[0][0].node_id, args.grpc_host or args.host, master.bound_port,
                           args.port) if hasattr(args, "cluster") else None
+    watch = None
+    if ad is not None and getattr(args, "auto_admit", False):
+        from tpi_node.cluster.discovery import WorkerWatch
+        watch = WorkerWatch(args.cluster)
+    app.include_router(dashboard_router(ClusterState(master, engine, getattr(args, "cluster", "default"), watch)))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        if ad is not None:
-            ad.close()
+        for x in (watch, ad):
+            if x is not None:
+                x.close()
 
 
 def cmd_serve(args) -> int:
@@ -188,8 +193,24 @@ def spawn_workers(address: str, n: int, base_id: str, extra: list[str] | None = 
     """n `tpi-node join` child processes (ps shows what they are)."""
     exe = Path(sys.executable).with_name("tpi-node")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tpi_node.cli"]
-    return [subprocess.Popen(cmd + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"] + (extra or []))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(share_cores(n + 1))}
+    return [subprocess.Popen(cmd + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"] + (extra or []),
+                             env=env)
             for i in range(1, n + 1)]
+
+
+def share_cores(processes: int) -> int:
+    """Threads per process when `processes` nodes share this machine: oversubscribed cores make
+    every node wait for the slowest at each allreduce."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
+
+
+def _share_cores_with_local_workers(nodes: int) -> None:
+    if nodes > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(share_cores(nodes))
 
 
 def _stop_children(children: list[subprocess.Popen]) -> None:
@@ -218,6 +239,7 @@ def _wait_ready(master, children, timeout_s: float = 600.0) -> None:
 
 def cmd_run(args) -> int:
     args = _settings(args)
+    _share_cores_with_local_workers(args.nodes)
     master, engine, port = start_master(args, args.nodes, args.grpc_port)
     host = args.grpc_host or args.host
     children = spawn_workers(f"{host}:{port}", args.nodes - 1, master.members[0][0].node_id,
@@ -237,6 +259,7 @@ def local_cluster_engine(model_dir, args):
                             device=getattr(args, "device", "cpu"), host="127.0.0.1", grpc_host=None,
                             wire=getattr(args, "wire", "fp32"), peer_timeout=5.0, token=None, node_id="local",
                             speed=None)
+    _share_cores_with_local_workers(args.nodes)
     master, engine, port = start_master(ns, args.nodes, 0)
     children = spawn_workers(f"127.0.0.1:{port}", args.nodes - 1, "local")
     try:
@@ -272,7 +295,7 @@ def cmd_join(args) -> int:
     from tpi_node.cluster.cluster_flags import advertise_worker, find_master_address, tls_from_args
     tls = tls_from_args(args, "worker")
     master = parse_master_address(find_master_address(args))
-    ad = advertise_worker(args, node, cap)
+    ad = advertise_worker(args, node, cap) if not args.master else None    # on the segment discovery uses
     try:
         return run_worker(master, node, cap, token=_token(args), device=str(info.device),
                           expect_model=args.expect_model, address=os.uname().nodename, tls=tls)

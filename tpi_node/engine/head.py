@@ -12,18 +12,28 @@ from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.slicer import EMBED, LM_HEAD
 
 
+def _load_rows(reader: CheckpointReader, name: str, cfg: ModelConfig, dtype: torch.dtype, device,
+               block: int = 4096) -> torch.Tensor:
+    """A [V, H] matrix filled block by block: converting dtype never holds two whole copies."""
+    rows, cols = reader.shape(name)
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    for a in range(0, rows, block):
+        out[a:a + block] = reader.rows(name, a, min(a + block, rows))
+    return out
+
+
 class ModelHead:
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         reader = CheckpointReader(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
         if cfg.tie_embeddings or not reader.has(LM_HEAD):
-            self.lm_head_w = reader.get(EMBED).to(device, dtype)                 # [V, H], also the embedding
+            self.lm_head_w = _load_rows(reader, EMBED, cfg, dtype, device)       # [V, H], also the embedding
             self._reader = None
         else:
             # untied: the lm_head must be in memory (every row, every token), but the embedding
             # is only looked up - those rows are read from the memory-mapped checkpoint on demand
-            self.lm_head_w = reader.get(LM_HEAD).to(device, dtype)               # [V, H]
+            self.lm_head_w = _load_rows(reader, LM_HEAD, cfg, dtype, device)     # [V, H]
             self._reader = reader
         self.vocab_size = self.lm_head_w.shape[0]
 

@@ -49,6 +49,9 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        return list(self._file(name).get_slice(name).get_shape())
+
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of a matrix (or elements of a vector), reading only those bytes."""
         return self._file(name).get_slice(name)[start:end]
