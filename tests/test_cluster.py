@@ -109,31 +109,31 @@ def test_smollm2_at_three_nodes_matches_the_single_node_engine(smollm2_dir, home
         assert (got_logits - want_logits).abs().max().item() < 1e-3
 
 
-def test_a_killed_worker_fails_the_generation_quickly_and_the_master_stays_up(tiny_model_dir, home):
+def test_a_killed_worker_is_replanned_around_and_its_return_transfers_nothing(tiny_model_dir, home):
+    """A worker killed mid-generation: the master notices at once, re-plans over the survivors,
+    replays the sequence and finishes it with the uninterrupted greedy tokens; the worker that
+    comes back is admitted at the next idle moment and, its old plan restored, fetches nothing.
+    (When the survivors cannot hold the model the request fails instead: tests/test_fault.py.)"""
     model = tiny_model_dir("tiny-llama")
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     with cluster(model, 3, home) as (master, engine, _, workers):
-        assert len([e for e in engine.generate_sync(PROMPT, GREEDY)]) == 12
-        events = engine.generate_sync(PROMPT, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
-        next(events)                                  # mid-generation ...
+        want = [e.token_id for e in engine.generate_sync(PROMPT, long)]
+        events = engine.generate_sync(PROMPT, long)
+        got = [next(events).token_id]                 # mid-generation ...
         workers[1].send_signal(signal.SIGKILL)        # ... a worker dies
         t0 = time.monotonic()
-        with pytest.raises(Exception, match=r"node w2 \(rank \d\) disconnected") as e:
-            for _ in events:
-                pass
-        assert time.monotonic() - t0 < 5.0, e.value
-        assert not master.ready()
-        # the master is still up: the engine answers, saying the cluster is not ready
-        with pytest.raises(Exception, match="not ready"):
-            list(engine.generate_sync(PROMPT, GREEDY))
-        # the same worker comes back with the same node id: same plan, ready again, nothing fetched
+        got += [e.token_id for e in events]
+        assert got == want
+        assert time.monotonic() - t0 < 30
+        # the same worker comes back with the same node id: readmitted, same plan, nothing fetched
         log = home / "w2-again.log"
         workers.append(_worker(master.bound_port, "w2", home / "w2", log))
         deadline = time.monotonic() + 60
-        while not master.ready():
+        while "fetched 0 files, 0 bytes" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        assert "fetched 0 files, 0 bytes" in log.read_text()
-        assert len([e for e in engine.generate_sync(PROMPT, GREEDY)]) == 12
+            list(engine.generate_sync(PROMPT, SamplingParams(max_tokens=1)))   # idle points to admit at
+            time.sleep(0.2)
+        assert [e.token_id for e in engine.generate_sync(PROMPT, long)] == want
 
 
 def test_a_corrupted_shard_file_is_fetched_again(tiny_model_dir, home):

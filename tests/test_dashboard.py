@@ -1,6 +1,6 @@
-"""The dashboard page in headless Chromium against a real uvicorn server: it loads, shows every
-node of the state the master reports, follows changes (a lost node), and leaves a screenshot in
-docs/dashboard.png."""
+"""The dashboard page in headless Chromium: against a real uvicorn server with a given state (it
+shows every node, follows a lost node), and against a real 3-node cluster (every node of
+/health shows; the screenshot in docs/dashboard.png comes from it)."""
 from __future__ import annotations
 
 import os
@@ -91,15 +91,66 @@ def test_dashboard_in_headless_chromium(server):
         # throughput is estimated from the token counter between polls
         wait.until(lambda d: d.find_element(By.ID, "tps").text not in ("-", "0.0"))
         assert 5 < float(drv.find_element(By.ID, "tps").text) < 20
-        docs = REPO / "docs"
-        docs.mkdir(exist_ok=True)
-        drv.save_screenshot(str(docs / "dashboard.png"))
         # the page follows the master: a lost node turns red, the cluster not ready
         box["lost"] = True
         wait.until(lambda d: d.find_element(By.ID, "ready").text == "not ready")
         lost = drv.find_element(By.CSS_SELECTOR, 'tr[data-node="jetson-0c55e2b9"] .pill')
         assert lost.text == "lost" and "bad" in lost.get_attribute("class")
-        assert (docs / "dashboard.png").stat().st_size > 10_000
     finally:
         drv.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_dashboard_of_a_real_cluster(tmp_path, tiny_model_dir):
+    import openai
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.cluster_procs import Node, free_port, wait_health
+    from tpi_node.cluster.ops_commands import fetch_state, format_table
+
+    model = tiny_model_dir("tiny-llama3")
+    http, grpc_port = free_port(), free_port()
+    master = Node("master", tmp_path, ["serve", "--model", str(model), "--port", str(http),
+                                       "--grpc-port", str(grpc_port), "--min-nodes", "3", "--memory-budget", "2GiB"])
+    workers = [Node(f"worker{i}", tmp_path, ["join", "--master", f"127.0.0.1:{grpc_port}", "--memory-budget",
+                                              budget]) for i, budget in ((1, "1GiB"), (2, "512MiB"))]
+    url = f"http://127.0.0.1:{http}"
+    profile = tempfile.mkdtemp(prefix="tpi-chromium-")
+    drv = None
+    try:
+        ids = {n["id"] for n in wait_health(url, 3, 60, [master, *workers])["nodes"]}
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stop = threading.Event()
+
+        def load() -> None:         # live throughput while the page is open
+            while not stop.is_set():
+                client.completions.create(model=model.name, prompt="Once upon a time", max_tokens=64,
+                                          temperature=0, extra_body={"ignore_eos": True})
+
+        th = threading.Thread(target=load, daemon=True)
+        th.start()
+        drv = _browser(profile)
+        drv.get(url + "/")
+        wait = WebDriverWait(drv, 20)
+        wait.until(lambda d: {r.get_attribute("data-node") for r in d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]")} == ids)
+        wait.until(lambda d: d.find_element(By.ID, "tps").text not in ("-", "0.0"))
+        rows = [r.text for r in drv.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]")]
+        assert sum("master" in r for r in rows) == 1 and all("ready" in r for r in rows)
+        assert any("512.0 MiB" in r for r in rows)
+        time.sleep(2)                                   # a few seconds of the throughput chart
+        docs = REPO / "docs"
+        docs.mkdir(exist_ok=True)
+        drv.save_screenshot(str(docs / "dashboard.png"))
+        assert (docs / "dashboard.png").stat().st_size > 10_000
+        stop.set()
+        th.join(30)
+        # `tpi-node status` prints the same nodes from the same JSON
+        table = format_table(fetch_state(url))
+        assert all(i in table for i in ids) and "ready" in table.splitlines()[0]
+    finally:
+        if drv is not None:
+            drv.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+        for n in [master, *workers]:
+            n.stop()

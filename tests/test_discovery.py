@@ -10,23 +10,27 @@ from tests.netns_util import in_private_net
 SCENARIO = r'''
 import json, subprocess, sys, time
 ADV = """
-import sys, time
+import sys
 from tpi_node.cluster import discovery as d
-role, cluster, nid, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-if role == "master":
-    a = d.advertise_master(cluster, nid, "0.1.0", port, port + 1)
-else:
-    a = d.advertise_worker(cluster, nid, "0.1.0", 8 << 30, 4)
-print("up", flush=True)
-sys.stdin.read()          # advertise until the parent closes stdin
-a.close()
+ads = {}
+for line in sys.stdin:            # "master CLUSTER ID PORT" / "worker CLUSTER ID 0" / "close ID"
+    role, cluster, nid, port = (line.split() + ["", "", ""])[:4]
+    if role == "close":
+        ads.pop(cluster).close()
+    elif role == "master":
+        ads[nid] = d.advertise_master(cluster, nid, "0.1.0", int(port), int(port) + 1)
+    else:
+        ads[nid] = d.advertise_worker(cluster, nid, "0.1.0", 8 << 30, 4)
+    print("ok", flush=True)
+for a in ads.values():
+    a.close()
 """
 from tpi_node.cluster import discovery as d
 
-def start(*args):
-    p = subprocess.Popen([sys.executable, "-c", ADV, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "up"
-    return p
+adv = subprocess.Popen([sys.executable, "-c", ADV], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def say(line):
+    adv.stdin.write(line + "\n"); adv.stdin.flush()
+    assert adv.stdout.readline().strip() == "ok"
 
 def err(cluster, timeout):
     try:
@@ -36,9 +40,9 @@ def err(cluster, timeout):
         return str(e)
 
 out = {"nothing": err("default", 1.0)}
-procs = [start("master", "lab", "m-lab", 50061), start("worker", "default", "w-one", 0)]
+say("master lab m-lab 50061"); say("worker default w-one 0")
 out["other_cluster_only"] = err("default", 1.5)
-procs.append(start("master", "default", "m-default", 50051))
+say("master default m-default 50051")
 t = time.monotonic()
 m = d.find_master("default", timeout=5.0)
 out["found"] = {"id": m.node_id, "port": m.port, "http": m.http_port, "address": m.address,
@@ -50,10 +54,11 @@ with d.WorkerBrowser("default") as wb:
     while time.monotonic() < deadline and not workers:
         workers = wb.workers(); time.sleep(0.1)
     out["workers"] = [(w.node_id, w.props.get("memory"), w.props.get("cores")) for w in workers]
-procs.append(start("master", "default", "m-second", 50071))
+say("master default m-second 50071")
 out["two_masters"] = err("default", 2.0)
-for p in procs:
-    p.stdin.close(); p.wait(timeout=10)
+say("close m-second"); say("close m-lab")
+out["after_goodbye"] = d.find_master("default", timeout=3.0).node_id     # goodbye packets drop the others
+adv.stdin.close(); adv.wait(timeout=10)
 print(json.dumps(out))
 '''
 
@@ -75,3 +80,4 @@ def test_discovery_scenario():
     assert out["workers"] == [["w-one", str(8 << 30), "4"]]
     assert "found 2 masters of cluster 'default'" in out["two_masters"]
     assert "m-default" in out["two_masters"] and "m-second" in out["two_masters"]
+    assert out["after_goodbye"] == "m-default"

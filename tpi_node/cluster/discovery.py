@@ -227,6 +227,34 @@ class WorkerBrowser(Browser):
         return [p for p in self.peers() if p.role == "worker" and p.cluster == self.cluster]
 
 
+class WorkerWatch:
+    """A WorkerBrowser on its own thread (resolving can block for a second): `.workers` is the
+    latest list of this cluster's advertised workers, for the master's `--auto-admit` view."""
+
+    def __init__(self, cluster: str, every_s: float = 1.0) -> None:
+        import threading
+        self.workers: list[Peer] = []
+        self._stop = threading.Event()
+        self._browser = WorkerBrowser(cluster)
+        self._thread = threading.Thread(target=self._run, args=(every_s,), name="tpi-mdns-workers", daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        known: set[str] = set()
+        while not self._stop.is_set():
+            self.workers = self._browser.workers()
+            for w in self.workers:
+                if w.node_id not in known:
+                    known.add(w.node_id)
+                    log.info("discovered %s", w.describe())
+            self._stop.wait(every_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._browser.close()
+
+
 def find_master(cluster: str = "default", timeout: float = 5.0, version: str | None = None) -> Peer:
     """The master of `cluster` on this network segment. Raises DiscoveryError saying what was
     found instead (masters of other clusters or versions, two masters) or that nothing answered."""

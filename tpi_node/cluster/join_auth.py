@@ -8,17 +8,42 @@ is refused by a master with one. Messages are one line, shown on both sides.
 """
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
+import threading
 
 from tpi_node.cluster.auth import AuthError, JoinProver, JoinVerifier
 
 log = logging.getLogger("tpi_node.auth")
 
 
+class Tickets:
+    """One random ticket per accepted join (JoinReply.ticket): FetchShard and Session are only
+    served to the holder, so the token guards the weights and the session stream too, not just
+    Join (a stranger who learns a plan digest and a node id cannot fetch or hijack)."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, node_id: str) -> bytes:
+        t = secrets.token_bytes(32)
+        with self._lock:
+            self._by_node[node_id] = t
+        return t
+
+    def check(self, node_id: str, ticket: bytes) -> bool:
+        with self._lock:
+            want = self._by_node.get(node_id)
+        return want is not None and isinstance(ticket, bytes) and hmac.compare_digest(want, ticket)
+
+
 class MasterAuth:
     """The master's side; `token` None = open cluster."""
 
     def __init__(self, token: str | None) -> None:
+        self.tickets = Tickets()
         self.verifier = JoinVerifier(token) if token else None
         if token is None:
             log.warning("no cluster token: any machine that reaches this master can join "

@@ -181,7 +181,8 @@ class ClusterMaster(rpc.MasterServicer):
                             plan_json=self.plan.to_json(), plan_digest=self.plan.digest,
                             model_digest=self.digest, model_config_json=self.config_json, files=files,
                             wire_dtype=dtype_enum(self.hub.wire), shard_dtype=self.dtype,
-                            version=__version__, model_name=self.model_dir.name)
+                            version=__version__, model_name=self.model_dir.name,
+                            ticket=self.auth.tickets.issue(request.node_id))
 
     async def _admit(self, request: pb.JoinRequest, context) -> str | None:
         """A node of the current plan is welcome at once; another one (a lost worker back, or a new
@@ -214,6 +215,9 @@ class ClusterMaster(rpc.MasterServicer):
         plan = self.plan
         if plan is None or request.plan_digest != plan.digest or request.rank not in self.manifests:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no such plan or rank on this master")
+        if (plan.share_of(request.rank).node_id != request.node_id
+                or not self.auth.tickets.check(request.node_id, bytes(request.ticket))):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join first: no valid ticket for this rank")
         if request.name not in self.manifests[request.rank]:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no shard file '{request.name}' for rank {request.rank}")
         size, sha = self.manifests[request.rank][request.name]
@@ -241,6 +245,8 @@ class ClusterMaster(rpc.MasterServicer):
             why = f"plan {h.plan_digest[:12]} is not the current plan {plan.digest[:12]}; join again"
         elif not 1 <= h.rank < plan.world_size or plan.share_of(h.rank).node_id != h.node_id:
             why = f"rank {h.rank} does not belong to node {h.node_id} in the current plan"
+        elif not self.auth.tickets.check(h.node_id, bytes(h.ticket)):
+            why = f"node {h.node_id} did not show the ticket of its join; join again"
         if why is not None:
             await context.write(pb.MasterMsg(shutdown=pb.Shutdown(reason=why)))
             return
@@ -289,7 +295,9 @@ class ClusterDriver:
         start_admitter(master, lambda: not self.live)
 
     def ready(self) -> bool:
-        return self.master.ready()
+        """Ready, or a worker was lost and the survivors may take over: the next step recovers."""
+        from tpi_node.cluster.replan import recoverable
+        return self.master.ready() or recoverable(self.master)
 
     def step(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
         m = self.master
@@ -298,6 +306,7 @@ class ClusterDriver:
             raise ClusterNotReady(f"the cluster is not ready (waiting for rank(s) {missing})" if missing
                                   else "the cluster is not ready")
         with m.replan_lock, m.shared.borrow():
+            self.hub_at_step = m.hub
             self.live.update(layout.seq_ids)
             self.step_id += 1
             m.hub.begin_step(self.step_id)
@@ -336,7 +345,7 @@ class ClusterDriver:
         """A worker was lost mid-step: re-plan over the survivors (cluster/replan.py); the engine
         then replays every running sequence into the new caches. False: the survivors cannot."""
         from tpi_node.cluster.replan import recover
-        ok = recover(self.master, error)
+        ok = recover(self.master, error, getattr(self, "hub_at_step", None))
         if not ok:
             self.live.clear()             # the engine fails every running sequence
         return ok

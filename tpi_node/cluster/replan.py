@@ -29,9 +29,10 @@ from tpi_node.weights.plan import NodeCapacity, PartitionPlan, PlanError, make_p
 
 log = logging.getLogger("tpi_node.replan")
 
-HEARTBEAT_TIMEOUT_S = 3.0
+HEARTBEAT_TIMEOUT_S = 2.5     # workers beat every second: 2.5 s is two and a half missed beats
 REJOIN_TIMEOUT_S = 120.0       # survivors fetch their new slices within this
 ADMIT_POLL_S = 0.5
+IDLE_REPLAN_GRACE_S = 10.0     # a worker lost while idle: wait this long for it before re-planning
 
 
 def windows_for(master, plan: PartitionPlan, caps: list[NodeCapacity]) -> dict[int, int | None]:
@@ -62,9 +63,20 @@ def _slice(master, plan: PartitionPlan, hub: StarHub, window: int | None):
     return manifests, runner
 
 
+def _join_order(master) -> list[str]:
+    """Node ids in the order they first joined: a returning node takes its old place, so a
+    cluster that is whole again gets its old plan back (and its shard caches stay valid)."""
+    if not hasattr(master, "join_order"):
+        master.join_order = [c.node_id for c, _ in master.members]
+    return master.join_order
+
+
 def replan(master, members: list[tuple[NodeCapacity, str]], why: str) -> None:
     """Install a plan over `members` (master first) and make the current workers join again.
     Raises PlanError (nothing changed) when the members cannot hold the model."""
+    order = _join_order(master)
+    order.extend(c.node_id for c, _ in members if c.node_id not in order)
+    members = sorted(members, key=lambda m: order.index(m[0].node_id))
     caps = [c for c, _ in members]
     plan = make_plan(master.cfg, caps, master.digest)
     windows = windows_for(master, plan, caps)
@@ -94,6 +106,12 @@ async def _send_rejoin(hub: StarHub, why: str) -> None:
             p.lost = "left for the new plan"
 
 
+async def _tell_rejoin(peer, why: str) -> None:
+    from tpi_node.proto import tpi_pb2 as pb
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(peer.write(pb.MasterMsg(shutdown=pb.Shutdown(reason=f"{why}; join again", rejoin=True))), 5)
+
+
 def wait_connected(master, timeout_s: float = REJOIN_TIMEOUT_S) -> bool:
     """Block until every rank of the current plan has a live session."""
     deadline = time.monotonic() + timeout_s
@@ -112,27 +130,36 @@ def lost_node_ids(master) -> list[str]:
     return [plan.share_of(r).node_id for r in hub.missing()]
 
 
-def recover(master, error: BaseException) -> bool:
+def recoverable(master) -> bool:
+    """A worker that was connected is gone and the survivors have not been found too small."""
+    hub = master.hub
+    return (master.plan is not None and hub is not None and not master.unservable
+            and any(p.lost for p in list(hub.peers.values())))
+
+
+def recover(master, error: BaseException, hub_at_step=None) -> bool:
     """The engine's step failed: re-plan over the survivors when a worker was lost. Runs on the
-    engine thread with no step in flight. False when there is nothing to recover to."""
-    if not isinstance(error, PeerLost) or master.plan is None:
+    engine thread with no step in flight. False when there is nothing to recover to.
+    `hub_at_step`: the hub the failed step ran on (re-planned since then by the idle path: the
+    engine just replays on the new plan)."""
+    if master.plan is None or master.hub is None:
         return False
     with master.replan_lock:
+        _join_order(master)
         lost = lost_node_ids(master)
         if not lost:                       # a slow worker, not a lost one: do not guess
-            return False
+            return hub_at_step is not None and master.hub is not hub_at_step and master.ready()
         survivors = [(c, a) for c, a in master.members if c.node_id not in lost]
+        gone = [(c, a) for c, a in master.members if c.node_id in lost]
+        master.lost_members.extend(m for m in gone if m[0].node_id not in {c.node_id for c, _ in master.lost_members})
         master.state = "replanning"
         try:
             replan(master, survivors, f"lost {', '.join(lost)}")
         except (PlanError, UserError) as e:
             master.state = f"not enough nodes: {e}"
             log.error("the survivors cannot hold the model: %s; new requests get 503 until a node joins", e)
-            master.lost_members.extend(m for m in master.members if m[0].node_id in lost)
-            master.members = survivors
-            master.unservable = str(e)
+            master.unservable = str(e)        # the old plan stays: a lost node may come back into it
             return False
-        master.lost_members.extend(m for m in master.members if m[0].node_id in lost)
         ok = wait_connected(master)
         master.state = "ready" if ok else "waiting for nodes"
         return ok
@@ -162,15 +189,19 @@ def admit_pending(master, idle) -> bool:
         if not idle() or not master.pending:
             return False
         waiting = dict(master.pending)
-        ids = {c.node_id for c, _ in master.members}
-        members = list(master.members) + [(c, a) for nid, (c, a, _) in waiting.items() if nid not in ids]
-        members = [(c if c.node_id not in waiting else waiting[c.node_id][0], a) for c, a in members]
+        plan, missing = master.plan, set(master.hub.missing())
+        live = {s.node_id for s in plan.shares if s.rank == 0 or s.rank not in missing}
+        members = [m for m in master.members if m[0].node_id in live and m[0].node_id not in waiting]
+        members += [(c, a) for c, a, _ in waiting.values()]
         master.state = "replanning"
         try:
             replan(master, members, f"admitting {', '.join(waiting)}")
         except (PlanError, UserError) as e:
             log.error("cannot admit %s: %s", ", ".join(waiting), e)
             master.state = "ready" if not master.unservable else master.state
+            for nid, (_, _, ev) in waiting.items():      # their Join answers: refused
+                master.pending.pop(nid, None)
+                master.shared.call(ev.set)
             return False
         master.unservable = None
         master.lost_members = [m for m in master.lost_members if m[0].node_id not in waiting]
@@ -182,11 +213,35 @@ def admit_pending(master, idle) -> bool:
         return True
 
 
+def recover_idle(master, idle) -> bool:
+    """A worker that was connected left while no sequence runs (its heartbeats stopped, or its
+    stream broke): after IDLE_REPLAN_GRACE_S (a restarting worker comes back into the same plan
+    and keeps its caches) re-plan over the survivors, before the next request needs them. A
+    request in the meantime recovers at once (ClusterDriver.ready stays true while recoverable)."""
+    if not recoverable(master):
+        master.lost_since = None
+        return False
+    now = time.monotonic()
+    if getattr(master, "lost_since", None) is None:
+        master.lost_since = now
+    if now - master.lost_since < IDLE_REPLAN_GRACE_S or not idle():
+        return False
+    master.lost_since = None
+    with master.replan_lock:
+        if not idle() or not any(p.lost for p in list(master.hub.peers.values())):
+            return False
+    return recover(master, PeerLost("a worker left while the cluster was idle"))
+
+
 def start_admitter(master, idle) -> threading.Thread:
-    """A thread that admits waiting nodes whenever the engine is idle."""
+    """A thread that, whenever the engine is idle, re-plans around workers that left and admits
+    waiting nodes."""
     def loop():
         while not master.stopped:
             try:
+                if master.unservable and master.ready():
+                    master.unservable, master.state = None, "ready"
+                recover_idle(master, idle)
                 admit_pending(master, idle)
             except Exception as e:           # never let admission take the master down
                 log.error("admission failed: %s", e)
@@ -218,5 +273,5 @@ async def watch_heartbeats(master, timeout_s: float = HEARTBEAT_TIMEOUT_S) -> No
             if p.lost is None and now - p.last_seen > timeout_s:
                 log.warning("%s sent no heartbeat for %.1f s: lost", p.name(), now - p.last_seen)
                 hub.detach(p, f"sent no heartbeat for {timeout_s:g} s")
-                with contextlib.suppress(Exception):
-                    p.context.cancel() if hasattr(p.context, "cancel") else None
+                # should it wake up again, it joins again and is admitted at an idle moment
+                asyncio.get_running_loop().create_task(_tell_rejoin(p, f"no heartbeat for {timeout_s:g} s"))

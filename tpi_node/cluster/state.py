@@ -10,8 +10,9 @@ class ClusterState:
     """cluster_state() -> dict (see server/dashboard.py for the shape). Keeps the last few
     counter samples to report live tokens/s."""
 
-    def __init__(self, master, engine, cluster: str = "default") -> None:
+    def __init__(self, master, engine, cluster: str = "default", watch=None) -> None:
         self.master, self.engine, self.cluster = master, engine, cluster
+        self.watch = watch            # discovery.WorkerWatch (serve --auto-admit): advertised workers
         self._samples: list[tuple[float, int]] = []
 
     def _rate(self, tokens: int) -> float:
@@ -62,6 +63,11 @@ class ClusterState:
             if nid not in seen:
                 nodes.append({"id": nid, "role": "worker", "address": a, "state": "waiting to be admitted",
                               "memory_budget": c.memory_bytes})
+        for w in list(self.watch.workers) if self.watch is not None else []:
+            if w.node_id not in seen:          # advertised on the network, not (yet) joined
+                nodes.append({"id": w.node_id, "role": "worker", "address": w.address, "state": "discovered",
+                              "memory_budget": int(w.props["memory"]) if w.props.get("memory", "").isdigit() else None})
+                seen.add(w.node_id)
         ready = m.ready() and e.ready()
         return {"cluster": self.cluster, "model": e.model_name, "version": __version__, "ready": ready,
                 "status": "ok" if ready else (m.unservable and "not enough nodes") or m.state,

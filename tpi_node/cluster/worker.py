@@ -54,7 +54,7 @@ async def _join(link: SpokeLink, request: pb.JoinRequest, token: str | None) -> 
     return await link.stub.Join(request)        # waits until the master has formed the plan
 
 
-async def _fetch(link: SpokeLink, reply: pb.JoinReply, out: Path) -> tuple[int, int, int]:
+async def _fetch(link: SpokeLink, reply: pb.JoinReply, out: Path, node_id: str) -> tuple[int, int, int]:
     """Fetch every manifest file that is missing or whose sha256 differs. -> (files, bytes, kept)."""
     out.mkdir(parents=True, exist_ok=True)
     fetched = nbytes = kept = 0
@@ -67,7 +67,8 @@ async def _fetch(link: SpokeLink, reply: pb.JoinReply, out: Path) -> tuple[int, 
         if path.exists():
             say(f"{f.name}: corrupt or stale in the cache, fetching it again")
         tmp, h = path.with_suffix(".part"), hashlib.sha256()
-        req = pb.ShardRequest(node_id="", plan_digest=reply.plan_digest, rank=reply.rank, name=f.name)
+        req = pb.ShardRequest(node_id=node_id, plan_digest=reply.plan_digest, rank=reply.rank, name=f.name,
+                              ticket=reply.ticket)
         with open(tmp, "wb") as fh:
             async for chunk in link.stub.FetchShard(req):
                 if chunk.offset != fh.tell():
@@ -128,7 +129,7 @@ def _join_and_serve(link: SpokeLink, master: str, request: pb.JoinRequest, token
     say(f"rank {reply.rank} of {reply.world_size}: kv heads {share.kv_start}-{share.kv_end}, "
         f"ffn columns {share.ffn_start}-{share.ffn_end}")
     t0 = time.monotonic()
-    files, nbytes, kept = link.run(_fetch(link, reply, out))
+    files, nbytes, kept = link.run(_fetch(link, reply, out, node_id))
     say(f"shards: fetched {files} files, {nbytes} bytes; {kept} files already cached "
         f"({time.monotonic() - t0:.1f} s)")
     if window is None and capacity.memory_bytes:      # stream through a window when the share does not fit
@@ -143,7 +144,7 @@ def _join_and_serve(link: SpokeLink, master: str, request: pb.JoinRequest, token
     runner = NodeRunner(cfg, store, share, spoke, DTYPES[reply.shard_dtype], device)
     link.open_session()
     link.run(link.send(pb.WorkerMsg(hello=pb.Hello(node_id=node_id, plan_digest=reply.plan_digest,
-                                                   rank=reply.rank))))
+                                                   rank=reply.rank, ticket=reply.ticket))))
     say(f"ready; serving steps from {master}")
     try:
         return _serve(link, spoke, runner, cfg)
