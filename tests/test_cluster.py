@@ -32,11 +32,11 @@ def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0) 
 
 @contextlib.contextmanager
 def cluster(model_dir: Path, nodes: int, tmp: Path, wire: str = "fp32", peer_timeout: float = 5.0,
-            master_speed: float = 2.0):
+            master_speed: float = 2.0, collective: str = "star"):
     """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
     ns = argparse.Namespace(model=str(model_dir), dtype="fp32", device="cpu", host="127.0.0.1", grpc_host=None,
                             wire=wire, peer_timeout=peer_timeout, token=None, node_id="master",
-                            speed=master_speed)
+                            speed=master_speed, collective=collective)
     master, engine, port = start_master(ns, nodes, 0)
     workers = [_worker(port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log") for i in range(1, nodes)]
     try:
@@ -197,3 +197,12 @@ def test_serve_and_two_join_processes_reach_health_200_with_three_nodes(tiny_mod
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_gloo_ring_gives_the_star_tokens(tiny_model_dir, home):
+    """--collective gloo: the same engine and Session stream, a torch.distributed ring summing."""
+    model = tiny_model_dir("tiny-qwen2")
+    want = [e.token_id for e in _reference(model).generate_sync(PROMPT, GREEDY)]
+    with cluster(model, 3, home, collective="gloo") as (master, engine, _, workers):
+        assert [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)] == want
+        assert "gloo ring" in (home / "w1.log").read_text()

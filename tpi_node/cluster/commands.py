@@ -49,6 +49,10 @@ def _master_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-host", default=None, help="address workers dial (default: --host)")
     p.add_argument("--wire", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the partial sums on the wire (default fp32)")
+    p.add_argument("--collective", choices=["star", "gloo"], default="star",
+                   help="what sums the partial sums: the gRPC star through the master (default), or a "
+                        "torch.distributed gloo ring (every node must reach the master's gloo port; "
+                        "no re-plan after a lost node)")
     p.add_argument("--peer-timeout", type=_seconds, default=5.0,
                    help="seconds without a partial sum before a worker counts as lost (default 5)")
     p.add_argument("--token", default=None, help="cluster token (else TPI_CLUSTER_TOKEN; none = open cluster)")
@@ -144,7 +148,8 @@ def start_master(args, nodes: int, grpc_port: int):
         cap = dataclasses.replace(cap, speed=args.speed)
     master = ClusterMaster(model_dir, cfg, cap, nodes=nodes, dtype=dtype, wire=args.wire,
                            device=str(info.device), token=_token(args), peer_timeout_s=args.peer_timeout,
-                           tls=tls_from_args(args, "master"), auto_admit=getattr(args, "auto_admit", False))
+                           tls=tls_from_args(args, "master"), auto_admit=getattr(args, "auto_admit", False),
+                           collective=getattr(args, "collective", "star"))
     port = master.start(f"{args.grpc_host or args.host}:{grpc_port}")
     print(f"[tpi-node] master {cap.node_id}: workers join at {args.grpc_host or args.host}:{port} "
           f"(waiting for {nodes - 1} more node(s))", file=sys.stderr, flush=True)

@@ -39,14 +39,24 @@ log = logging.getLogger("tpi_node.master")
 CHUNK = 1 << 20          # FetchShard chunk size (bytes)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 class ClusterMaster(rpc.MasterServicer):
     def __init__(self, model_dir: Path, cfg: ModelConfig, capacity: NodeCapacity, *, nodes: int = 1,
                  dtype: str = "fp32", wire: str = "fp32", window: int | None = None, device: str = "cpu",
                  token: str | None = None, peer_timeout_s: float = 5.0, tls=None,
-                 auto_admit: bool = False) -> None:
+                 auto_admit: bool = False, collective: str = "star") -> None:
         self.model_dir, self.cfg, self.nodes = Path(model_dir), cfg, nodes
         self.dtype, self.wire, self.window, self.device = dtype, wire, window, device
         self.peer_timeout_s = peer_timeout_s
+        self.collective = collective        # "star", or "gloo": a torch.distributed ring sums instead
+        self.collective_init = ""            # tcp://HOST:PORT of the gloo group, set at start()
         self.digest = model_digest(model_dir)
         self.config_json = (self.model_dir / "config.json").read_text()
         self.auth = MasterAuth(token)
@@ -88,6 +98,9 @@ class ClusterMaster(rpc.MasterServicer):
                 raise UserError(f"cannot listen for workers on {address}")
             await self.server.start()
             self.bound_port = port
+            if self.collective == "gloo":
+                # workers reach this port at the address they dial the master by (empty host)
+                self.collective_init = f"tcp://:{_free_port()}"
             from tpi_node.cluster.replan import watch_heartbeats
             self._watcher = asyncio.get_running_loop().create_task(watch_heartbeats(self))
             if self.nodes == 1:
@@ -137,8 +150,18 @@ class ClusterMaster(rpc.MasterServicer):
             out = shard_dir(self.digest, plan, rank, self.dtype)
             sums = write_node_shards(self.model_dir, self.cfg, plan, rank, out, self.dtype, progress=True)
             self.manifests[rank] = {f: ((out / f).stat().st_size, h) for f, h in sums.items()}
-        self.runner = open_runner(self.model_dir, self.cfg, plan, 0, self.hub, self.dtype, self.window,
-                                  self.device, progress=True)
+        self.runner = open_runner(self.model_dir, self.cfg, plan, 0, self._collective(plan), self.dtype,
+                                  self.window, self.device, progress=True)
+
+    def _collective(self, plan: PartitionPlan):
+        """What sums the partial sums: the StarHub, or a gloo ring (the Session stream still
+        carries the steps; the hub then only broadcasts them)."""
+        if self.collective != "gloo" or plan.world_size == 1:
+            return self.hub
+        from tpi_node.comm.torch_dist import GlooCollective
+
+        return GlooCollective(self.collective_init.replace("tcp://:", "tcp://127.0.0.1:"), 0, plan.world_size, self.wire,
+                              timeout_s=max(30.0, self.peer_timeout_s), lazy=True)
 
     def wait_formed(self, timeout: float | None = None) -> bool:
         return self._formed.wait(timeout)
@@ -182,7 +205,8 @@ class ClusterMaster(rpc.MasterServicer):
                             model_digest=self.digest, model_config_json=self.config_json, files=files,
                             wire_dtype=dtype_enum(self.hub.wire), shard_dtype=self.dtype,
                             version=__version__, model_name=self.model_dir.name,
-                            ticket=self.auth.tickets.issue(request.node_id))
+                            ticket=self.auth.tickets.issue(request.node_id),
+                            collective_init=self.collective_init if self.collective == "gloo" else "")
 
     async def _admit(self, request: pb.JoinRequest, context) -> str | None:
         """A node of the current plan is welcome at once; another one (a lost worker back, or a new
@@ -345,7 +369,11 @@ class ClusterDriver:
         """A worker was lost mid-step: re-plan over the survivors (cluster/replan.py); the engine
         then replays every running sequence into the new caches. False: the survivors cannot."""
         from tpi_node.cluster.replan import recover
-        ok = recover(self.master, error, getattr(self, "hub_at_step", None))
+        if self.master.collective == "gloo":
+            log.error("a gloo ring cannot re-plan around a lost node (use the star): failing the requests")
+            ok = False
+        else:
+            ok = recover(self.master, error, getattr(self, "hub_at_step", None))
         if not ok:
             self.live.clear()             # the engine fails every running sequence
         return ok

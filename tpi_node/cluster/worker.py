@@ -141,7 +141,14 @@ def _join_and_serve(link: SpokeLink, master: str, request: pb.JoinRequest, token
             raise UserError(str(e)) from None
     store = ShardStore(out, cfg, share, window=window, device=device)
     spoke = StarSpoke(link, reply.rank, reply.world_size, _WIRE_NAMES[reply.wire_dtype])
-    runner = NodeRunner(cfg, store, share, spoke, DTYPES[reply.shard_dtype], device)
+    coll = spoke
+    if reply.collective_init:      # --collective gloo on the master: a gloo ring sums the partials
+        from tpi_node.comm.torch_dist import GlooCollective
+
+        init = reply.collective_init.replace("tcp://:", f"tcp://{master.rpartition(':')[0]}:")
+        coll = GlooCollective(init, reply.rank, reply.world_size, _WIRE_NAMES[reply.wire_dtype], lazy=True)
+        say(f"partial sums over a gloo ring ({init})")
+    runner = NodeRunner(cfg, store, share, coll, DTYPES[reply.shard_dtype], device)
     link.open_session()
     link.run(link.send(pb.WorkerMsg(hello=pb.Hello(node_id=node_id, plan_digest=reply.plan_digest,
                                                    rank=reply.rank, ticket=reply.ticket))))
