@@ -235,3 +235,39 @@ def test_forged_proof_refused_over_grpc():
         assert not reply.accepted and reply.reason == "wrong cluster token"
     finally:
         server.stop(0)
+
+
+# ---------------------------------------------------------------- tickets: the token guards more than Join
+
+def test_stranger_cannot_fetch_weights_or_take_a_session(tmp_path, tiny_model_dir):
+    """A stranger who learns the plan digest and a node id (Status is open) still gets neither
+    the weights nor the worker's session stream: both need the ticket of an authenticated Join."""
+    from tests.cluster_procs import Node, free_port, wait_health
+    from tpi_node.proto import tpi_pb2 as pb
+    from tpi_node.proto import tpi_pb2_grpc as rpc
+
+    model = tiny_model_dir("tiny-llama3")
+    http, port = free_port(), free_port()
+    env = {"TPI_CLUSTER_TOKEN": TOKEN}
+    master = Node("master", tmp_path, ["serve", "--model", str(model), "--port", str(http), "--grpc-port",
+                                       str(port), "--min-nodes", "2"], env=env)
+    worker = Node("worker", tmp_path, ["join", "--master", f"127.0.0.1:{port}"], env=env)
+    try:
+        wait_health(f"http://127.0.0.1:{http}", 2, 60, [master, worker])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = rpc.MasterStub(ch)
+            status = stub.Status(pb.StatusRequest(), timeout=5)
+            victim = next(n for n in status.nodes if n.rank == 1)
+            req = pb.ShardRequest(node_id=victim.node_id, plan_digest=status.plan_digest, rank=1,
+                                  name="layer-000.safetensors", ticket=b"\0" * 32)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.FetchShard(req, timeout=5))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            hello = pb.WorkerMsg(hello=pb.Hello(node_id=victim.node_id, plan_digest=status.plan_digest, rank=1))
+            replies = list(stub.Session(iter([hello]), timeout=5))
+            assert replies and "did not show the ticket" in replies[0].shutdown.reason
+            # the real worker still holds its session
+            assert all(n.connected for n in stub.Status(pb.StatusRequest(), timeout=5).nodes)
+    finally:
+        master.stop()
+        worker.stop()

@@ -203,6 +203,17 @@ def test_gloo_ring_gives_the_star_tokens(tiny_model_dir, home):
     """--collective gloo: the same engine and Session stream, a torch.distributed ring summing."""
     model = tiny_model_dir("tiny-qwen2")
     want = [e.token_id for e in _reference(model).generate_sync(PROMPT, GREEDY)]
-    with cluster(model, 3, home, collective="gloo") as (master, engine, _, workers):
-        assert [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)] == want
-        assert "gloo ring" in (home / "w1.log").read_text()
+    try:
+        with cluster(model, 3, home, collective="gloo") as (master, engine, _, workers):
+            assert [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)] == want
+            assert "gloo ring" in (home / "w1.log").read_text()
+            # longer than the heartbeat timeout: the ring's steps count as signs of life
+            long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+            t0 = time.monotonic()
+            assert len(list(engine.generate_sync(PROMPT, long))) == 400
+            assert time.monotonic() - t0 > 3.0, "too short to prove anything about heartbeats"
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():       # the master's group lives in this test process
+            dist.destroy_process_group()

@@ -11,6 +11,7 @@ rank (and its cached shards stay valid); a stranger is refused while the plan is
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import logging
 import threading
@@ -339,7 +340,12 @@ class ClusterDriver:
             to_proto(x, out=msg.step.hidden)            # the compute dtype, lossless
             try:
                 m.shared.run(m.hub.broadcast(msg))
-                return m.runner.forward(layout, x)
+                out = m.runner.forward(layout, x)
+                if m.collective == "gloo":      # no partial came over the streams, but the ring
+                    now = time.monotonic()      # completed: every worker is alive
+                    for p in m.hub.peers.values():
+                        p.last_seen = now
+                return out
             except Exception as e:
                 m.runner.free(list(layout.seq_ids))
                 m.shared.run(self._abort(str(e)))

@@ -30,6 +30,7 @@ class ModelHead:
         if cfg.tie_embeddings or not reader.has(LM_HEAD):
             self.lm_head_w = _load_rows(reader, EMBED, cfg, dtype, device)       # [V, H], also the embedding
             self._reader = None
+            reader.close()          # unmap the checkpoint: its pages would count in this process's RSS
         else:
             # untied: the lm_head must be in memory (every row, every token), but the embedding
             # is only looked up - those rows are read from the memory-mapped checkpoint on demand
