@@ -81,7 +81,11 @@ def test_w2_generation_inside_a_memory_cgroup_matches_the_unlimited_run(tmp_path
         assert stats["window"] == 2
         assert streamed["ids"] == free["ids"] and streamed["text"] == free["text"]
         peak_rss = stats["peak_rss_bytes"]
-        assert peak_rss <= limit
+        # The kernel kept the cgroup (anonymous memory and page cache it was charged) under the
+        # limit; RSS also counts shared libraries paged in (and charged) outside the cgroup, so it
+        # is compared with the model instead: far below its slices, i.e. really streamed.
+        assert peak_cgroup <= limit
+        assert peak_rss < slices / 2, (format_size(peak_rss), format_size(slices))
         assert stats["bytes_read"] >= MAX_TOKENS * slices * 0.9          # every token streamed every layer
         print(f"\ncgroup v{cg.version} limit {format_size(limit)}, slices {format_size(slices)} "
               f"({slices / limit:.1f}x), peak rss {format_size(peak_rss)}, cgroup peak {format_size(peak_cgroup)} "
