@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.layers import can_prepack, linear, prepack
 from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.slicer import EMBED, LM_HEAD
 
@@ -23,20 +23,24 @@ def _load_rows(reader: CheckpointReader, name: str, cfg: ModelConfig, dtype: tor
 
 
 class ModelHead:
+    """The lm_head stays in memory (every row is read for every token; on the CPU it is prepacked
+    for oneDNN, see model/layers.linear). The embedding is only looked up: when it is a separate
+    matrix, or when the tied one was prepacked, its rows come from the memory-mapped checkpoint."""
+
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         reader = CheckpointReader(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
-        if cfg.tie_embeddings or not reader.has(LM_HEAD):
-            self.lm_head_w = _load_rows(reader, EMBED, cfg, dtype, device)       # [V, H], also the embedding
-            self._reader = None
+        tied = cfg.tie_embeddings or not reader.has(LM_HEAD)
+        self.lm_head_w = _load_rows(reader, EMBED if tied else LM_HEAD, cfg, dtype, device)   # [V, H]
+        self.vocab_size = self.lm_head_w.shape[0]
+        if can_prepack(self.device, dtype):
+            self.lm_head_w = prepack(self.lm_head_w)
+        if tied and not self.lm_head_w.is_mkldnn:
+            self._reader = None     # the embedding is the lm_head itself
             reader.close()          # unmap the checkpoint: its pages would count in this process's RSS
         else:
-            # untied: the lm_head must be in memory (every row, every token), but the embedding
-            # is only looked up - those rows are read from the memory-mapped checkpoint on demand
-            self.lm_head_w = _load_rows(reader, LM_HEAD, cfg, dtype, device)     # [V, H]
             self._reader = reader
-        self.vocab_size = self.lm_head_w.shape[0]
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """[T] token ids -> [T, H]."""
@@ -49,8 +53,8 @@ class ModelHead:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, H] final-normed hidden -> [B, V] float32 logits."""
-        return F.linear(h.to(self.lm_head_w.device, self.lm_head_w.dtype), self.lm_head_w).float()
+        return linear(h.to(self.device, self.dtype), self.lm_head_w).float()
 
     def nbytes(self) -> int:
-        """Bytes held in memory (the memory-mapped embedding of an untied model is not held)."""
+        """Bytes held in memory (the memory-mapped embedding is not held)."""
         return self.lm_head_w.numel() * self.lm_head_w.element_size()

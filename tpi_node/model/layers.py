@@ -11,6 +11,7 @@ nq / nkv = query / KV heads held by this node, F = FFN columns held by this node
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,30 @@ class LayerWeights:
     def nbytes(self) -> int:
         ts = (self.wqkv, self.bqkv, self.wo, self.w13, self.w2)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def prepacked(self) -> "LayerWeights":
+        """The same slice with its matrices in oneDNN's layout (see `linear`)."""
+        return LayerWeights(self.n_q, self.n_kv, prepack(self.wqkv), self.bqkv, prepack(self.wo),
+                            prepack(self.w13), prepack(self.w2))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b. A CPU weight prepacked by `prepack` (oneDNN's blocked layout) runs through
+    oneDNN, 1.7x faster than the MKL path for one-token decode and 2.6x for 8 rows on this
+    project's 2-core test machine (scripts/bench_single.py)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and os.environ.get("TPI_PREPACK", "1") != "0")
+
+
+def prepack(w: torch.Tensor | None) -> torch.Tensor | None:
+    """A [out, in] CPU weight reordered once for oneDNN (a copy; the original can be freed)."""
+    return None if w is None else torch.ops.mkldnn._reorder_linear_weight(w)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,7 +125,7 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     T = h.shape[0]
     if w.n_q == 0:
         return h.new_zeros(T, h.shape[1])
-    qkv = F.linear(h, w.wqkv, w.bqkv)                               # [T, (nq + 2nkv) hd]
+    qkv = linear(h, w.wqkv, w.bqkv)                                 # [T, (nq + 2nkv) hd]
     nq, nkv = w.n_q * head_dim, w.n_kv * head_dim
     q = qkv[:, :nq].view(T, w.n_q, head_dim)
     k = qkv[:, nq:nq + nkv].view(T, w.n_kv, head_dim)
@@ -138,12 +163,12 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
             mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         out[start:start + n] = o[0].transpose(0, 1)
-    return F.linear(out.view(T, nq), w.wo)                          # [T, H]
+    return linear(out.view(T, nq), w.wo)                            # [T, H]
 
 
 def mlp_partial(h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """SwiGLU over this node's FFN columns. h: [T, H] -> partial [T, H]."""
     if w.w13 is None:
         return torch.zeros_like(h)
-    gate, up = F.linear(h, w.w13).chunk(2, dim=-1)                  # [T, F] each
-    return F.linear(F.silu(gate) * up, w.w2)
+    gate, up = linear(h, w.w13).chunk(2, dim=-1)                    # [T, F] each
+    return linear(F.silu(gate) * up, w.w2)

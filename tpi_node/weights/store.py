@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.layers import LayerWeights
+from tpi_node.model.layers import LayerWeights, can_prepack
 from tpi_node.weights.plan import NodeShare
 from tpi_node.weights.slicer import layer_file
 
@@ -186,6 +186,10 @@ class ShardStore:
         g = self.cfg.q_per_kv
         w = LayerWeights(n_q=self.share.n_kv * g, n_kv=self.share.n_kv, wqkv=t.get("wqkv"), bqkv=t.get("bqkv"),
                          wo=t.get("wo"), w13=t.get("w13"), w2=t.get("w2"))
+        has_matrix = w.wqkv is not None or w.w13 is not None
+        if slot is None and self._uploader is None and has_matrix and can_prepack(self.device, _dtype_of(w)):
+            w = w.prepacked()     # resident on the CPU: reordered once for oneDNN (see layers.linear);
+                                  # streamed layers stay in their reused slots as they are
         with self._cv:   # the prefetch thread and the forward pass both update stats
             self.stats.bytes_read += nb
             self.stats.load_s += time.perf_counter() - t0
@@ -284,3 +288,7 @@ class ShardStore:
             self._cv.notify_all()
         if self.streaming and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)   # it finishes the load in flight, then sees _closed
+
+
+def _dtype_of(w: LayerWeights) -> torch.dtype:
+    return next(t.dtype for t in (w.wqkv, w.w13) if t is not None)
