@@ -150,6 +150,8 @@ def start_master(args, nodes: int, grpc_port: int):
                            device=str(info.device), token=_token(args), peer_timeout_s=args.peer_timeout,
                            tls=tls_from_args(args, "master"), auto_admit=getattr(args, "auto_admit", False),
                            collective=getattr(args, "collective", "star"))
+    from tpi_node.gpu.detect import detect_and_log
+    master.gpu_decision = detect_and_log().summary()      # the GPU fast path's decision, with its reason
     port = master.start(f"{args.grpc_host or args.host}:{grpc_port}")
     print(f"[tpi-node] master {cap.node_id}: workers join at {args.grpc_host or args.host}:{port} "
           f"(waiting for {nodes - 1} more node(s))", file=sys.stderr, flush=True)

@@ -122,7 +122,8 @@ def format_table(state: dict) -> str:
             f"{'ready' if state.get('ready', state.get('status') == 'ok') else 'NOT READY'}  "
             f"plan {str(plan.get('digest', '-'))[:16]}  "
             f"{t.get('tokens_per_s', 0) or 0:.1f} tok/s  running {t.get('running', '-')}  waiting {t.get('waiting', '-')}")
-    return "\n".join([head, line(cols)] + [line(r) for r in rows])
+    tail = [state["gpu"]] if state.get("gpu") else []
+    return "\n".join([head, line(cols)] + [line(r) for r in rows] + tail)
 
 
 def cmd_status(args) -> int:

@@ -70,6 +70,7 @@ class ClusterState:
                 seen.add(w.node_id)
         ready = m.ready() and e.ready()
         return {"cluster": self.cluster, "model": e.model_name, "version": __version__, "ready": ready,
+                "gpu": getattr(m, "gpu_decision", None),
                 "status": "ok" if ready else (m.unservable and "not enough nodes") or m.state,
                 "plan": None if plan is None else {
                     "digest": plan.digest[:16], "world_size": plan.world_size, "kv_heads": m.cfg.num_kv_heads,
