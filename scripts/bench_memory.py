@@ -66,7 +66,8 @@ def child_node(a) -> dict:
     dtype = DTYPES[a.dtype]
     store = ShardStore(Path(a.shards), cfg, share, window=a.window)
     runner = NodeRunner(cfg, store, share, LocalCollective(), dtype)
-    head = ModelHead(a.model, cfg, dtype) if a.rank == 0 else None
+    # a node under a memory budget keeps its lm_head unpacked (see ModelHead), as serve does
+    head = ModelHead(a.model, cfg, dtype, prepacked=a.window is None) if a.rank == 0 else None
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, 261, (16,), generator=gen).tolist()
     t0 = time.perf_counter()

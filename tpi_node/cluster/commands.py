@@ -155,7 +155,7 @@ def start_master(args, nodes: int, grpc_port: int):
     port = master.start(f"{args.grpc_host or args.host}:{grpc_port}")
     print(f"[tpi-node] master {cap.node_id}: workers join at {args.grpc_host or args.host}:{port} "
           f"(waiting for {nodes - 1} more node(s))", file=sys.stderr, flush=True)
-    head = ModelHead(model_dir, cfg, DTYPES[dtype], info.device)
+    head = ModelHead(model_dir, cfg, DTYPES[dtype], info.device, prepacked=not getattr(args, "memory_budget", None))
     name = Path(str(args.model)).name
     engine = Engine(cfg, head, Tokenizer.from_dir(model_dir), ClusterDriver(master), name)
     return master, engine, port

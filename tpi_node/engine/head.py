@@ -28,13 +28,15 @@ class ModelHead:
     matrix, or when the tied one was prepacked, its rows come from the memory-mapped checkpoint."""
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", prepacked: bool = True) -> None:
         reader = CheckpointReader(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
         tied = cfg.tie_embeddings or not reader.has(LM_HEAD)
         self.lm_head_w = _load_rows(reader, EMBED if tied else LM_HEAD, cfg, dtype, device)   # [V, H]
         self.vocab_size = self.lm_head_w.shape[0]
-        if can_prepack(self.device, dtype):
+        if prepacked and can_prepack(self.device, dtype):
+            # faster logits; the reorder holds two copies for a moment, so a node that runs
+            # under a memory budget (prepacked=False) keeps the plain matrix
             self.lm_head_w = prepack(self.lm_head_w)
         if tied and not self.lm_head_w.is_mkldnn:
             self._reader = None     # the embedding is the lm_head itself

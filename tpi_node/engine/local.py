@@ -28,6 +28,6 @@ def build_local_engine(model: str | Path, dtype: str = "fp32", window: int | Non
 
         window = window_for_budget(cfg, plan.share_of(0), memory_budget, dtype, is_master=True)
     runner = open_runner(model_dir, cfg, plan, 0, LocalCollective(), dtype, window, device, progress=progress)
-    head = ModelHead(model_dir, cfg, DTYPES[dtype], device)
+    head = ModelHead(model_dir, cfg, DTYPES[dtype], device, prepacked=memory_budget is None and window is None)
     name = Path(model).name if Path(str(model)).exists() else str(model)
     return Engine(cfg, head, Tokenizer.from_dir(model_dir), LocalDriver(runner), name, limits)
