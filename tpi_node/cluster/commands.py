@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,6 +162,22 @@ def start_master(args, nodes: int, grpc_port: int):
     return master, engine, port
 
 
+def _say_when_ready(args, master, engine) -> None:
+    """Once the cluster is ready: where it serves, and a line to try it with."""
+    while not master.ready():
+        if master.stopped:
+            return
+        time.sleep(0.2)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}"
+    key = ' -H "Authorization: Bearer $TPI_API_KEY"' if args.api_key else ""
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
+            '"max_tokens": 30}' % engine.model_name)
+    print(f"[tpi-node] ready: {master.plan.world_size} node(s) serving {engine.model_name} on {url} "
+          f"(dashboard {url}/)\n[tpi-node] try: curl -s {url}/v1/chat/completions -H "
+          f"\"Content-Type: application/json\"{key} -d '{body}'", file=sys.stderr, flush=True)
+
+
 def _serve_http(args, master, engine) -> None:
     import uvicorn
 
@@ -177,6 +194,7 @@ def _serve_http(args, master, engine) -> None:
         from tpi_node.cluster.discovery import WorkerWatch
         watch = WorkerWatch(args.cluster)
     app.include_router(dashboard_router(ClusterState(master, engine, getattr(args, "cluster", "default"), watch)))
+    threading.Thread(target=_say_when_ready, args=(args, master, engine), daemon=True).start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
