@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -56,8 +57,23 @@ def server():
     th.join(5)
 
 
+def _install_chromium() -> None:
+    """As root with apt (a fresh CI machine): install Debian's chromium and its driver, once."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], env=env,
+                       capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def _browser(profile: str):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
+        _install_chromium()
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
