@@ -23,6 +23,8 @@ class KVCache:
         self.slot_of: dict[int, int] = {}
         self.lens: dict[int, int] = {}
         self._free_slots: list[int] = []
+        self._decode_key: tuple | None = None     # the step decode_index was built for
+        self._decode_index = None
 
     @property
     def seqs(self) -> dict[int, int]:
@@ -33,6 +35,7 @@ class KVCache:
 
     def reserve(self, layout: BatchLayout) -> None:
         """Make room for a step: a slot for every new sequence, capacity for the longest one."""
+        self._decode_key = None          # slots may move between steps (a replayed sequence)
         for seq in layout.seq_ids:
             if seq not in self.slot_of:
                 self.slot_of[seq] = self._free_slots.pop() if self._free_slots else len(self.slot_of)
@@ -60,6 +63,17 @@ class KVCache:
             self.k[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.v[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.k[i], self.v[i]
+
+    def decode_index(self, seq_ids, pasts: list[int]):
+        """(slots [B], positions [B], mask [B, 1, 1, L]) of a decode step; the same for every
+        layer of the step, so built once per step rather than once per layer."""
+        key = (tuple(seq_ids), tuple(pasts))
+        if self._decode_key != key:
+            slots = torch.tensor([self.slot_of[s] for s in seq_ids], device=self.device)
+            pos = torch.tensor(pasts, device=self.device)
+            mask = torch.arange(max(pasts) + 1, device=self.device)[None, :] <= pos[:, None]   # [B, L]
+            self._decode_key, self._decode_index = key, (slots, pos, mask[:, None, None, :])
+        return self._decode_index
 
     def commit(self, layout: BatchLayout) -> None:
         """After a step went through every layer: the new tokens are cached."""
@@ -109,10 +123,8 @@ class LayerKV:
         that is True where a slot holds a real token of its sequence.
         """
         K, V = self.cache._layer(self.i)
-        slots = torch.tensor([self.cache.slot_of[s] for s in seq_ids], device=K.device)
-        pos = torch.tensor(pasts, device=K.device)
+        slots, pos, mask = self.cache.decode_index(seq_ids, pasts)
         K[slots, :, pos] = k
         V[slots, :, pos] = v
-        L = max(pasts) + 1
-        mask = torch.arange(L, device=K.device)[None, :] <= pos[:, None]         # [B, L]
-        return K[slots, :, :L], V[slots, :, :L], mask[:, None, None, :]
+        L = mask.shape[-1]
+        return K[slots, :, :L], V[slots, :, :L], mask
