@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PROTO_OUT := tpi_node/proto
 
-.PHONY: run test install install-test proto bench clean gpu-check device-check
+.PHONY: run test lint format install install-test proto bench clean gpu-check device-check
 .DEFAULT_GOAL := run
 
 $(VENV)/bin/python:
@@ -39,9 +39,19 @@ run: install
 	$(VENV)/bin/tpi-node prepare
 	$(VENV)/bin/tpi-node run --nodes 3 --host 127.0.0.1 --port 8000
 
-test: install-test
+test: lint
 	$(VENV)/bin/tpi-node prepare
 	$(PY) -m pytest -q tests
+
+# Style and shape: ruff (lint + format check) and the import-linter contracts in pyproject.toml.
+lint: install-test
+	$(VENV)/bin/ruff check tpi_node tests scripts
+	$(VENV)/bin/ruff format --check tpi_node tests scripts
+	$(VENV)/bin/lint-imports
+
+format: install-test
+	$(VENV)/bin/ruff check --fix tpi_node tests scripts
+	$(VENV)/bin/ruff format tpi_node tests scripts
 
 bench: install-test
 	$(PY) scripts/bench_single.py

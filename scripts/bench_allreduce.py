@@ -1,11 +1,13 @@
-"""Allreduce latency on loopback: the gRPC star (tpi_node.comm.star) next to torch.distributed
-gloo all_reduce, same payloads (hidden 576 x 1, 16, 256 tokens), 2, 3 and 4 real processes.
+"""Allreduce latency on loopback: the gRPC star (tpi_node.comm.star, over the sessions of
+tpi_node.cluster) next to torch.distributed gloo all_reduce, same payloads (hidden 576 x 1, 16, 256
+tokens), 2, 3 and 4 real processes.
 
     python scripts/bench_allreduce.py [--iters 400] [--worlds 2 3 4] [--tokens 1 16 256] [--wire fp32]
 
 Prints one table: median and p90 per allreduce in microseconds, measured on rank 0 (the master),
 and the ratio star / gloo (goal: <= 0.5 at one token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +32,13 @@ def free_port() -> int:
 
 def _time_calls(coll, tokens: int, iters: int, rank: int) -> list[float]:
     import torch
+
     t = torch.randn(tokens, HIDDEN) * (rank + 1)
     warm = max(20, iters // 10)
     out = []
     for i in range(warm + iters):
         if hasattr(coll, "begin_step") and i % 60 == 0:
-            coll.begin_step(i // 60)                # a "step" of 30 layers = 60 allreduces
+            coll.begin_step(i // 60)  # a "step" of 30 layers = 60 allreduces
         t0 = time.perf_counter()
         coll.allreduce(t)
         if i >= warm:
@@ -45,21 +48,24 @@ def _time_calls(coll, tokens: int, iters: int, rank: int) -> list[float]:
 
 def star_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: str, q) -> None:
     import torch
+
     torch.set_num_threads(1)
-    from tpi_node.comm import star
+    from tpi_node.cluster.link import join_star
+    from tpi_node.cluster.star_server import StarServer
+    from tpi_node.comm.star import PeerLost
+
     if rank == 0:
-        hub = star.StarHub(star.SharedLoop(background=False), world, wire)
-        star.serve_hub(hub, f"127.0.0.1:{port}")
-        star.wait_for_peers(hub)
-        q.put(_time_calls(hub, tokens, iters, rank))
-        hub.shared.run(__import__("asyncio").sleep(0.2))   # let the last sums leave
+        server = StarServer(world, f"127.0.0.1:{port}", wire)
+        server.wait_for_peers()
+        q.put(_time_calls(server.hub, tokens, iters, rank))
+        server.shared.run(__import__("asyncio").sleep(0.2))  # let the last sums leave
     else:
         deadline = time.monotonic() + 20
         while True:
             try:
-                spoke = star.join_hub(f"127.0.0.1:{port}", rank, world, wire)
+                spoke = join_star(f"127.0.0.1:{port}", rank, world, wire)
                 break
-            except star.PeerLost:
+            except PeerLost:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -69,8 +75,10 @@ def star_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: s
 
 def gloo_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: str, q) -> None:
     import torch
+
     torch.set_num_threads(1)
     from tpi_node.comm.torch_dist import GlooCollective
+
     coll = GlooCollective(f"tcp://127.0.0.1:{port}", rank, world, wire)
     times = _time_calls(coll, tokens, iters, rank)
     if rank == 0:
@@ -101,16 +109,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16"])
     a = ap.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, python {platform.python_version()}, wire {a.wire}, {a.iters} calls")
-    print(f"{'procs':>5} {'tokens':>6} | {'star med':>9} {'star p90':>9} | {'gloo med':>9} {'gloo p90':>9} | {'ratio':>5}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, python {platform.python_version()}, wire {a.wire}, {a.iters} calls"
+    )
+    print(
+        f"{'procs':>5} {'tokens':>6} | {'star med':>9} {'star p90':>9} | {'gloo med':>9} {'gloo p90':>9} | {'ratio':>5}"
+    )
     for world in a.worlds:
         for tokens in a.tokens:
             iters = a.iters if tokens < 256 else max(50, a.iters // 4)
             s = measure(star_rank, world, tokens, iters, a.wire)
             g = measure(gloo_rank, world, tokens, iters, a.wire)
-            print(f"{world:>5} {tokens:>6} | {pct(s, .5):>9.0f} {pct(s, .9):>9.0f} | {pct(g, .5):>9.0f} "
-                  f"{pct(g, .9):>9.0f} | {pct(s, .5) / pct(g, .5):>5.2f}", flush=True)
+            print(
+                f"{world:>5} {tokens:>6} | {pct(s, 0.5):>9.0f} {pct(s, 0.9):>9.0f} | {pct(g, 0.5):>9.0f} "
+                f"{pct(g, 0.9):>9.0f} | {pct(s, 0.5) / pct(g, 0.5):>5.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 compute = master's own layer math; comm = inside allreduces (wire + waiting for the slowest
 worker); stall = waiting for weights (streaming window). overhead = ms/token - 1-node ms/token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,33 +24,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run_cluster(model_dir: Path, nodes: int, tokens: int, home: Path) -> dict:
-    from tpi_node.cluster.commands import start_master
+    from tpi_node.commands.compose import start_master
     from tpi_node.model.sampling_params import SamplingParams
+    from tpi_node.settings import MasterSettings
 
     os.environ["TPI_HOME"] = str(home / "master")
-    ns = argparse.Namespace(model=str(model_dir), dtype="fp32", device="cpu", host="127.0.0.1", grpc_host=None,
-                            wire="fp32", peer_timeout=5.0, token=None, node_id="master", speed=1.0)
-    master, engine, port = start_master(ns, nodes, 0)
-    workers = [subprocess.Popen([sys.executable, "-m", "tpi_node.cli", "join", "--master", f"127.0.0.1:{port}",
-                                 "--node-id", f"w{i}", "--device", "cpu", "--speed", "1"],
-                                env={**os.environ, "TPI_HOME": str(home / f"w{i}")},
-                                stderr=subprocess.DEVNULL) for i in range(1, nodes)]
+    s = MasterSettings(model=str(model_dir), dtype="fp32", device="cpu", node_id="master", speed=1.0)
+    running = start_master(s, nodes, 0)
+    master, engine, port = running.master, running.engine, running.port
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tpi_node.cli",
+                "join",
+                "--master",
+                f"127.0.0.1:{port}",
+                "--node-id",
+                f"w{i}",
+                "--device",
+                "cpu",
+                "--speed",
+                "1",
+            ],
+            env={**os.environ, "TPI_HOME": str(home / f"w{i}")},
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(1, nodes)
+    ]
     try:
         while not master.ready():
             time.sleep(0.05)
         prompt = list(range(100, 116))
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         list(engine.generate_sync(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
-        r = master.runner
+        r = master.coordinator.deployment.runner
         stamps = []
         for _ in engine.generate_sync(prompt, params):
             stamps.append(time.perf_counter())
-            if len(stamps) == 1:                      # prefill done: measure decode steps only
+            if len(stamps) == 1:  # prefill done: measure decode steps only
                 r.stats.__init__()
         n = len(stamps) - 1
         s = r.stats
-        return {"ms_token": (stamps[-1] - stamps[0]) / n * 1e3, "compute": s.compute_s / n * 1e3,
-                "comm": s.comm_s / n * 1e3, "stall": s.stall_s / n * 1e3, "layers": engine.cfg.num_layers}
+        return {
+            "ms_token": (stamps[-1] - stamps[0]) / n * 1e3,
+            "compute": s.compute_s / n * 1e3,
+            "comm": s.comm_s / n * 1e3,
+            "stall": s.stall_s / n * 1e3,
+            "layers": engine.cfg.num_layers,
+        }
     finally:
         engine.shutdown()
         master.stop()
@@ -64,17 +88,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     a = ap.parse_args()
+    import bench_allreduce
     import torch
 
-    import bench_allreduce
     from tpi_node.weights.prepare import resolve_model
 
     torch.set_num_threads(1)
     model_dir = resolve_model(a.model)
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()}, {os.cpu_count()} cores, {a.model}, fp32, "
-          f"{a.tokens} decode tokens, loopback")
-    print(f"{'nodes':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'overhead':>8} "
-          f"{'2*L*star':>8} {'ratio':>5}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {platform.node()}, {os.cpu_count()} cores, {a.model}, fp32, "
+        f"{a.tokens} decode tokens, loopback"
+    )
+    print(
+        f"{'nodes':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'overhead':>8} "
+        f"{'2*L*star':>8} {'ratio':>5}"
+    )
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in a.nodes:
@@ -87,8 +115,11 @@ def main() -> None:
             star_ms = times[len(times) // 2] * 1e3
             budget = 2 * r["layers"] * star_ms
             over = r["ms_token"] - base if base is not None else float("nan")
-            print(f"{nodes:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} {r['stall']:>6.2f} | "
-                  f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}", flush=True)
+            print(
+                f"{nodes:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} {r['stall']:>6.2f} | "
+                f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ really come from disk (cgroup v1 also charges the page cache to the limit):
 Printed beside: the disk bound = bytes streamed per token / cold read bandwidth (measured in this
 run after dropping the page cache) and the stall (time the forward waited for weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GiB, MiB = 2**30, 2**20
-HF_RUNTIME = 700 * MiB      # python + torch + transformers + accelerate, before weights (measured ~650 MB)
+HF_RUNTIME = 700 * MiB  # python + torch + transformers + accelerate, before weights (measured ~650 MB)
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -46,6 +47,7 @@ def prompt_ids(n: int) -> list[int]:
 
 # ---- children -------------------------------------------------------------------------------
 
+
 def child_tpi(a) -> dict:
     import torch
     import torch.distributed as dist
@@ -53,8 +55,8 @@ def child_tpi(a) -> dict:
     from tpi_node.comm.collective import LocalCollective
     from tpi_node.comm.torch_dist import GlooCollective
     from tpi_node.engine.batch import BatchLayout
-    from tpi_node.engine.forward import NodeRunner
     from tpi_node.engine.head import ModelHead
+    from tpi_node.engine.runner import NodeRunner
     from tpi_node.model.config import ModelConfig
     from tpi_node.weights.plan import PartitionPlan
     from tpi_node.weights.store import ShardStore, peak_rss_bytes
@@ -80,9 +82,19 @@ def child_tpi(a) -> dict:
         new = [out[-1] if head else 0]
         times.append(time.perf_counter() - t0)
     st = store.stats
-    res = {"ids": out, "ttft_s": times[0], "s_per_token": (times[-1] - times[0]) / (len(times) - 1),
-           "bytes_read": st.bytes_read, "stall_s": st.stall_s, "load_s": st.load_s, "wall_s": times[-1],
-           "steps": len(times), "peak_rss": peak_rss_bytes(), "window": store.window, "comm_s": coll.stats.seconds}
+    res = {
+        "ids": out,
+        "ttft_s": times[0],
+        "s_per_token": (times[-1] - times[0]) / (len(times) - 1),
+        "bytes_read": st.bytes_read,
+        "stall_s": st.stall_s,
+        "load_s": st.load_s,
+        "wall_s": times[-1],
+        "steps": len(times),
+        "peak_rss": peak_rss_bytes(),
+        "window": store.window,
+        "comm_s": coll.stats.seconds,
+    }
     runner.close()
     return res
 
@@ -113,12 +125,18 @@ def child_hf(a) -> dict:
             out.append(int(r.logits[0, -1].argmax()))
             inp = torch.tensor([[out[-1]]])
             times.append(time.perf_counter() - t0)
-    return {"ids": out, "ttft_s": times[0], "s_per_token": (times[-1] - times[0]) / (len(times) - 1),
-            "load_s": load_s, "placement": placement,
-            "peak_rss": peak_rss_bytes()}
+    return {
+        "ids": out,
+        "ttft_s": times[0],
+        "s_per_token": (times[-1] - times[0]) / (len(times) - 1),
+        "load_s": load_s,
+        "placement": placement,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 # ---- parent ---------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -141,8 +159,9 @@ def cold_read_bandwidth(files: list[Path]) -> float:
 
 def spawn(cg, args: list[str], log: Path):
     argv = [sys.executable, __file__, *args]
-    return subprocess.Popen(cg.command(argv) if cg else argv, stdout=subprocess.PIPE, stderr=open(log, "w"),
-                            text=True, cwd=ROOT)
+    return subprocess.Popen(
+        cg.command(argv) if cg else argv, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=ROOT
+    )
 
 
 def finish(procs, what: str, logs: list[Path], timeout: float) -> list[dict]:
@@ -175,13 +194,14 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     a = p.parse_args()
 
+    from scripts.bench_memory import machine
     from tests.cgroup_util import MemoryCgroup, drop_page_cache
+    from tpi_node.engine.budget import estimate
     from tpi_node.model.config import ModelConfig
-    from tpi_node.weights.budget import estimate, format_size
+    from tpi_node.units import format_size
     from tpi_node.weights.plan import NodeCapacity, make_plan
     from tpi_node.weights.slicer import layer_file, write_node_shards
     from tpi_node.weights.synth import synthesize
-    from scripts.bench_memory import machine
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -191,10 +211,9 @@ def main() -> None:
     cfg = ModelConfig.from_dir(model)
     ctx = a.prompt + a.new_tokens
     one = make_plan(cfg, [NodeCapacity("n0", 0)])
-    budget = estimate(cfg, one.share_of(0), 4, kv_tokens=ctx, step_tokens=a.prompt, is_master=True).total(2)
-    print(f"budget for everyone: {format_size(budget)} (1 node, W=2: "
-          f"{estimate(cfg, one.share_of(0), 4, kv_tokens=ctx, step_tokens=a.prompt, is_master=True).describe(2)})",
-          flush=True)
+    est = estimate(cfg, one.share_of(0), "fp32", kv_tokens=ctx, step_tokens=a.prompt, is_master=True)
+    budget = est.total(2)
+    print(f"budget for everyone: {format_size(budget)} (1 node, W=2: {est.describe(2)})", flush=True)
     rows, ref_ids = [], None
 
     for n in [int(x) for x in a.nodes.split(",")]:
@@ -212,10 +231,36 @@ def main() -> None:
         cgs = [MemoryCgroup(budget, f"tpi-bench-n{r}") for r in range(n)]
         logs = [work / f"tpi-{n}-{r}.log" for r in range(n)]
         try:
-            procs = [spawn(cgs[r], ["--child-tpi", "--model", str(model), "--plan", str(plan_file), "--rank", str(r),
-                                    "--world", str(n), "--init", init, "--shards", str(shards[r]), "--window", "2",
-                                    "--threads", str(threads), "--prompt", str(a.prompt),
-                                    "--new-tokens", str(a.new_tokens)], logs[r]) for r in range(n)]
+            procs = [
+                spawn(
+                    cgs[r],
+                    [
+                        "--child-tpi",
+                        "--model",
+                        str(model),
+                        "--plan",
+                        str(plan_file),
+                        "--rank",
+                        str(r),
+                        "--world",
+                        str(n),
+                        "--init",
+                        init,
+                        "--shards",
+                        str(shards[r]),
+                        "--window",
+                        "2",
+                        "--threads",
+                        str(threads),
+                        "--prompt",
+                        str(a.prompt),
+                        "--new-tokens",
+                        str(a.new_tokens),
+                    ],
+                    logs[r],
+                )
+                for r in range(n)
+            ]
             res = finish(procs, f"tpi-node {n} nodes", logs, a.timeout)
         finally:
             for cg in cgs:
@@ -223,9 +268,14 @@ def main() -> None:
         r0 = res[0]
         if "error" not in r0:
             ref_ids = ref_ids or r0["ids"]
-            r0.update(disk_bound_s=per_token / bw, read_gbs=bw / 1e9, streamed_gb=per_token / 1e9,
-                      stall_per_token=max(x["stall_s"] for x in res) / r0["steps"],
-                      peak_rss=max(x["peak_rss"] for x in res), same_ids=r0["ids"] == ref_ids)
+            r0.update(
+                disk_bound_s=per_token / bw,
+                read_gbs=bw / 1e9,
+                streamed_gb=per_token / 1e9,
+                stall_per_token=max(x["stall_s"] for x in res) / r0["steps"],
+                peak_rss=max(x["peak_rss"] for x in res),
+                same_ids=r0["ids"] == ref_ids,
+            )
         rows.append((f"tpi-node, {n} node{'s' if n > 1 else ''}, W=2", r0))
         print(rows[-1], flush=True)
         if not a.keep:
@@ -237,9 +287,25 @@ def main() -> None:
         drop_page_cache()
         with MemoryCgroup(budget, "tpi-bench-acc") as cg:
             log = work / "accelerate.log"
-            proc = spawn(cg, ["--child-hf", "--model", str(model), "--max-memory", str(max(budget - HF_RUNTIME, 64 * MiB)),
-                              "--offload", str(offload), "--threads", "2", "--prompt", str(a.prompt),
-                              "--new-tokens", str(a.new_tokens)], log)
+            proc = spawn(
+                cg,
+                [
+                    "--child-hf",
+                    "--model",
+                    str(model),
+                    "--max-memory",
+                    str(max(budget - HF_RUNTIME, 64 * MiB)),
+                    "--offload",
+                    str(offload),
+                    "--threads",
+                    "2",
+                    "--prompt",
+                    str(a.prompt),
+                    "--new-tokens",
+                    str(a.new_tokens),
+                ],
+                log,
+            )
             r = finish([proc], "accelerate", [log], a.timeout)[0]
         shutil.rmtree(offload, ignore_errors=True)
         if "error" not in r:
@@ -248,8 +314,21 @@ def main() -> None:
         print(rows[-1], flush=True)
     if "plain" not in a.skip:
         log = work / "plain.log"
-        proc = spawn(None, ["--child-hf", "--model", str(model), "--threads", "2", "--prompt", str(a.prompt),
-                            "--new-tokens", str(a.new_tokens)], log)
+        proc = spawn(
+            None,
+            [
+                "--child-hf",
+                "--model",
+                str(model),
+                "--threads",
+                "2",
+                "--prompt",
+                str(a.prompt),
+                "--new-tokens",
+                str(a.new_tokens),
+            ],
+            log,
+        )
         r = finish([proc], "transformers", [log], a.timeout)[0]
         if "error" not in r:
             r["same_ids"] = r["ids"] == ref_ids
@@ -259,25 +338,36 @@ def main() -> None:
         shutil.rmtree(model)
 
     print()
-    print(f"Latency, synthetic {a.preset} shape ({cfg.num_layers} layers, fp32, "
-          f"{(cfg.num_layers * one.share_of(0).layer_params(cfg) * 4) / GiB:.1f} GiB of layers), "
-          f"{a.prompt}-token prompt, {a.new_tokens} tokens greedy; memory budget {format_size(budget)} per process "
-          f"(a real cgroup each; page cache dropped before each run)")
-    print(f"command: python scripts/bench_latency.py --preset {a.preset} --layers {a.layers} --nodes {a.nodes} "
-          f"--new-tokens {a.new_tokens}")
+    print(
+        f"Latency, synthetic {a.preset} shape ({cfg.num_layers} layers, fp32, "
+        f"{(cfg.num_layers * one.share_of(0).layer_params(cfg) * 4) / GiB:.1f} GiB of layers), "
+        f"{a.prompt}-token prompt, {a.new_tokens} tokens greedy; memory budget {format_size(budget)} per process "
+        f"(a real cgroup each; page cache dropped before each run)"
+    )
+    print(
+        f"command: python scripts/bench_latency.py --preset {a.preset} --layers {a.layers} --nodes {a.nodes} "
+        f"--new-tokens {a.new_tokens}"
+    )
     print(f"machine: {machine()}; date: {datetime.date.today()}")
     print()
-    print("| contender | TTFT | s/token | disk bound (bytes/token / cold read) | stall/token | peak RSS | same tokens |")
+    print(
+        "| contender | TTFT | s/token | disk bound (bytes/token / cold read) | stall/token | peak RSS | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:150]} | | | | | |")
             continue
-        bound = (f"{r['disk_bound_s']:.2f} s ({r['streamed_gb']:.2f} GB / {r['read_gbs']:.2f} GB/s)"
-                 if "disk_bound_s" in r else "")
+        bound = (
+            f"{r['disk_bound_s']:.2f} s ({r['streamed_gb']:.2f} GB / {r['read_gbs']:.2f} GB/s)"
+            if "disk_bound_s" in r
+            else ""
+        )
         stall = f"{r['stall_per_token']:.2f} s" if "stall_per_token" in r else ""
-        print(f"| {name} | {r['ttft_s']:.2f} s | {r['s_per_token']:.2f} s | {bound} | {stall} | "
-              f"{r['peak_rss'] / GiB:.2f} GiB | {'yes' if r.get('same_ids') else 'no'} |")
+        print(
+            f"| {name} | {r['ttft_s']:.2f} s | {r['s_per_token']:.2f} s | {bound} | {stall} | "
+            f"{r['peak_rss'] / GiB:.2f} GiB | {'yes' if r.get('same_ids') else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ activations - is the same as in a cluster, and the real star allreduce's buffers
 Peak RSS is the process's ru_maxrss. The baseline: a process that imports torch, grpc and
 tpi_node's engine, and idles. Big files are deleted as it goes (--keep to keep them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TPI_LLM_8_NODES_GB = 3.1       # TPI-LLM, Table 2: Llama-2-70B, 8 devices, peak memory per device
+TPI_LLM_8_NODES_GB = 3.1  # TPI-LLM, Table 2: Llama-2-70B, 8 devices, peak memory per device
 GiB = 2**30
 
 
 def peak_rss() -> int:
-    from tpi_node.weights.store import peak_rss_bytes   # VmHWM: not inherited from this parent
+    from tpi_node.weights.store import peak_rss_bytes  # VmHWM: not inherited from this parent
 
     return peak_rss_bytes()
 
@@ -41,8 +42,9 @@ def child_baseline() -> dict:
     import grpc  # noqa: F401
     import torch  # noqa: F401
 
-    import tpi_node.engine.forward  # noqa: F401
     import tpi_node.engine.head  # noqa: F401
+    import tpi_node.engine.runner  # noqa: F401
+
     time.sleep(0.5)
     return {"peak_rss": peak_rss()}
 
@@ -52,18 +54,18 @@ def child_node(a) -> dict:
     import torch
 
     from tpi_node.comm.collective import LocalCollective
+    from tpi_node.dtypes import torch_dtype
     from tpi_node.engine.batch import BatchLayout
-    from tpi_node.engine.forward import NodeRunner
     from tpi_node.engine.head import ModelHead
+    from tpi_node.engine.runner import NodeRunner
     from tpi_node.model.config import ModelConfig
     from tpi_node.weights.plan import PartitionPlan
-    from tpi_node.weights.slicer import DTYPES
     from tpi_node.weights.store import ShardStore
 
     torch.set_num_threads(2)
     cfg = ModelConfig.from_dir(a.model)
     share = PartitionPlan.from_json(Path(a.plan).read_text()).share_of(a.rank)
-    dtype = DTYPES[a.dtype]
+    dtype = torch_dtype(a.dtype)
     store = ShardStore(Path(a.shards), cfg, share, window=a.window)
     runner = NodeRunner(cfg, store, share, LocalCollective(), dtype)
     # a node under a memory budget keeps its lm_head unpacked (see ModelHead), as serve does
@@ -84,8 +86,15 @@ def child_node(a) -> dict:
         past += 1
     wall = time.perf_counter() - t0
     st = store.stats
-    return {"peak_rss": peak_rss(), "wall_s": wall, "bytes_read": st.bytes_read, "stall_s": st.stall_s,
-            "load_s": st.load_s, "slot_bytes": store.slot_bytes, "head_bytes": head.nbytes() if head else 0}
+    return {
+        "peak_rss": peak_rss(),
+        "wall_s": wall,
+        "bytes_read": st.bytes_read,
+        "stall_s": st.stall_s,
+        "load_s": st.load_s,
+        "slot_bytes": store.slot_bytes,
+        "head_bytes": head.nbytes() if head else 0,
+    }
 
 
 def run_child(args: list[str]) -> dict:
@@ -96,8 +105,14 @@ def run_child(args: list[str]) -> dict:
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}"
 
@@ -174,17 +189,40 @@ def main() -> None:
                 t_slice = time.perf_counter() - t0
                 res = {}
                 for mode, window in (("w2", "2"), ("resident", "0")):
-                    res[mode] = run_child(["--child-node", "--model", str(model), "--plan", str(plan_file),
-                                           "--rank", str(rank), "--shards", str(shards), "--dtype", dtype,
-                                           "--window", window])
+                    res[mode] = run_child(
+                        [
+                            "--child-node",
+                            "--model",
+                            str(model),
+                            "--plan",
+                            str(plan_file),
+                            "--rank",
+                            str(rank),
+                            "--shards",
+                            str(shards),
+                            "--dtype",
+                            dtype,
+                            "--window",
+                            window,
+                        ]
+                    )
                 slot = res["w2"]["slot_bytes"]
                 goal = 2.5 * slot + base
-                row = {"dtype": dtype, "nodes": n, "rank": rank, "role": "master" if rank == 0 else "worker",
-                       "slice_mib": slot / 2**20, "head_mib": res["w2"]["head_bytes"] / 2**20,
-                       "w2_mib": res["w2"]["peak_rss"] / 2**20, "resident_mib": res["resident"]["peak_rss"] / 2**20,
-                       "resident_all80_gib": (res["resident"]["peak_rss"] + (80 - a.layers) * slot) / GiB,
-                       "goal_mib": goal / 2**20, "stall_s": res["w2"]["stall_s"], "wall_s": res["w2"]["wall_s"],
-                       "slice_s": t_slice}
+                row = {
+                    "dtype": dtype,
+                    "nodes": n,
+                    "rank": rank,
+                    "role": "master" if rank == 0 else "worker",
+                    "slice_mib": slot / 2**20,
+                    "head_mib": res["w2"]["head_bytes"] / 2**20,
+                    "w2_mib": res["w2"]["peak_rss"] / 2**20,
+                    "resident_mib": res["resident"]["peak_rss"] / 2**20,
+                    "resident_all80_gib": (res["resident"]["peak_rss"] + (80 - a.layers) * slot) / GiB,
+                    "goal_mib": goal / 2**20,
+                    "stall_s": res["w2"]["stall_s"],
+                    "wall_s": res["w2"]["wall_s"],
+                    "slice_s": t_slice,
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if not a.keep:
@@ -197,21 +235,27 @@ def main() -> None:
         plot({"baseline_mib": base / 2**20, "rows": rows}, Path(a.plot))
 
     print()
-    print(f"Peak RSS per node, synthetic Llama-2-70B shape ({a.layers} of 80 layers generated; "
-          f"resident at 80 layers = measured + {80 - a.layers} x slice)")
+    print(
+        f"Peak RSS per node, synthetic Llama-2-70B shape ({a.layers} of 80 layers generated; "
+        f"resident at 80 layers = measured + {80 - a.layers} x slice)"
+    )
     print(f"command: python scripts/bench_memory.py --layers {a.layers} --nodes {a.nodes} --dtypes {a.dtypes}")
     print(f"machine: {machine()}; date: {datetime.date.today()}; baseline {base / 2**20:.0f} MiB")
     print()
-    print("| dtype | nodes | node | layer slice | W=2 peak | goal 2.5 x slice + baseline | resident peak "
-          f"({a.layers} layers) | resident, all 80 layers | TPI-LLM (8 nodes) |")
+    print(
+        "| dtype | nodes | node | layer slice | W=2 peak | goal 2.5 x slice + baseline | resident peak "
+        f"({a.layers} layers) | resident, all 80 layers | TPI-LLM (8 nodes) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tpi = f"{TPI_LLM_8_NODES_GB:.1f} GB" if r["nodes"] == 8 else ""
         extra = f" (+ head {r['head_mib']:.0f} MiB)" if r["role"] == "master" else ""
         ok = "yes" if r["w2_mib"] - r["head_mib"] <= r["goal_mib"] else "no"
-        print(f"| {r['dtype']} | {r['nodes']} | {r['role']}{extra} | {r['slice_mib']:.0f} MiB | "
-              f"{r['w2_mib'] / 1024:.2f} GiB | {r['goal_mib'] / 1024:.2f} GiB ({ok}) | "
-              f"{r['resident_mib'] / 1024:.2f} GiB | {r['resident_all80_gib']:.1f} GiB | {tpi} |")
+        print(
+            f"| {r['dtype']} | {r['nodes']} | {r['role']}{extra} | {r['slice_mib']:.0f} MiB | "
+            f"{r['w2_mib'] / 1024:.2f} GiB | {r['goal_mib'] / 1024:.2f} GiB ({ok}) | "
+            f"{r['resident_mib'] / 1024:.2f} GiB | {r['resident_all80_gib']:.1f} GiB | {tpi} |"
+        )
 
 
 if __name__ == "__main__":

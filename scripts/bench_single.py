@@ -7,6 +7,7 @@ the copy bandwidth measured here).
 
     .venv/bin/python scripts/bench_single.py [--threads 2] [--tokens 128] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,12 @@ def measure_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 
 
 def bench_tpi(model_dir, ids, n_tokens):
-    from tpi_node.engine.local import build_local_engine
+    from tpi_node.commands.compose import build_local_engine
     from tpi_node.model.sampling_params import SamplingParams
 
     engine = build_local_engine(model_dir, progress=False)
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
-    list(engine.generate_sync(ids, SamplingParams(max_tokens=4, temperature=0)))     # warm up
+    list(engine.generate_sync(ids, SamplingParams(max_tokens=4, temperature=0)))  # warm up
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for _ in engine.generate_sync(ids, params)]
     engine.shutdown()
@@ -59,10 +60,10 @@ def bench_hf(model_dir, ids, n_tokens):
             pass
 
     with torch.no_grad():
-        model.generate(x, max_new_tokens=4, do_sample=False)                        # warm up
+        model.generate(x, max_new_tokens=4, do_sample=False)  # warm up
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, streamer=Clock())
-    stamps = stamps[1:]          # the streamer's first put is the prompt itself
+    stamps = stamps[1:]  # the streamer's first put is the prompt itself
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
 
     rows = {"tpi-node": [], "transformers": []}
-    for _ in range(args.repeats):   # interleaved, so drift of a noisy machine hits both alike
+    for _ in range(args.repeats):  # interleaved, so drift of a noisy machine hits both alike
         rows["tpi-node"].append(bench_tpi(model_dir, ids, args.tokens))
         rows["transformers"].append(bench_hf(model_dir, ids, args.tokens))
 
@@ -94,9 +95,12 @@ def main() -> None:
     weight_bytes = 4 * (cfg.num_layers * cfg.layer_param_count() + cfg.vocab_size * cfg.hidden_size)
     bound = bw / weight_bytes
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    print(f"\nmodel {args.model} fp32, prompt {len(ids)} tokens, {args.tokens} decoded tokens, "
-          f"{args.threads} threads, median of {args.repeats}; CPU: {cpu}; torch {torch.__version__}")
+    names = (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    cpu = next(names, platform.processor())
+    print(
+        f"\nmodel {args.model} fp32, prompt {len(ids)} tokens, {args.tokens} decoded tokens, "
+        f"{args.threads} threads, median of {args.repeats}; CPU: {cpu}; torch {torch.__version__}"
+    )
     print(f"{'engine':<14}{'TTFT (ms)':>12}{'decode tok/s':>15}{'of bound':>10}")
     med = {}
     for name, r in rows.items():
@@ -104,7 +108,10 @@ def main() -> None:
         tps = statistics.median(x[1] for x in r)
         med[name] = tps
         print(f"{name:<14}{ttft:>12.1f}{tps:>15.1f}{tps / bound:>10.0%}")
-    print(f"{'bandwidth bound':<14}{'':>12}{bound:>15.1f}   ({weight_bytes / 2**20:.0f} MiB per token at {bw / 1e9:.1f} GB/s copy)")
+    print(
+        f"{'bandwidth bound':<14}{'':>12}{bound:>15.1f}   "
+        f"({weight_bytes / 2**20:.0f} MiB per token at {bw / 1e9:.1f} GB/s copy)"
+    )
     print(f"decode speed-up tpi-node / transformers: {med['tpi-node'] / med['transformers']:.2f}x")
 
 

@@ -15,6 +15,7 @@ allreduce takes 2(N-1) steps, each one link latency L. Predicted = measured at 0
 latency: allreduce + steps * L; per token + 2 * layers * steps * L. The 0 ms row keeps the delay
 relay in the path (at zero delay), so its small cost is in the baseline and not in the difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,26 +42,31 @@ AR_PORT, HTTP_PORT, GRPC_PORT = 29511, 8000, 50051
 def rank_main(a) -> None:
     """One rank of the allreduce benchmark (runs inside a node); rank 0 prints its timings."""
     import torch
+
     torch.set_num_threads(1)
-    x = torch.randn(1, HIDDEN) * (a.rank + 1)            # [tokens=1, hidden] partial sums
+    x = torch.randn(1, HIDDEN) * (a.rank + 1)  # [tokens=1, hidden] partial sums
     if a.coll == "star":
-        from tpi_node.comm import star
+        from tpi_node.cluster.link import join_star
+        from tpi_node.cluster.star_server import StarServer
+        from tpi_node.comm.star import PeerLost
+
         if a.rank == 0:
-            coll = star.StarHub(star.SharedLoop(background=False), a.world, "fp32")
-            star.serve_hub(coll, f"0.0.0.0:{a.port}")
-            star.wait_for_peers(coll, timeout_s=60)
+            server = StarServer(a.world, f"0.0.0.0:{a.port}", "fp32")
+            server.wait_for_peers(timeout_s=60)
+            coll = server.hub
         else:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    coll = star.join_hub(f"{a.addr}:{a.port}", a.rank, a.world, "fp32")
+                    coll = join_star(f"{a.addr}:{a.port}", a.rank, a.world, "fp32")
                     break
-                except star.PeerLost:
+                except PeerLost:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
     else:
         from tpi_node.comm.torch_dist import GlooCollective
+
         coll = GlooCollective(f"tcp://{a.addr}:{a.port}", a.rank, a.world, "fp32", timeout_s=60)
     times = []
     warm = 10
@@ -75,7 +81,7 @@ def rank_main(a) -> None:
         print(json.dumps({"times": times}), flush=True)
     if a.coll == "star":
         if a.rank == 0:
-            coll.shared.run(__import__("asyncio").sleep(0.3))   # let the last sums leave
+            coll.shared.run(__import__("asyncio").sleep(0.3))  # let the last sums leave
         else:
             coll.link.close()
     else:
@@ -88,10 +94,17 @@ def client_main(a) -> None:
         model = json.loads(r.read())["data"][0]["id"]
     results = []
     for _ in range(a.repeat):
-        body = json.dumps({"model": model, "prompt": a.prompt, "max_tokens": a.tokens, "temperature": 0,
-                           "stream": True, "ignore_eos": True}).encode()
-        req = urllib.request.Request(a.url + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": model,
+                "prompt": a.prompt,
+                "max_tokens": a.tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
+        ).encode()
+        req = urllib.request.Request(a.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         stamps = []
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -103,8 +116,9 @@ def client_main(a) -> None:
                         stamps.append(time.perf_counter())
         if len(stamps) < 2:
             raise SystemExit(f"only {len(stamps)} tokens streamed")
-        results.append({"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
-                        "tokens": len(stamps)})
+        results.append(
+            {"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "tokens": len(stamps)}
+        )
     # The best of the repeats: the testbed shares its cores with everything else on the host.
     print(json.dumps({k: min(r[k] for r in results) for k in ("ttft", "tpot", "tokens")}), flush=True)
 
@@ -128,12 +142,33 @@ def bench_allreduce(tb, n: int, coll: str, latency: float, iters: int) -> float:
     master_ip = tb.resolve("n0").ip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(REPO)}
     procs = []
-    log = tempfile.TemporaryFile(mode="w+")         # ranks' warnings (c10d retries), shown on failure
+    log = tempfile.TemporaryFile(mode="w+")  # ranks' warnings (c10d retries), shown on failure
     for r in range(n):
-        argv = [sys.executable, __file__, "--_rank", coll, "--rank", str(r), "--world", str(n),
-                "--addr", master_ip, "--port", str(AR_PORT), "--iters", str(iters)]
-        procs.append(subprocess.Popen(tb.command(f"n{r}", argv), env=env, text=True, stderr=log,
-                                      stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL))
+        argv = [
+            sys.executable,
+            __file__,
+            "--_rank",
+            coll,
+            "--rank",
+            str(r),
+            "--world",
+            str(n),
+            "--addr",
+            master_ip,
+            "--port",
+            str(AR_PORT),
+            "--iters",
+            str(iters),
+        ]
+        procs.append(
+            subprocess.Popen(
+                tb.command(f"n{r}", argv),
+                env=env,
+                text=True,
+                stderr=log,
+                stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+            )
+        )
     try:
         out, _ = procs[0].communicate(timeout=300)
         for p in procs[1:]:
@@ -150,6 +185,7 @@ def bench_allreduce(tb, n: int, coll: str, latency: float, iters: int) -> float:
 
 def cluster_supports_gloo() -> bool:
     from tpi_node.testbed.cluster import tpi_node_argv
+
     out = subprocess.run([*tpi_node_argv(), "serve", "--help"], capture_output=True, text=True).stdout
     return "--collective" in out
 
@@ -157,23 +193,48 @@ def cluster_supports_gloo() -> bool:
 def bench_e2e(tb, n: int, coll: str, latencies: list[float], a, home: Path) -> dict[float, dict]:
     """TTFT and time per token through the API, one cluster, the latencies changed live."""
     from tpi_node.testbed.cluster import TestbedCluster
-    extra = ("--speed", "1")                          # even split: the plan follows capacity only
+
+    extra = ("--speed", "1")  # even split: the plan follows capacity only
     serve_args = extra + (("--collective", coll) if coll != "star" else ())
     tb.set_link(latency_ms=0)
     out = {}
-    with TestbedCluster(tb, a.model_dir, nodes=n, home_root=home / f"{coll}-{n}", serve_args=serve_args,
-                        join_args=extra, env={"GLOO_SOCKET_IFNAME": "eth0"}) as c:
+    with TestbedCluster(
+        tb,
+        a.model_dir,
+        nodes=n,
+        home_root=home / f"{coll}-{n}",
+        serve_args=serve_args,
+        join_args=extra,
+        env={"GLOO_SOCKET_IFNAME": "eth0"},
+    ) as c:
         for lat in latencies:
             tb.set_link(latency_ms=lat)
-            argv = [sys.executable, __file__, "--_client", f"http://127.0.0.1:{HTTP_PORT}",
-                    "--tokens", str(a.tokens), "--repeat", str(a.repeat)]
-            r = subprocess.run(tb.command("n0", argv), capture_output=True, text=True, timeout=900,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+            argv = [
+                sys.executable,
+                __file__,
+                "--_client",
+                f"http://127.0.0.1:{HTTP_PORT}",
+                "--tokens",
+                str(a.tokens),
+                "--repeat",
+                str(a.repeat),
+            ]
+            r = subprocess.run(
+                tb.command("n0", argv),
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"client failed: {r.stderr[-500:]}\n{c.log('n0')}")
             out[lat] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"#   e2e {coll} N={n} L={lat:g} ms: ttft {out[lat]['ttft'] * 1e3:.0f} ms, "
-                  f"{out[lat]['tpot'] * 1e3:.1f} ms/token", file=sys.stderr, flush=True)
+            print(
+                f"#   e2e {coll} N={n} L={lat:g} ms: ttft {out[lat]['ttft'] * 1e3:.0f} ms, "
+                f"{out[lat]['tpot'] * 1e3:.1f} ms/token",
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
@@ -190,10 +251,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Linux {platform.release()}"
 
 
-def plots(res_e2e: dict, res_ar: dict, nodes: list[int], lats: list[float], colls: list[str], layers: int,
-          outdir: Path) -> list[Path]:
+def plots(
+    res_e2e: dict, res_ar: dict, nodes: list[int], lats: list[float], colls: list[str], layers: int, outdir: Path
+) -> list[Path]:
     """Two figures, each with the end-to-end token latency (left) and one allreduce (right)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -208,16 +271,36 @@ def plots(res_e2e: dict, res_ar: dict, nodes: list[int], lats: list[float], coll
         for lat, style in zip(lats, styles):
             xs = [n for n in nodes if (coll, n) in res_e2e]
             if len(xs) > 1:
-                ax1.plot(xs, [res_e2e[(coll, n)][lat]["tpot"] * 1e3 for n in xs], style, marker="o",
-                         color=colors[coll], label=f"{label[coll]}, {lat:g} ms")
+                ax1.plot(
+                    xs,
+                    [res_e2e[(coll, n)][lat]["tpot"] * 1e3 for n in xs],
+                    style,
+                    marker="o",
+                    color=colors[coll],
+                    label=f"{label[coll]}, {lat:g} ms",
+                )
             xs = [n for n in nodes if (coll, n, lat) in res_ar]
             if xs:
-                ax2.plot(xs, [res_ar[(coll, n, lat)] * 1e3 for n in xs], style, marker="o",
-                         color=colors[coll], label=f"{label[coll]}, {lat:g} ms")
-    ax1.set(xlabel="nodes", ylabel="ms per output token", xticks=nodes,
-            title=f"SmolLM2-135M through the API ({layers} layers)")
-    ax2.set(xlabel="nodes", ylabel="ms per allreduce", xticks=[n for n in nodes if n > 1],
-            title="one allreduce (1 token, 576 fp32)")
+                ax2.plot(
+                    xs,
+                    [res_ar[(coll, n, lat)] * 1e3 for n in xs],
+                    style,
+                    marker="o",
+                    color=colors[coll],
+                    label=f"{label[coll]}, {lat:g} ms",
+                )
+    ax1.set(
+        xlabel="nodes",
+        ylabel="ms per output token",
+        xticks=nodes,
+        title=f"SmolLM2-135M through the API ({layers} layers)",
+    )
+    ax2.set(
+        xlabel="nodes",
+        ylabel="ms per allreduce",
+        xticks=[n for n in nodes if n > 1],
+        title="one allreduce (1 token, 576 fp32)",
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -232,18 +315,35 @@ def plots(res_e2e: dict, res_ar: dict, nodes: list[int], lats: list[float], coll
     for coll in colls:
         if (coll, n) in res_e2e:
             r = res_e2e[(coll, n)]
-            ax1.plot(lats, [r[lat]["tpot"] * 1e3 for lat in lats], "-o", color=colors[coll],
-                     label=f"{label[coll]} measured")
-            ax1.plot(lats, [(r[lats[0]]["tpot"] + 2 * layers * steps(coll, n) * (lat - lats[0]) / 1e3) * 1e3
-                            for lat in lats], "--", color=colors[coll], alpha=0.6, label=f"{label[coll]} cost model")
+            ax1.plot(
+                lats, [r[lat]["tpot"] * 1e3 for lat in lats], "-o", color=colors[coll], label=f"{label[coll]} measured"
+            )
+            ax1.plot(
+                lats,
+                [(r[lats[0]]["tpot"] + 2 * layers * steps(coll, n) * (lat - lats[0]) / 1e3) * 1e3 for lat in lats],
+                "--",
+                color=colors[coll],
+                alpha=0.6,
+                label=f"{label[coll]} cost model",
+            )
         if all((coll, n, lat) in res_ar for lat in lats):
             base = res_ar[(coll, n, lats[0])]
-            ax2.plot(lats, [res_ar[(coll, n, lat)] * 1e3 for lat in lats], "-o", color=colors[coll],
-                     label=f"{label[coll]} measured")
-            ax2.plot(lats, [(base + steps(coll, n) * (lat - lats[0]) / 1e3) * 1e3 for lat in lats], "--",
-                     color=colors[coll], alpha=0.6, label=f"{label[coll]} cost model ({steps(coll, n)} x L)")
-    ax1.set(xlabel="link latency L (ms, one way)", ylabel="ms per output token",
-            title=f"token latency, {n} nodes")
+            ax2.plot(
+                lats,
+                [res_ar[(coll, n, lat)] * 1e3 for lat in lats],
+                "-o",
+                color=colors[coll],
+                label=f"{label[coll]} measured",
+            )
+            ax2.plot(
+                lats,
+                [(base + steps(coll, n) * (lat - lats[0]) / 1e3) * 1e3 for lat in lats],
+                "--",
+                color=colors[coll],
+                alpha=0.6,
+                label=f"{label[coll]} cost model ({steps(coll, n)} x L)",
+            )
+    ax1.set(xlabel="link latency L (ms, one way)", ylabel="ms per output token", title=f"token latency, {n} nodes")
     ax2.set(xlabel="link latency L (ms, one way)", ylabel="ms per allreduce", title=f"one allreduce, {n} nodes")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -266,10 +366,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=60, help="allreduce calls per point")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--plots", type=Path, default=REPO / "docs")
-    ap.add_argument("--save", type=Path, default=REPO / "docs" / "testbed_results.json",
-                    help="raw results (JSON) for --report")
-    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
-                    help="print the tables and draw the plots of a saved run, measure nothing")
+    ap.add_argument(
+        "--save", type=Path, default=REPO / "docs" / "testbed_results.json", help="raw results (JSON) for --report"
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the tables and draw the plots of a saved run, measure nothing",
+    )
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-allreduce", action="store_true")
     # internal: the processes started inside the nodes
@@ -306,9 +412,12 @@ def main() -> None:
     e2e_colls = [c for c in colls if c == "star" or cluster_supports_gloo()]
     missing = sorted(set(colls) - set(e2e_colls))
     cmd = "sudo " + " ".join([Path(sys.executable).name, "scripts/bench_testbed.py", *sys.argv[1:]])
-    header = [cmd, f"{datetime.date.today()}, {machine()}",
-              f"testbed: every node its own namespace; links {a.rate} each way (tc tbf), one-way latency L "
-              f"(delay relay); model {a.model} ({layers} layers), fp32 wire"]
+    header = [
+        cmd,
+        f"{datetime.date.today()}, {machine()}",
+        f"testbed: every node its own namespace; links {a.rate} each way (tc tbf), one-way latency L "
+        f"(delay relay); model {a.model} ({layers} layers), fp32 wire",
+    ]
     for line in header:
         print(f"# {line}", flush=True)
     tb = Testbed(NAME, SUBNET)
@@ -323,8 +432,11 @@ def main() -> None:
                 if not a.skip_allreduce and n > 1:
                     for lat in lats:
                         res_ar[(coll, n, lat)] = bench_allreduce(tb, n, coll, lat, a.iters)
-                        print(f"#   allreduce {coll} N={n} L={lat:g} ms: {res_ar[(coll, n, lat)] * 1e3:.3f} ms",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"#   allreduce {coll} N={n} L={lat:g} ms: {res_ar[(coll, n, lat)] * 1e3:.3f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 if not a.skip_e2e and coll in e2e_colls and not (n == 1 and coll != colls[0]):
                     try:
                         res_e2e[(coll, n)] = bench_e2e(tb, n, coll, lats, a, home)
@@ -339,10 +451,17 @@ def main() -> None:
     finally:
         tb.down()
         subprocess.run(["rm", "-rf", str(home)])
-    data = {"header": header, "layers": layers, "nodes": sorted(a.nodes), "lats": lats, "colls": colls,
-            "missing": missing, "failed": failed,
-            "allreduce": [[c, n, lat, v] for (c, n, lat), v in res_ar.items()],
-            "e2e": [[c, n, lat, r["ttft"], r["tpot"]] for (c, n), rs in res_e2e.items() for lat, r in rs.items()]}
+    data = {
+        "header": header,
+        "layers": layers,
+        "nodes": sorted(a.nodes),
+        "lats": lats,
+        "colls": colls,
+        "missing": missing,
+        "failed": failed,
+        "allreduce": [[c, n, lat, v] for (c, n, lat), v in res_ar.items()],
+        "e2e": [[c, n, lat, r["ttft"], r["tpot"]] for (c, n), rs in res_e2e.items() for lat, r in rs.items()],
+    }
     if a.save:
         a.save.parent.mkdir(parents=True, exist_ok=True)
         a.save.write_text(json.dumps(data, indent=1))
@@ -392,11 +511,15 @@ def report(data: dict, plot_dir: Path | None) -> None:
                 print(f"| {n} | {lat:g} | " + " | ".join(cells) + " |")
         nmax, lmax = max(k[1] for k in res_ar), max(lats)
         if ("star", nmax, lmax) in res_ar and ("gloo", nmax, lmax) in res_ar:
-            print(f"\nring / star at N={nmax}, {lmax:g} ms: "
-                  f"{res_ar[('gloo', nmax, lmax)] / res_ar[('star', nmax, lmax)]:.2f}x")
+            print(
+                f"\nring / star at N={nmax}, {lmax:g} ms: "
+                f"{res_ar[('gloo', nmax, lmax)] / res_ar[('star', nmax, lmax)]:.2f}x"
+            )
     if res_e2e:
         print("\n## End to end through the API (streaming, greedy): TTFT and time per output token\n")
-        print("| N | L (ms) | " + " | ".join(f"{c} TTFT (ms) | {c} ms/token | {c} model ms/token" for c in colls) + " |")
+        print(
+            "| N | L (ms) | " + " | ".join(f"{c} TTFT (ms) | {c} ms/token | {c} model ms/token" for c in colls) + " |"
+        )
         print("|---|---|" + "---|---|---|" * len(colls))
         for n in sorted({k[1] for k in res_e2e}):
             for lat in lats:
@@ -420,12 +543,17 @@ def report(data: dict, plot_dir: Path | None) -> None:
         for p in plots(res_e2e, res_ar, data["nodes"], lats, colls, layers, plot_dir):
             print(f"plot: {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
     for coll, why in data.get("failed", {}).items():
-        print(f"\nnote: {coll} end to end failed ({why}); its rows without a measurement are "
-              f"(projected) = the star's measured ms/token + 2 x layers x (this allreduce - the star's)")
+        print(
+            f"\nnote: {coll} end to end failed ({why}); its rows without a measurement are "
+            f"(projected) = the star's measured ms/token + 2 x layers x (this allreduce - the star's)"
+        )
     if data["missing"]:
-        print(f"\nnote: end to end without {', '.join(data['missing'])}: `tpi-node serve` has no --collective flag "
-              f"yet; (projected) = the star's measured ms/token + 2 x layers x (this allreduce - the star's), "
-              f"from the allreduce table")
+        print(
+            f"\nnote: end to end without {', '.join(data['missing'])}: `tpi-node serve` has no --collective flag "
+            f"yet; (projected) = the star's measured ms/token + 2 x layers x (this allreduce - the star's), "
+            f"from the allreduce table"
+        )
+
 
 if __name__ == "__main__":
     main()

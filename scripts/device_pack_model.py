@@ -13,6 +13,7 @@ architecture and tokenizer.
     python3 scripts/device_pack_model.py pack ~/.cache/tpi-node/models/smollm2-135m-instruct .devcarry/smollm2
     python3 scripts/device_pack_model.py unpack .devcarry/smollm2 /tmp/smollm2-q3
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-GROUP = 256          # weights per (scale, minimum) pair
+GROUP = 256  # weights per (scale, minimum) pair
 BITS = 3
 EMBED = "model.embed_tokens.weight"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja")
@@ -52,7 +53,7 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     flat = q.reshape(-1)
     if bits == 4:
         return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-    v = flat.reshape(-1, 8).astype(np.uint32)                  # 8 codes of 3 bits -> 3 bytes
+    v = flat.reshape(-1, 8).astype(np.uint32)  # 8 codes of 3 bits -> 3 bytes
     word = sum(v[:, i] << (3 * i) for i in range(8))
     return np.stack([(word >> s) & 0xFF for s in (0, 8, 16)], 1).astype(np.uint8).reshape(-1)
 
@@ -75,13 +76,18 @@ def pack(model_dir: Path, out: Path) -> None:
     meta, blobs, at = {}, [], 0
     for name, w in sorted(tensors.items()):
         w = w.astype(np.float32)
-        if w.ndim == 2 and w.size % GROUP == 0:        # groups run along the flattened rows
+        if w.ndim == 2 and w.size % GROUP == 0:  # groups run along the flattened rows
             bits = _bits(name)
             q, s, m = quantize(w, bits)
             parts = [pack_bits(q, bits), s.view(np.uint8).reshape(-1), m.view(np.uint8).reshape(-1)]
-            meta[name] = {"shape": list(w.shape), "bits": bits, "group": GROUP, "sizes": [p.size for p in parts],
-                          "at": at}
-        else:                                                   # norms: kept as fp32
+            meta[name] = {
+                "shape": list(w.shape),
+                "bits": bits,
+                "group": GROUP,
+                "sizes": [p.size for p in parts],
+                "at": at,
+            }
+        else:  # norms: kept as fp32
             parts = [w.view(np.uint8).reshape(-1)]
             meta[name] = {"shape": list(w.shape), "bits": 32, "sizes": [parts[0].size], "at": at}
         blobs += parts
@@ -106,13 +112,13 @@ def unpack(packed: Path, out: Path) -> Path:
         at, shape = m["at"], tuple(m["shape"])
         parts, off = [], at
         for size in m["sizes"]:
-            parts.append(raw[off:off + size])
+            parts.append(raw[off : off + size])
             off += size
         if m["bits"] == 32:
             tensors[name] = parts[0].view(np.float32).reshape(shape).copy()
             continue
         n = int(np.prod(shape))
-        q = unpack_bits(parts[0], m["bits"], n).reshape(-1, m.get("group", 128))   # packs before v2: 128
+        q = unpack_bits(parts[0], m["bits"], n).reshape(-1, m.get("group", 128))  # packs before v2: 128
         s, lo = parts[1].view(np.float16).reshape(-1, 1), parts[2].view(np.float16).reshape(-1, 1)
         tensors[name] = dequantize(q, s, lo, shape)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -12,6 +12,7 @@
    multimem.ld_reduce / multimem.st); a real run needs several GPUs on NVSwitch.
 Exit status 1 if a correctness check fails. The timing table is printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,24 +62,27 @@ def fp64_reference(p, r, w, eps):
 def correctness(kern) -> None:
     sizes = [(T, H) for H in (4096, 8192, 5120, 1000) for T in (1, 7, 128, 1000, 4096)]
     for T, H in sizes if DEV == "cuda" else [(1, 1000), (7, 64)]:
-            g = torch.Generator(device=DEV).manual_seed(T * 31 + H)
-            p = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, generator=g)
-            r = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, generator=g) * 4
-            w = torch.rand(H, device=DEV, dtype=torch.bfloat16, generator=g) + 0.5
-            assert kernel_applies(p, r, w) or DEV == "cpu"
-            xo = torch.full_like(r, float("nan"))
-            ho = torch.full_like(r, float("nan"))
-            x, h = kern.add_rms_norm(p, r, w, EPS, x_out=xo, h_out=ho)
-            sync()
-            xt, ht = add_rms_norm_reference(p, r, w, EPS)
-            x64, h64 = fp64_reference(p, r, w, EPS)
-            unwritten = int(x.isnan().sum() + h.isnan().sum())
-            e_k, e_t = rel(h, h64), rel(ht, h64)
-            x_same = (x == xt).float().mean().item()
-            ok = unwritten == 0 and e_k < 1e-2 and e_k <= 1.5 * e_t + 1e-4 and rel(x, x64) < 1e-2
-            check(f"fused T={T} H={H}", ok,
-                  f"h rel err vs fp64 {e_k:.2e} (torch {e_t:.2e}), vs torch bf16 {rel(h, ht):.2e}; "
-                  f"x bit-equal to torch {x_same:.4f}; unwritten {unwritten}")
+        g = torch.Generator(device=DEV).manual_seed(T * 31 + H)
+        p = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, generator=g)
+        r = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, generator=g) * 4
+        w = torch.rand(H, device=DEV, dtype=torch.bfloat16, generator=g) + 0.5
+        assert kernel_applies(p, r, w) or DEV == "cpu"
+        xo = torch.full_like(r, float("nan"))
+        ho = torch.full_like(r, float("nan"))
+        x, h = kern.add_rms_norm(p, r, w, EPS, x_out=xo, h_out=ho)
+        sync()
+        xt, ht = add_rms_norm_reference(p, r, w, EPS)
+        x64, h64 = fp64_reference(p, r, w, EPS)
+        unwritten = int(x.isnan().sum() + h.isnan().sum())
+        e_k, e_t = rel(h, h64), rel(ht, h64)
+        x_same = (x == xt).float().mean().item()
+        ok = unwritten == 0 and e_k < 1e-2 and e_k <= 1.5 * e_t + 1e-4 and rel(x, x64) < 1e-2
+        check(
+            f"fused T={T} H={H}",
+            ok,
+            f"h rel err vs fp64 {e_k:.2e} (torch {e_t:.2e}), vs torch bf16 {rel(h, ht):.2e}; "
+            f"x bit-equal to torch {x_same:.4f}; unwritten {unwritten}",
+        )
 
 
 def bench_pair(fn_torch, fn_fused, graph: bool) -> tuple[float, float]:
@@ -115,8 +119,17 @@ def timing(kern) -> None:
             te, fe = bench_pair(f_torch, f_fused, graph=False)
             tg, fg = bench_pair(f_torch, f_fused, graph=True)
             gbs = 4 * T * H * 2 / (fg * 1e-6) / 1e9  # read p, r; write x, h
-            results["timing"].append(dict(tokens=T, hidden=H, torch_eager_us=te, fused_eager_us=fe,
-                                          torch_graph_us=tg, fused_graph_us=fg, fused_graph_GBps=gbs))
+            results["timing"].append(
+                dict(
+                    tokens=T,
+                    hidden=H,
+                    torch_eager_us=te,
+                    fused_eager_us=fe,
+                    torch_graph_us=tg,
+                    fused_graph_us=fg,
+                    fused_graph_GBps=gbs,
+                )
+            )
             print(f"timed T={T} H={H}: eager {te:.1f}/{fe:.1f} us, graph {tg:.1f}/{fg:.1f} us", flush=True)
 
 
@@ -126,19 +139,29 @@ def split_step(coll, sm_count: int) -> None:
     hd = H // nh
     g = torch.Generator(device=DEV).manual_seed(7)
     mk = lambda *s: (torch.randn(*s, device=DEV, generator=g) / math.sqrt(s[-1])).to(torch.bfloat16)  # noqa: E731
-    layers = [dict(wqkv=mk(3 * H, H), wo=mk(H, H), w13=mk(2 * F_, H), w2=mk(H, F_),
-                   n2=torch.ones(H, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
+    layers = [
+        dict(
+            wqkv=mk(3 * H, H),
+            wo=mk(H, H),
+            w13=mk(2 * F_, H),
+            w2=mk(H, F_),
+            n2=torch.ones(H, device=DEV, dtype=torch.bfloat16),
+        )
+        for _ in range(2)
+    ]
     kv = [torch.empty(2, T, nh, hd, device=DEV, dtype=torch.bfloat16) for _ in layers]
     stages = []
     for i, lw in enumerate(layers):
+
         def attn(p, sl, st, lw=lw, kvi=kv[i]):
             x, h = st
             q, k, v = (h @ lw["wqkv"].T).view(-1, 3, nh, hd).unbind(1)
-            kvi[0, sl], kvi[1, sl] = k, v                     # this part's KV entries
+            kvi[0, sl], kvi[1, sl] = k, v  # this part's KV entries
             keys, vals = kvi[0, : sl.stop], kvi[1, : sl.stop]  # causal: every earlier token
             mask = torch.arange(sl.stop, device=DEV)[None, :] <= torch.arange(sl.start, sl.stop, device=DEV)[:, None]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-                                               attn_mask=mask)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask
+            )
             return x, o.transpose(0, 1).reshape(-1, H) @ lw["wo"].T
 
         def mlp(p, sl, st, lw=lw):
@@ -181,9 +204,12 @@ def split_step(coll, sm_count: int) -> None:
     nan = int(parts[0].isnan().sum() + parts[1].isnan().sum())
     tw, ts = timed(False), timed(True)
     results["split"] = dict(tokens=T, cut=cut, rel_x=ex, rel_h=eh, unsplit_ms=tw, split_ms=ts)
-    check(f"token split T={T} cut at {cut}", nan == 0 and ex < 1e-2 and eh < 2e-2,
-          f"split vs unsplit rel err x {ex:.2e}, h {eh:.2e}; NaN {nan}; "
-          f"step {tw:.2f} ms unsplit, {ts:.2f} ms split (1 GPU: no communication to overlap)")
+    check(
+        f"token split T={T} cut at {cut}",
+        nan == 0 and ex < 1e-2 and eh < 2e-2,
+        f"split vs unsplit rel err x {ex:.2e}, h {eh:.2e}; NaN {nan}; "
+        f"step {tw:.2f} ms unsplit, {ts:.2f} ms split (1 GPU: no communication to overlap)",
+    )
 
 
 def multimem_compile(multicast: bool | None) -> None:
@@ -195,18 +221,36 @@ def multimem_compile(multicast: bool | None) -> None:
 
     from tpi_node.gpu import triton_multimem as mm
 
-    sig = {"mc_p": "i64", "mc_x": "i64", "mc_h": "i64", "emu_p": "*i32", "emu_x": "*i32",
-           "emu_h": "*i32", "emu_stride": "i32", "r_ptr": "*bf16", "stride_r": "i32",
-           "w_ptr": "*bf16", "T": "i32", "H": "i32", "eps": "fp32", "rank": "i32", "world": "i32",
-           "BV": "constexpr", "EMULATE": "constexpr"}
+    sig = {
+        "mc_p": "i64",
+        "mc_x": "i64",
+        "mc_h": "i64",
+        "emu_p": "*i32",
+        "emu_x": "*i32",
+        "emu_h": "*i32",
+        "emu_stride": "i32",
+        "r_ptr": "*bf16",
+        "stride_r": "i32",
+        "w_ptr": "*bf16",
+        "T": "i32",
+        "H": "i32",
+        "eps": "fp32",
+        "rank": "i32",
+        "world": "i32",
+        "BV": "constexpr",
+        "EMULATE": "constexpr",
+    }
     src = ASTSource(mm._multimem_add_rms_norm_kernel, sig, constexprs={"BV": 512, "EMULATE": False})
     target = triton.runtime.driver.active.get_current_target()
     k = triton.compile(src, target=target, options={"num_warps": 8})
     ptx = k.asm.get("ptx", "")
     n_ld, n_st = ptx.count("multimem.ld_reduce"), ptx.count("multimem.st")
-    check("multimem kernel compiles for this GPU", n_ld > 0 and n_st > 0 and len(k.asm.get("cubin", b"")) > 0,
-          f"PTX has {n_ld} multimem.ld_reduce, {n_st} multimem.st; ptxas built the cubin for {target.arch}; "
-          f"multicast on this machine: {multicast}; not run (needs >= 2 GPUs on NVSwitch)")
+    check(
+        "multimem kernel compiles for this GPU",
+        n_ld > 0 and n_st > 0 and len(k.asm.get("cubin", b"")) > 0,
+        f"PTX has {n_ld} multimem.ld_reduce, {n_st} multimem.st; ptxas built the cubin for {target.arch}; "
+        f"multicast on this machine: {multicast}; not run (needs >= 2 GPUs on NVSwitch)",
+    )
 
 
 def nccl_smoke() -> None:
@@ -219,26 +263,35 @@ def nccl_smoke() -> None:
     t = torch.arange(8, device=DEV, dtype=torch.bfloat16)
     dist.all_reduce(t)
     torch.cuda.synchronize()
-    check("NCCL 1-rank all_reduce", torch.equal(t.cpu(), torch.arange(8, dtype=torch.bfloat16)),
-          f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+    check(
+        "NCCL 1-rank all_reduce",
+        torch.equal(t.cpu(), torch.arange(8, dtype=torch.bfloat16)),
+        f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}",
+    )
     dist.destroy_process_group()
 
 
 def print_table() -> None:
-    print("\n| tokens | hidden | torch eager us | fused eager us | speedup | torch graph us | fused graph us | speedup | fused GB/s |")
+    print(
+        "\n| tokens | hidden | torch eager us | fused eager us | speedup | torch graph us | fused graph us | speedup "
+        "| fused GB/s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in results["timing"]:
-        print(f"| {t['tokens']} | {t['hidden']} | {t['torch_eager_us']:.1f} | {t['fused_eager_us']:.1f} | "
-              f"{t['torch_eager_us'] / t['fused_eager_us']:.2f}x | {t['torch_graph_us']:.1f} | "
-              f"{t['fused_graph_us']:.1f} | {t['torch_graph_us'] / t['fused_graph_us']:.2f}x | "
-              f"{t['fused_graph_GBps']:.0f} |")
+        print(
+            f"| {t['tokens']} | {t['hidden']} | {t['torch_eager_us']:.1f} | {t['fused_eager_us']:.1f} | "
+            f"{t['torch_eager_us'] / t['fused_eager_us']:.2f}x | {t['torch_graph_us']:.1f} | "
+            f"{t['fused_graph_us']:.1f} | {t['torch_graph_us'] / t['fused_graph_us']:.2f}x | "
+            f"{t['fused_graph_GBps']:.0f} |"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/gpu-check")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="CPU only, with TRITON_INTERPRET=1: exercise this script without a GPU")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="CPU only, with TRITON_INTERPRET=1: exercise this script without a GPU"
+    )
     args = ap.parse_args()
     global DEV
     DEV = "cpu" if args.dry_run else "cuda"
@@ -252,9 +305,14 @@ def main() -> int:
         card, sms = props.name, props.multi_processor_count
     else:
         card, sms = "cpu (dry run, Triton interpreter)", 132
-    results["env"] = dict(card=card, sm_count=sms, torch=torch.__version__,
-                          triton=triton.__version__, cuda=torch.version.cuda,
-                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    results["env"] = dict(
+        card=card,
+        sm_count=sms,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     print(json.dumps(results["env"]), flush=True)
     print("--- detection (as logged by the daemon at start)", flush=True)
     decision = detect_and_log()
@@ -264,11 +322,13 @@ def main() -> int:
     from tpi_node.comm.nccl import NcclCollective
     from tpi_node.gpu import triton_add_norm as kern
 
-    steps = [("correctness", lambda: correctness(kern)),
-             ("nccl", nccl_smoke),
-             ("token split", lambda: split_step(NcclCollective(decision), sms)),
-             ("timing", lambda: timing(kern)),
-             ("multimem compile", lambda: multimem_compile(SystemProbe().multicast(0)))]
+    steps = [
+        ("correctness", lambda: correctness(kern)),
+        ("nccl", nccl_smoke),
+        ("token split", lambda: split_step(NcclCollective(decision), sms)),
+        ("timing", lambda: timing(kern)),
+        ("multimem compile", lambda: multimem_compile(SystemProbe().multicast(0))),
+    ]
     if DEV == "cpu":
         steps = [steps[0], steps[2]]
     for name, step in steps:
@@ -281,8 +341,10 @@ def main() -> int:
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     failed = [c for c in results["checks"] if not c["ok"]]
-    print(f"\n{len(results['checks']) - len(failed)}/{len(results['checks'])} checks passed "
-          f"in {results['seconds']:.0f} s on {card}; detection: {decision.summary()}")
+    print(
+        f"\n{len(results['checks']) - len(failed)}/{len(results['checks'])} checks passed "
+        f"in {results['seconds']:.0f} s on {card}; detection: {decision.summary()}"
+    )
     print_table()
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ TTFT p50/p95 (request sent -> first SSE chunk, which the server sends with the f
 time per output token p50 ((last chunk - first chunk) / (tokens - 1)), aggregate output
 tokens/s (all tokens / level wall time) and errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-try:   # openai >= 3 ships on httpx2; older clients on httpx
+try:  # openai >= 3 ships on httpx2; older clients on httpx
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
@@ -56,11 +57,16 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
-                      level: Level) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, level: Level) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     t_first = t_last = None
     tokens = 0
@@ -95,12 +101,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     level.tokens += tokens
 
 
-async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
-                    seconds: float) -> Level:
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, seconds: float) -> Level:
     level = Level(concurrency)
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
         async def worker() -> None:
             for _ in range(requests):
                 if time.perf_counter() > deadline:
@@ -130,8 +136,18 @@ def free_port() -> int:
 
 
 def start_server(model: str, port: int, dtype: str, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--server-only", model, "--port", str(port), "--dtype", dtype,
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--server-only",
+        model,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--threads",
+        str(threads),
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(cmd, env=env)
 
@@ -159,7 +175,7 @@ def server_only(model: str, port: int, dtype: str, threads: int) -> None:
     # Leave a core to the event loop and the load generator (both share this machine).
     torch.set_num_threads(threads)
 
-    from tpi_node.engine.local import build_local_engine
+    from tpi_node.commands.compose import build_local_engine
     from tpi_node.model.presets import get_preset
     from tpi_node.server.app import create_app
 
@@ -170,8 +186,8 @@ def server_only(model: str, port: int, dtype: str, threads: int) -> None:
             import tempfile
 
             from tpi_node.weights.synth import synthesize
-            path = synthesize(model, Path(tempfile.mkdtemp(prefix="loadtest-")) / model,
-                              progress=False)
+
+            path = synthesize(model, Path(tempfile.mkdtemp(prefix="loadtest-")) / model, progress=False)
     except Exception:
         pass
     engine = build_local_engine(path, dtype=dtype, progress=False)
@@ -182,16 +198,24 @@ def server_only(model: str, port: int, dtype: str, threads: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--serve", metavar="MODEL", help="start a 1-node server on a free port first "
-                    "(a model name, a directory, or a tiny-* preset to synthesize)")
+    ap.add_argument(
+        "--serve",
+        metavar="MODEL",
+        help="start a 1-node server on a free port first (a model name, a directory, or a tiny-* preset to synthesize)",
+    )
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--requests", type=int, default=3, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--level-seconds", type=float, default=120.0,
-                    help="stop starting new requests in a level after this long")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                    help="torch threads of the --serve server (default: cores - 1)")
+    ap.add_argument(
+        "--level-seconds", type=float, default=120.0, help="stop starting new requests in a level after this long"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads of the --serve server (default: cores - 1)",
+    )
     ap.add_argument("--server-only", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -207,29 +231,33 @@ def main() -> None:
     check_loopback(url)
     try:
         model = wait_healthy(url, proc)
-        asyncio.run(run_level(url, model, 1, 1, 4, 60))   # warm-up, not reported
-        levels = [asyncio.run(run_level(url, model, int(c), a.requests, a.max_tokens,
-                                        a.level_seconds))
-                  for c in a.concurrency.split(",")]
+        asyncio.run(run_level(url, model, 1, 1, 4, 60))  # warm-up, not reported
+        levels = [
+            asyncio.run(run_level(url, model, int(c), a.requests, a.max_tokens, a.level_seconds))
+            for c in a.concurrency.split(",")
+        ]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
 
     print(f"\ncommand: python scripts/loadtest.py {' '.join(sys.argv[1:])}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"{platform.system()} {platform.release()}; date {datetime.now():%Y-%m-%d %H:%M}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()}; date {datetime.now():%Y-%m-%d %H:%M}"
+    )
     print(f"model: {model}, {a.max_tokens} output tokens per request, streaming chat\n")
     base = levels[0].tokens / levels[0].wall if levels and levels[0].wall else 0.0
-    hdr = ("clients", "requests", "TTFT p50 s", "TTFT p95 s", "TPOT p50 ms", "out tok/s",
-           "x single", "errors")
+    hdr = ("clients", "requests", "TTFT p50 s", "TTFT p95 s", "TPOT p50 ms", "out tok/s", "x single", "errors")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "|".join("---:" for _ in hdr) + "|")
     for lv in levels:
         tps = lv.tokens / lv.wall if lv.wall else 0.0
-        print(f"| {lv.concurrency} | {lv.requests} | {pct(lv.ttft, .5):.3f} | {pct(lv.ttft, .95):.3f}"
-              f" | {pct(lv.tpot, .5) * 1000:.1f} | {tps:.1f} | {tps / base if base else 0:.2f}"
-              f" | {lv.errors} |")
+        print(
+            f"| {lv.concurrency} | {lv.requests} | {pct(lv.ttft, 0.5):.3f} | {pct(lv.ttft, 0.95):.3f}"
+            f" | {pct(lv.tpot, 0.5) * 1000:.1f} | {tps:.1f} | {tps / base if base else 0:.2f}"
+            f" | {lv.errors} |"
+        )
     for lv in levels:
         if lv.first_error:
             print(f"first error at {lv.concurrency} clients: {lv.first_error}")

@@ -1,12 +1,14 @@
 """Shared pieces of the HTTP API tests: a tiny model, a real engine, a real uvicorn server."""
+
 from __future__ import annotations
 
 import contextlib
 import time
 from pathlib import Path
 
-from tpi_node.engine.engine import Engine, EngineLimits
-from tpi_node.engine.local import build_local_engine
+from tpi_node.commands.compose import build_local_engine
+from tpi_node.engine.engine import Engine
+from tpi_node.engine.limits import EngineLimits
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.server.app import create_app
 from tpi_node.server.runner import ServerThread
@@ -17,6 +19,7 @@ MODEL = "tiny-llama"
 def tiny_model(_tmp_path_factory=None) -> Path:
     """The tiny random model directory (synthesized once per session by conftest)."""
     from tests.conftest import tiny_model_dir
+
     return Path(tiny_model_dir(MODEL))
 
 
@@ -39,8 +42,7 @@ def serve(engine, **kwargs):
 
 def chat_prompt_ids(engine, messages: list[dict]) -> list[int]:
     tok = engine.tokenizer
-    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
-                      add_special_tokens=False)
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
 
 
 def engine_run(engine, prompt_ids: list[int], **params):
@@ -59,5 +61,4 @@ def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
 
 def engine_idle(engine) -> bool:
     s = engine.stats()
-    return s["waiting"] == 0 and s["running"] == 0 and all(
-        n.get("kv_bytes", 0) == 0 for n in s["nodes"].values())
+    return s["waiting"] == 0 and s["running"] == 0 and all(n.get("kv_bytes", 0) == 0 for n in s["nodes"].values())

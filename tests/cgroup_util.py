@@ -8,6 +8,7 @@ included, is charged to the cgroup. In v1 the page cache it reads is charged too
 reclaims it under the limit, anonymous memory it cannot reclaim (no swap): past the limit the
 OOM killer ends the process.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ class MemoryCgroup:
             raise CgroupUnavailable("no cgroup v2 hierarchy")
         parent = root / rel.lstrip("/")
         if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
-            (parent / "cgroup.subtree_control").write_text("+memory")   # fails inside a leaf with processes
+            (parent / "cgroup.subtree_control").write_text("+memory")  # fails inside a leaf with processes
         self.path = parent / name
         self.path.mkdir()
         self.version = 2
@@ -74,7 +75,7 @@ class MemoryCgroup:
         if (self.path / "memory.swap.max").exists():
             (self.path / "memory.swap.max").write_text("0")
 
-    def __enter__(self) -> "MemoryCgroup":
+    def __enter__(self) -> MemoryCgroup:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,7 +113,7 @@ class MemoryCgroup:
     def remove(self) -> None:
         if not getattr(self, "path", None) or not self.path.exists():
             return
-        for _ in range(50):                      # processes may take a moment to leave after exit
+        for _ in range(50):  # processes may take a moment to leave after exit
             try:
                 self.path.rmdir()
                 return

@@ -1,5 +1,6 @@
 """Real `tpi-node serve` / `tpi-node join` processes for cluster tests: each node gets its own
 TPI_HOME (its own node id and shard cache, like a separate machine) and a log file."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, name: str, root: Path, argv: list[str], wrap: list[str] | None = None,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self, name: str, root: Path, argv: list[str], wrap: list[str] | None = None, env: dict | None = None
+    ) -> None:
         self.name, self.home = name, root / name
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = root / f"{name}.log"
@@ -35,12 +37,18 @@ class Node:
         self.proc: subprocess.Popen | None = None
         self.start()
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         env = {**os.environ, "TPI_HOME": str(self.home), "PYTHONPATH": str(REPO), **self.env}
         env.pop("TPI_CLUSTER_TOKEN", None) if "TPI_CLUSTER_TOKEN" not in self.env else None
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.wrap + CLI + self.argv, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.wrap + CLI + self.argv,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
         return self
 
     def kill9(self) -> None:

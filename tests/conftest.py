@@ -1,5 +1,6 @@
 """Shared fixtures: the real default model (prepared once, cached in the user's TPI_HOME) and
 tiny synthetic models by preset (written once per session into a temp dir)."""
+
 from __future__ import annotations
 
 import atexit
@@ -20,8 +21,7 @@ _tiny_root: Path | None = None
 _tiny_made: dict[tuple, Path] = {}
 
 
-def tiny_model_dir(preset: str = "tiny-llama", layers: int | None = None, dtype: str = "fp32",
-                   seed: int = 0) -> Path:
+def tiny_model_dir(preset: str = "tiny-llama", layers: int | None = None, dtype: str = "fp32", seed: int = 0) -> Path:
     """A synthesized model directory (config.json, sharded safetensors, tokenizer), written
     once per test session and argument set. Plain function, so helpers may import it; the
     fixture of the same name returns it."""
@@ -32,8 +32,7 @@ def tiny_model_dir(preset: str = "tiny-llama", layers: int | None = None, dtype:
             _tiny_root = Path(tempfile.mkdtemp(prefix="tpi-tiny-models-"))
             atexit.register(shutil.rmtree, _tiny_root, True)
         out = _tiny_root / f"{preset}-{layers}-{dtype}-{seed}"
-        _tiny_made[key] = synthesize(preset, out, layers=layers, dtype=dtype, seed=seed,
-                                     progress=False)
+        _tiny_made[key] = synthesize(preset, out, layers=layers, dtype=dtype, seed=seed, progress=False)
     return _tiny_made[key]
 
 

@@ -1,4 +1,5 @@
 """Helpers for comparing our model math with Hugging Face transformers (test-only dependency)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,27 +8,60 @@ import torch
 
 from tpi_node.comm.collective import LocalCollective
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.device import device_capacity, select_device
 from tpi_node.engine.head import ModelHead
-from tpi_node.engine.node import local_capacity, open_runner
+from tpi_node.engine.runner import open_runner
 from tpi_node.model.config import ModelConfig
 from tpi_node.weights.checkpoint import model_digest
 from tpi_node.weights.plan import make_plan
 
 HF_CONFIGS = {
-    "llama": dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=144,
-                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", vocab_size=300, hidden_size=96, intermediate_size=160,
-                  num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
-                  max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                  tie_word_embeddings=True),
-    "llama3": dict(model_type="llama", vocab_size=256, hidden_size=96, intermediate_size=128,
-                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
-                   max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=500000.0,
-                   tie_word_embeddings=True,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=144,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama3": dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
 }
 
 
@@ -53,13 +87,13 @@ class OurModel:
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", window: int | None = None) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
-        plan = make_plan(self.cfg, [local_capacity("test")], model_digest(model_dir))
+        plan = make_plan(self.cfg, [device_capacity("test", select_device("cpu"))], model_digest(model_dir))
         self.runner = open_runner(model_dir, self.cfg, plan, 0, LocalCollective(), dtype, window, progress=False)
         self.head = ModelHead(model_dir, self.cfg)
 
     def step(self, seq_id: int, past: int, ids: list[int]) -> torch.Tensor:
         layout = BatchLayout((seq_id,), (past,), (len(ids),))
-        return self.head.logits(self.runner.forward(layout, self.head.embed(ids)))   # [n, V]
+        return self.head.logits(self.runner.forward(layout, self.head.embed(ids)))  # [n, V]
 
     def greedy(self, ids: list[int], n: int, seq_id: int = 1) -> list[int]:
         out, logits = [], self.step(seq_id, 0, ids)

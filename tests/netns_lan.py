@@ -9,6 +9,7 @@ is changed.
         lan.ip(0) -> "10.77.<k>.10"
 
 Needs root; `Lan.unavailable()` says why not (tests skip with that reason)."""
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,7 @@ class Lan:
     def ip(self, i: int) -> str:
         return f"10.77.{self.subnet}.{10 + i}"
 
-    def __enter__(self) -> "Lan":
+    def __enter__(self) -> Lan:
         try:
             sw = self.switch
             _ip("netns", "add", sw)
@@ -67,9 +68,13 @@ class Lan:
                 _ip("-n", sw, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
                 _ip("-n", sw, "link", "set", a, "master", self.bridge)
                 _ip("-n", sw, "link", "set", a, "up")
-                for args in (["link", "set", "lo", "up"], ["link", "set", b, "name", "eth0"],
-                             ["addr", "add", f"{self.ip(i)}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
-                             ["route", "add", "224.0.0.0/4", "dev", "eth0"]):
+                for args in (
+                    ["link", "set", "lo", "up"],
+                    ["link", "set", b, "name", "eth0"],
+                    ["addr", "add", f"{self.ip(i)}/24", "dev", "eth0"],
+                    ["link", "set", "eth0", "up"],
+                    ["route", "add", "224.0.0.0/4", "dev", "eth0"],
+                ):
                     _ip("-n", ns, *args)
         except Exception:
             self.__exit__()
@@ -79,7 +84,7 @@ class Lan:
     def __exit__(self, *exc) -> None:
         for ns in self.names:
             pids = _ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:          # only processes inside our own namespace: started by the test
+            for pid in pids:  # only processes inside our own namespace: started by the test
                 subprocess.run(["kill", "-9", pid], capture_output=True)
             _ip("netns", "del", ns, check=False)
         _ip("netns", "del", self.switch, check=False)

@@ -2,6 +2,7 @@
 
 `in_private_net(script)` runs `python -c script` under `unshare -n` with loopback up and
 multicast-capable; skips the calling test (with the reason) where namespaces cannot be made."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SETUP = ("ip link set lo up && ip link set lo multicast on && "
-         "ip route add 224.0.0.0/4 dev lo")
+SETUP = "ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo"
 
 
 def netns_unavailable() -> str | None:

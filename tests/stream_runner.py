@@ -3,6 +3,7 @@ and the benchmarks): prints one JSON line with the token ids, the text and the n
 
     python -m tests.stream_runner MODEL_DIR --prompt TEXT --max-tokens N [--memory-budget SIZE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,10 @@ import time
 
 import torch
 
-from tpi_node.engine.local import build_local_engine
+from tpi_node.commands.compose import build_local_engine
 from tpi_node.errors import UserError
 from tpi_node.model.sampling_params import SamplingParams
+from tpi_node.settings import size
 
 
 def main() -> int:
@@ -22,7 +24,7 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--memory-budget", default=None)
+    p.add_argument("--memory-budget", type=size, default=None)  # the CLI's own converter
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--threads", type=int, default=0)
@@ -30,8 +32,9 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        engine = build_local_engine(a.model, dtype=a.dtype, window=a.window, memory_budget=a.memory_budget,
-                                    progress=False)
+        engine = build_local_engine(
+            a.model, dtype=a.dtype, window=a.window, memory_budget=a.memory_budget, progress=False
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -43,9 +46,17 @@ def main() -> int:
     stats = engine.driver.stats()["local"]
     engine.shutdown()
     n = len(events)
-    print(json.dumps({"ids": [e.token_id for e in events], "text": "".join(e.text for e in events),
-                      "ttft_s": times[0] if times else None,
-                      "s_per_token": (times[-1] - times[0]) / (n - 1) if n > 1 else None, "stats": stats}))
+    print(
+        json.dumps(
+            {
+                "ids": [e.token_id for e in events],
+                "text": "".join(e.text for e in events),
+                "ttft_s": times[0] if times else None,
+                "s_per_token": (times[-1] - times[0]) / (n - 1) if n > 1 else None,
+                "stats": stats,
+            }
+        )
+    )
     return 0
 
 

@@ -1,12 +1,13 @@
 """The OpenAI-compatible API end to end: a real uvicorn server over the real engine, driven with
 the official `openai` package (sync, async, streaming). Expected values come from the engine
 itself (SamplingParams straight into Engine.generate_sync), never from constants."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 
-try:   # openai >= 3 ships on httpx2; older clients on httpx
+try:  # openai >= 3 ships on httpx2; older clients on httpx
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
@@ -45,8 +46,7 @@ def test_models_lists_the_served_model(client, engine):
 def test_chat_greedy_text_and_usage_equal_the_engine(client, engine):
     ids = chat_prompt_ids(engine, MSGS)
     text, toks, finish = engine_run(engine, ids, max_tokens=24, temperature=0.0)
-    r = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=24,
-                                       temperature=0)
+    r = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and len(r.choices) == 1
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == text
@@ -57,10 +57,8 @@ def test_chat_greedy_text_and_usage_equal_the_engine(client, engine):
 
 def test_chat_text_parts_and_max_completion_tokens(client, engine):
     parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in MSGS]
-    a = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=9,
-                                       temperature=0)
-    b = client.chat.completions.create(model=engine.model_name, messages=parts,
-                                       max_completion_tokens=9, temperature=0)
+    a = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=9, temperature=0)
+    b = client.chat.completions.create(model=engine.model_name, messages=parts, max_completion_tokens=9, temperature=0)
     assert b.choices[0].message.content == a.choices[0].message.content
     assert b.usage == a.usage
 
@@ -69,8 +67,9 @@ def test_completion_greedy_equals_the_engine_and_max_tokens_gives_length(client,
     prompt = "The quick brown fox"
     ids = engine.tokenizer.encode(prompt)
     text, toks, _ = engine_run(engine, ids, max_tokens=17, temperature=0.0, ignore_eos=True)
-    r = client.completions.create(model=engine.model_name, prompt=prompt, max_tokens=17,
-                                  temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=engine.model_name, prompt=prompt, max_tokens=17, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].text == text
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 17 == len(toks)
@@ -80,8 +79,9 @@ def test_completion_greedy_equals_the_engine_and_max_tokens_gives_length(client,
 def test_completion_token_id_prompts_and_echo(client, engine):
     ids = engine.tokenizer.encode("abc def")
     text, _, _ = engine_run(engine, ids, max_tokens=6, temperature=0.0)
-    r = client.completions.create(model=engine.model_name, prompt=[ids, ids[:3]], max_tokens=6,
-                                  temperature=0, echo=True)
+    r = client.completions.create(
+        model=engine.model_name, prompt=[ids, ids[:3]], max_tokens=6, temperature=0, echo=True
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text == engine.tokenizer.decode(ids) + text
     assert r.usage.prompt_tokens == len(ids) + 3
@@ -94,22 +94,26 @@ def test_stop_string_ends_the_text_before_it(client, engine):
     assert len(full) >= 2, f"the tiny model's greedy text is too short to test stop: {full!r}"
     stop = full[len(full) // 2]
     expected = full[: full.index(stop)]
-    r = client.completions.create(model=engine.model_name, prompt=prompt, max_tokens=40,
-                                  temperature=0, stop=[stop, "never-appears"],
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=engine.model_name,
+        prompt=prompt,
+        max_tokens=40,
+        temperature=0,
+        stop=[stop, "never-appears"],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == expected
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 40
 
 
 def test_seeded_sampling_repeats_and_n_uses_consecutive_seeds(client, engine):
-    kw = dict(model=engine.model_name, messages=MSGS, max_tokens=16, temperature=1.0,
-              logprobs=True)
+    kw = dict(model=engine.model_name, messages=MSGS, max_tokens=16, temperature=1.0, logprobs=True)
 
     def tokens(choice):
         return [t.token for t in choice.logprobs.content]
 
-    def lps(choice):   # a batch of two sequences may differ in the last float bits
+    def lps(choice):  # a batch of two sequences may differ in the last float bits
         return pytest.approx([t.logprob for t in choice.logprobs.content], abs=1e-4)
 
     a = client.chat.completions.create(seed=1234, **kw)
@@ -129,8 +133,9 @@ def test_seeded_sampling_repeats_and_n_uses_consecutive_seeds(client, engine):
 
 
 def test_chat_logprobs_shape_and_greedy_consistency(client, engine):
-    r = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=8,
-                                       temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=engine.model_name, messages=MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 8
     for t in content:
@@ -139,13 +144,13 @@ def test_chat_logprobs_shape_and_greedy_consistency(client, engine):
         # greedy: the chosen token is the most likely one
         assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
-    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content).replace("\ufffd", "") \
-        == r.choices[0].message.content.replace("\ufffd", "")
+    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content).replace("\ufffd", "") == r.choices[
+        0
+    ].message.content.replace("\ufffd", "")
 
 
 def test_completion_logprobs_shape(client, engine):
-    r = client.completions.create(model=engine.model_name, prompt="hello", max_tokens=5,
-                                  temperature=0, logprobs=2)
+    r = client.completions.create(model=engine.model_name, prompt="hello", max_tokens=5, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert all(len(d) <= 2 and max(d.values()) <= 0.0 for d in lp.top_logprobs)
@@ -156,14 +161,19 @@ def _sse_events(url: str, body: dict) -> list[str]:
     with httpx.stream("POST", url, json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        return [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
 
 
 def test_chat_stream_chunks_follow_openai(url, client, engine):
-    ref = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=12,
-                                         temperature=0)
-    body = dict(model=engine.model_name, messages=MSGS, max_tokens=12, temperature=0,
-                stream=True, stream_options={"include_usage": True})
+    ref = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=12, temperature=0)
+    body = dict(
+        model=engine.model_name,
+        messages=MSGS,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     data = _sse_events(url + "/v1/chat/completions", body)
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
@@ -178,11 +188,16 @@ def test_chat_stream_chunks_follow_openai(url, client, engine):
 
 
 def test_openai_stream_and_completion_stream(client, engine):
-    ref = client.completions.create(model=engine.model_name, prompt="stream me", max_tokens=10,
-                                    temperature=0, n=2)
-    stream = client.completions.create(model=engine.model_name, prompt="stream me",
-                                       max_tokens=10, temperature=0, n=2, stream=True,
-                                       stream_options={"include_usage": True})
+    ref = client.completions.create(model=engine.model_name, prompt="stream me", max_tokens=10, temperature=0, n=2)
+    stream = client.completions.create(
+        model=engine.model_name,
+        prompt="stream me",
+        max_tokens=10,
+        temperature=0,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     texts, finishes, usage = {0: "", 1: ""}, {}, None
     for chunk in stream:
         for ch in chunk.choices:
@@ -197,13 +212,19 @@ def test_openai_stream_and_completion_stream(client, engine):
 
 def test_async_concurrent_requests_equal_alone(url, client, engine):
     prompts = ["one", "two two", "three three three", "four"]
-    alone = [client.completions.create(model=engine.model_name, prompt=p, max_tokens=10,
-                                       temperature=0).choices[0].text for p in prompts]
+    alone = [
+        client.completions.create(model=engine.model_name, prompt=p, max_tokens=10, temperature=0).choices[0].text
+        for p in prompts
+    ]
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        rs = await asyncio.gather(*(aclient.completions.create(
-            model=engine.model_name, prompt=p, max_tokens=10, temperature=0) for p in prompts))
+        rs = await asyncio.gather(
+            *(
+                aclient.completions.create(model=engine.model_name, prompt=p, max_tokens=10, temperature=0)
+                for p in prompts
+            )
+        )
         return [r.choices[0].text for r in rs]
 
     assert asyncio.run(main()) == alone
@@ -211,24 +232,32 @@ def test_async_concurrent_requests_equal_alone(url, client, engine):
 
 def test_unknown_fields_are_ignored_and_logged(url, engine, caplog):
     caplog.set_level("INFO", logger="tpi_node.server")
-    r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
-        "model": engine.model_name, "messages": MSGS, "max_tokens": 2, "temperature": 0,
-        "tools": [], "some_future_field": {"x": 1}})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=30,
+        json={
+            "model": engine.model_name,
+            "messages": MSGS,
+            "max_tokens": 2,
+            "temperature": 0,
+            "tools": [],
+            "some_future_field": {"x": 1},
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 2
-    assert any("some_future_field" in rec.getMessage() and "tools" in rec.getMessage()
-               for rec in caplog.records)
+    assert any("some_future_field" in rec.getMessage() and "tools" in rec.getMessage() for rec in caplog.records)
 
 
 def test_health_and_metrics(url, client, engine):
     h = httpx.get(url + "/health")
     assert h.status_code == 200
     assert h.json()["status"] == "ok" and h.json()["nodes"] == [{"id": "local", "rank": 0}]
-    client.completions.create(model=engine.model_name, prompt="metrics", max_tokens=3,
-                              temperature=0)
+    client.completions.create(model=engine.model_name, prompt="metrics", max_tokens=3, temperature=0)
     text = httpx.get(url + "/metrics").text
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
     assert samples['tpi_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert samples["tpi_generation_tokens_total"] >= 3
     assert samples["tpi_time_to_first_token_seconds_count"] >= 1
@@ -240,11 +269,19 @@ def test_health_and_metrics(url, client, engine):
 
 
 def test_chat_stream_with_n_and_logprobs(client, engine):
-    ref = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=7,
-                                         temperature=0, n=2, logprobs=True, top_logprobs=1)
-    stream = client.chat.completions.create(model=engine.model_name, messages=MSGS, max_tokens=7,
-                                            temperature=0, n=2, logprobs=True, top_logprobs=1,
-                                            stream=True)
+    ref = client.chat.completions.create(
+        model=engine.model_name, messages=MSGS, max_tokens=7, temperature=0, n=2, logprobs=True, top_logprobs=1
+    )
+    stream = client.chat.completions.create(
+        model=engine.model_name,
+        messages=MSGS,
+        max_tokens=7,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        top_logprobs=1,
+        stream=True,
+    )
     roles, texts, tokens, finishes = {}, {0: "", 1: ""}, {0: [], 1: []}, {}
     for chunk in stream:
         for ch in chunk.choices:

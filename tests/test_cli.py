@@ -1,4 +1,5 @@
 """The command line as a user meets it: one clear line for every mistake, text alone on stdout."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,20 +9,24 @@ import pytest
 
 
 def tpi(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tpi_node.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tpi_node.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["generate", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
-    (["generate", "--model", "/nonexistent/dir", "--prompt", "hi"], "not found"),
-    (["generate", "--prompt", "hi", "--max-tokens", "abc"], "'abc' is not a whole number"),
-    (["generate", "--prompt", "hi", "--max-tokens", "0"], "must be at least 1"),
-    (["generate", "--prompt", "hi", "--temperature", "-1"], "must be >= 0"),
-    (["generate", "--prompt", "hi", "--top-p", "2"], "must be in (0, 1]"),
-    (["synth", "--preset", "nope", "--out", "/tmp/x"], "unknown preset 'nope'"),
-    (["generate", "--prompt", "hi", "--memory-budget", "lots"], "memory"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
+        (["generate", "--model", "/nonexistent/dir", "--prompt", "hi"], "not found"),
+        (["generate", "--prompt", "hi", "--max-tokens", "abc"], "'abc' is not a whole number"),
+        (["generate", "--prompt", "hi", "--max-tokens", "0"], "must be at least 1"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "must be >= 0"),
+        (["generate", "--prompt", "hi", "--top-p", "2"], "must be in (0, 1]"),
+        (["synth", "--preset", "nope", "--out", "/tmp/x"], "unknown preset 'nope'"),
+        (["generate", "--prompt", "hi", "--memory-budget", "lots"], "memory"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, needle):
     r = tpi(*args)
     assert r.returncode == 2, r.stderr
@@ -36,9 +41,17 @@ def test_dir_without_config(tmp_path):
 
 
 def test_generate_prints_only_the_text(smollm2_dir):
-    r = tpi("generate", "--model", str(smollm2_dir), "--prompt", "What is the capital of France?",
-            "--chat", "--max-tokens", "12")
+    r = tpi(
+        "generate",
+        "--model",
+        str(smollm2_dir),
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-tokens",
+        "12",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    assert "[tpi-node]" not in r.stdout and "INFO" not in r.stdout      # logs go to stderr
+    assert "[tpi-node]" not in r.stdout and "INFO" not in r.stdout  # logs go to stderr
     assert "tokens/s" in r.stderr

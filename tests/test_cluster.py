@@ -1,8 +1,8 @@
 """The cluster end to end: a master in this process (its engine, its gRPC server), workers as
 real `tpi-node join` processes over real gRPC on loopback, each with its own shard cache."""
+
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tpi_node.cluster.commands import start_master
+from tpi_node.commands.compose import build_local_engine, start_master
 from tpi_node.engine.batch import BatchLayout
-from tpi_node.engine.local import build_local_engine
 from tpi_node.model.sampling_params import SamplingParams
+from tpi_node.settings import MasterSettings
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8]
@@ -25,19 +25,50 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 8]
 
 def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0) -> subprocess.Popen:
     env = {**os.environ, "TPI_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "tpi_node.cli", "join", "--master", f"127.0.0.1:{port}",
-                             "--node-id", node_id, "--device", "cpu", "--speed", str(speed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tpi_node.cli",
+            "join",
+            "--master",
+            f"127.0.0.1:{port}",
+            "--node-id",
+            node_id,
+            "--device",
+            "cpu",
+            "--speed",
+            str(speed),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
 
 
 @contextlib.contextmanager
-def cluster(model_dir: Path, nodes: int, tmp: Path, wire: str = "fp32", peer_timeout: float = 5.0,
-            master_speed: float = 2.0, collective: str = "star"):
+def cluster(
+    model_dir: Path,
+    nodes: int,
+    tmp: Path,
+    wire: str = "fp32",
+    peer_timeout: float = 5.0,
+    master_speed: float = 2.0,
+    collective: str = "star",
+):
     """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
-    ns = argparse.Namespace(model=str(model_dir), dtype="fp32", device="cpu", host="127.0.0.1", grpc_host=None,
-                            wire=wire, peer_timeout=peer_timeout, token=None, node_id="master",
-                            speed=master_speed, collective=collective)
-    master, engine, port = start_master(ns, nodes, 0)
+    s = MasterSettings(
+        model=str(model_dir),
+        dtype="fp32",
+        device="cpu",
+        wire=wire,
+        peer_timeout=peer_timeout,
+        node_id="master",
+        speed=master_speed,
+        collective=collective,
+    )
+    running = start_master(s, nodes, 0)
+    master, engine, port = running.master, running.engine, running.port
     workers = [_worker(port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log") for i in range(1, nodes)]
     try:
         deadline = time.monotonic() + 120
@@ -47,8 +78,7 @@ def cluster(model_dir: Path, nodes: int, tmp: Path, wire: str = "fp32", peer_tim
             time.sleep(0.05)
         yield master, engine, port, workers
     finally:
-        engine.shutdown()
-        master.stop()
+        running.stop()
         for w in workers:
             if w.poll() is None:
                 w.kill()
@@ -82,10 +112,10 @@ def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, 
     finally:
         ref.shutdown()
     with cluster(model, nodes, home) as (master, engine, _, _):
-        shares = master.plan.shares
+        shares = master.membership.plan.shares
         assert len(shares) == nodes
         if preset == "tiny-qwen2" and nodes == 2:
-            assert sorted(s.n_kv for s in shares) == [1, 2], (shares, master.members)  # 3 KV heads over 2 nodes
+            assert sorted(s.n_kv for s in shares) == [1, 2], (shares, master.membership.members)  # 3 KV heads / 2
         got_logits = engine.head.logits(engine.driver.step(layout, x))
         engine.driver.free([1])
         assert (got_logits - want_logits).abs().max().item() < 1e-3
@@ -117,23 +147,29 @@ def test_a_killed_worker_is_replanned_around_and_its_return_transfers_nothing(ti
     model = tiny_model_dir("tiny-llama")
     long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     with cluster(model, 3, home) as (master, engine, _, workers):
+        m = master.membership
+        whole = m.plan
         want = [e.token_id for e in engine.generate_sync(PROMPT, long)]
         events = engine.generate_sync(PROMPT, long)
-        got = [next(events).token_id]                 # mid-generation ...
-        workers[1].send_signal(signal.SIGKILL)        # ... a worker dies
+        got = [next(events).token_id]  # mid-generation ...
+        workers[1].send_signal(signal.SIGKILL)  # ... a worker dies
         t0 = time.monotonic()
         got += [e.token_id for e in events]
         assert got == want
         assert time.monotonic() - t0 < 30
+        # it was a re-plan over the two survivors, not a lucky retry on the old plan
+        assert m.replans == 1 and m.plan.world_size == 2 and m.plan.digest != whole.digest
+        assert [x.node_id for x in m.lost] == ["w2"] and "w2" not in {s.node_id for s in m.plan.shares}
         # the same worker comes back with the same node id: readmitted, same plan, nothing fetched
         log = home / "w2-again.log"
         workers.append(_worker(master.bound_port, "w2", home / "w2", log))
         deadline = time.monotonic() + 60
         while "fetched 0 files, 0 bytes" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
-            list(engine.generate_sync(PROMPT, SamplingParams(max_tokens=1)))   # idle points to admit at
+            list(engine.generate_sync(PROMPT, SamplingParams(max_tokens=1)))  # idle points to admit at
             time.sleep(0.2)
         assert [e.token_id for e in engine.generate_sync(PROMPT, long)] == want
+        assert m.plan.digest == whole.digest and not m.lost  # the whole cluster's plan again
 
 
 def test_a_corrupted_shard_file_is_fetched_again(tiny_model_dir, home):
@@ -163,12 +199,16 @@ def test_serve_and_two_join_processes_reach_health_200_with_three_nodes(tiny_mod
     import urllib.request
 
     from tests.test_star import _free_port_pair
+
     http, grpc_port = _free_port_pair()
     env = {**os.environ, "TPI_HOME": str(tmp_path / "master"), "TPI_GRPC_PORT": str(grpc_port)}
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"model: {tiny_model_dir('tiny-llama')}\nmin_nodes: 3\ndevice: cpu\nport: 1\n")
-    serve = subprocess.Popen([sys.executable, "-m", "tpi_node.cli", "serve", "--config", str(cfg),
-                              "--port", str(http)], env=env, stderr=open(tmp_path / "serve.log", "w"))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tpi_node.cli", "serve", "--config", str(cfg), "--port", str(http)],
+        env=env,
+        stderr=open(tmp_path / "serve.log", "w"),
+    )
     joins = [_worker(grpc_port, f"j{i}", tmp_path / f"j{i}", tmp_path / f"j{i}.log") for i in (1, 2)]
     try:
         deadline, status, body = time.monotonic() + 90, None, {}
@@ -188,7 +228,7 @@ def test_serve_and_two_join_processes_reach_health_200_with_three_nodes(tiny_mod
         nodes = body["nodes"]
         assert body["status"] == "ok" and len(nodes) == 3
         assert sorted(n["id"] for n in nodes)[:2] == ["j1", "j2"]
-        assert sum(n["kv_heads"][1] - n["kv_heads"][0] for n in nodes) == 2      # tiny-llama: 2 KV heads
+        assert sum(n["kv_heads"][1] - n["kv_heads"][0] for n in nodes) == 2  # tiny-llama: 2 KV heads
     finally:
         for p in joins + [serve]:
             p.terminate()
@@ -215,5 +255,16 @@ def test_gloo_ring_gives_the_star_tokens(tiny_model_dir, home):
     finally:
         import torch.distributed as dist
 
-        if dist.is_initialized():       # the master's group lives in this test process
+        if dist.is_initialized():  # the master's group lives in this test process
             dist.destroy_process_group()
+
+
+def test_a_stopping_master_tells_its_workers_and_they_exit_0(tiny_model_dir, home):
+    """Shutdown carries a code (MASTER_STOPPING): the worker acts on it, not on the reason text."""
+    model = tiny_model_dir("tiny-llama")
+    with cluster(model, 2, home) as (master, engine, _, workers):
+        assert [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)]
+        master.stop("the test is over")
+        assert workers[0].wait(timeout=20) == 0
+    log = (home / "w1.log").read_text()
+    assert "the master ended the session: the test is over" in log and "Traceback" not in log

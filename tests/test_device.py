@@ -4,9 +4,9 @@ of partials, and the whole flow of scripts/device_check.py run here on the CPU.
 The CUDA tests at the bottom run only where a CUDA device exists (the device check runs this file
 there too); on a machine without one they are skipped with the reason.
 """
+
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from tpi_node.comm.device_hop import DeviceHop, InProcessGroup
-from tpi_node.engine.device import (DeviceInfo, add_device_flag, default_dtype, device_capacity,
-                                    device_from_args, measure_speed, select_device)
+from tpi_node.engine.device import DeviceInfo, default_dtype, device_capacity, measure_speed, select_device
 from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
 from tpi_node.weights.plan import NodeCapacity, make_plan
@@ -76,38 +75,44 @@ def test_cuda_index_out_of_range():
         select_device(f"cuda:{n}")
 
 
-def test_device_flag_parses_and_reads_the_environment(monkeypatch):
-    p = argparse.ArgumentParser()
-    add_device_flag(p)
-    assert device_from_args(p.parse_args(["--device", "cpu"])).kind == "cpu"
-    assert p.parse_args([]).device == "auto"
-    monkeypatch.setenv("TPI_DEVICE", "cpu")
-    p2 = argparse.ArgumentParser()
-    add_device_flag(p2)
-    assert p2.parse_args([]).device == "cpu"
+def test_device_flag_parses_and_reads_the_environment():
+    from tpi_node.settings import JoinSettings, load
+
+    assert select_device(load(JoinSettings, {"device": "cpu"}, {}).device).kind == "cpu"
+    assert load(JoinSettings, {}, {}).device == "auto"
+    assert load(JoinSettings, {}, {"TPI_DEVICE": "cpu"}).device == "cpu"
     with pytest.raises(UserError):
-        device_from_args(p2.parse_args(["--device", "quantum"]))
+        select_device(load(JoinSettings, {"device": "quantum"}, {}).device)
 
 
 def test_the_cli_turns_a_bad_device_into_one_line():
-    code = ("import argparse, sys\n"
-            "from tpi_node.engine.device import add_device_flag, device_from_args\n"
-            "from tpi_node.errors import UserError\n"
-            "p = argparse.ArgumentParser(); add_device_flag(p)\n"
-            "try: device_from_args(p.parse_args(sys.argv[1:]))\n"
-            "except UserError as e: print('error:', e); sys.exit(2)\n")
-    r = subprocess.run([sys.executable, "-c", code, "--device", "cuda:7" if not HAS_CUDA else "nope"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 2 and r.stdout.count("\n") == 1 and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tpi_node.cli",
+            "generate",
+            "--prompt",
+            "hi",
+            "--device",
+            "cuda:7" if not HAS_CUDA else "nope",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "device" in r.stderr and r.stdout == ""
 
 
 # ---- dtype per device ---------------------------------------------------------------------------
 def test_dtype_defaults_follow_the_device():
     assert default_dtype(select_device("cpu")) == "fp32"
     assert default_dtype(fake_cuda("sm_90")) == "bf16"
-    assert default_dtype(fake_cuda("sm_87")) == "bf16"           # Jetson Orin
-    assert default_dtype(fake_cuda("sm_75")) == "fp16"           # Turing laptop card: no bf16
-    assert default_dtype(fake_cuda("sm_53")) == "fp16"           # Jetson Nano
+    assert default_dtype(fake_cuda("sm_87")) == "bf16"  # Jetson Orin
+    assert default_dtype(fake_cuda("sm_75")) == "fp16"  # Turing laptop card: no bf16
+    assert default_dtype(fake_cuda("sm_53")) == "fp16"  # Jetson Nano
     assert default_dtype(DeviceInfo("Apple MPS", "mps", 1 << 34, None, torch.device("cpu"))) == "bf16"
 
 
@@ -132,8 +137,10 @@ def test_speed_is_measured_quickly_and_feeds_the_plan(tiny_model_dir):
     assert s > 0.01 and time.perf_counter() - t0 < 2.0
     cap = device_capacity("me", select_device("cpu"), memory_budget=1 << 30, speed=s)
     assert cap.speed == s and cap.memory_bytes == 1 << 30 and cap.cores >= 1
-    assert device_capacity("me", select_device("cpu"), memory_budget=1 << 60, speed=1.0).memory_bytes \
-        <= psutil.virtual_memory().total              # never more than the device has
+    assert (
+        device_capacity("me", select_device("cpu"), memory_budget=1 << 60, speed=1.0).memory_bytes
+        <= psutil.virtual_memory().total
+    )  # never more than the device has
 
     cfg = ModelConfig.from_dir(tiny_model_dir("tiny-llama"))
     fast, slow = NodeCapacity("gpu", 1 << 40, 1, speed=40.0), NodeCapacity("cpu", 1 << 40, 8, speed=10.0)
@@ -172,8 +179,8 @@ def test_in_process_group_sums_in_rank_order_every_round():
 def test_device_hop_converts_to_the_wire_dtype_and_back():
     g = InProcessGroup(2)
     hop = [DeviceHop(g.member(r), wire_dtype=torch.float32) for r in range(2)]
-    a = torch.randn(3, 16).to(torch.bfloat16)          # a bf16 node
-    b = torch.randn(3, 16)                             # an fp32 node
+    a = torch.randn(3, 16).to(torch.bfloat16)  # a bf16 node
+    b = torch.randn(3, 16)  # an fp32 node
     ra, rb = _run_ranks([lambda: hop[0].allreduce(a), lambda: hop[1].allreduce(b)])
     want = a.float() + b
     assert ra.dtype == torch.bfloat16 and rb.dtype == torch.float32
@@ -214,14 +221,16 @@ def test_cuda_attention_setting_turns_cudnn_off_by_default(monkeypatch):
 # ---- nothing CUDA-only is imported on a CPU machine ---------------------------------------------------
 def test_choosing_a_device_imports_no_cuda_only_code():
     # (torch itself may import pynvml when it is installed: only what our code adds counts)
-    code = ("import sys, torch\n"
-            "before = set(sys.modules)\n"
-            "from tpi_node.engine.device import select_device, default_dtype, measure_speed\n"
-            "import tpi_node.comm.device_hop, tpi_node.weights.store\n"
-            "i = select_device('auto'); default_dtype(i); measure_speed('cpu')\n"
-            "bad = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('triton', 'pynvml', 'cupy')\n"
-            "             or m.startswith('tpi_node.gpu'))\n"
-            "print(i.kind, bad, torch.cuda.is_initialized())\n")
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "from tpi_node.engine.device import select_device, default_dtype, measure_speed\n"
+        "import tpi_node.comm.device_hop, tpi_node.weights.store\n"
+        "i = select_device('auto'); default_dtype(i); measure_speed('cpu')\n"
+        "bad = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('triton', 'pynvml', 'cupy')\n"
+        "             or m.startswith('tpi_node.gpu'))\n"
+        "print(i.kind, bad, torch.cuda.is_initialized())\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     kind, rest = r.stdout.split(" ", 1)
@@ -234,9 +243,27 @@ def test_device_check_script_runs_on_cpu(tmp_path):
     out = tmp_path / "r.json"
     # keep what PYTHONPATH had (on the GPU machine: the carried grpcio / protobuf wheels)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "scripts/device_check.py", "--device", "cpu", "--models", "tiny",
-                        "--tokens", "8", "--out", str(out), "--workdir", str(tmp_path / "w")],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/device_check.py",
+            "--device",
+            "cpu",
+            "--models",
+            "tiny",
+            "--tokens",
+            "8",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     import json
 
@@ -274,8 +301,8 @@ def test_a_node_without_kv_heads_keeps_up(tiny_model_dir, tmp_path, monkeypatch)
 @needs_cuda
 @pytest.mark.parametrize("window", [None, 2])
 def test_store_on_cuda_holds_the_same_weights_as_on_cpu(tiny_model_dir, tmp_path, window, monkeypatch):
-    from tpi_node.engine.node import open_runner
     from tpi_node.comm.collective import LocalCollective
+    from tpi_node.engine.runner import open_runner
     from tpi_node.weights.checkpoint import model_digest
 
     monkeypatch.setenv("TPI_HOME", str(tmp_path))
@@ -284,7 +311,7 @@ def test_store_on_cuda_holds_the_same_weights_as_on_cpu(tiny_model_dir, tmp_path
     plan = make_plan(cfg, [NodeCapacity("local", 1 << 40, 1)], model_digest(d))
     cpu = open_runner(d, cfg, plan, 0, LocalCollective(), "fp32", None, device="cpu", progress=False)
     gpu = open_runner(d, cfg, plan, 0, LocalCollective(), "fp32", window, device="cuda", progress=False)
-    for _ in range(2):               # twice: the window wraps and reuses its buffers
+    for _ in range(2):  # twice: the window wraps and reuses its buffers
         for i in range(cfg.num_layers):
             with cpu.store.layer(i) as a, gpu.store.layer(i) as b:
                 for name in ("wqkv", "bqkv", "wo", "w13", "w2"):
@@ -299,7 +326,7 @@ def test_device_hop_moves_cuda_partials_through_pinned_host_memory():
     g = InProcessGroup(2)
     hop = DeviceHop(g.member(0), wire_dtype=torch.float32)
     cpu_side = g.member(1)
-    for T in (5, 1, 7):              # the buffer is reused and regrown
+    for T in (5, 1, 7):  # the buffer is reused and regrown
         a = torch.randn(T, 32, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(T, 32)
         ra, rb = _run_ranks([lambda: hop.allreduce(a), lambda: cpu_side.allreduce(b)])

@@ -1,5 +1,6 @@
 """mDNS discovery with real zeroconf, advertisers and browsers in separate processes, inside a
 private network namespace (loopback with multicast) so nothing reaches a real network."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ It sets up what it needs (as root): apt-get docker.io docker-compose debootstrap
 starts dockerd when none runs (and stops it again), builds the base image once per machine
 (docker/build-base; reused afterwards) and the tpi-node image (docker/build-image; cached
 layers). Skipped, with the reason, only where Docker cannot run at all."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,11 @@ def _sh(*argv, timeout=None, **kw) -> subprocess.CompletedProcess:
 
 def _install_docker() -> str | None:
     """Install the Debian packages the testbed needs; -> why that is impossible, or None."""
-    missing = [pkg for pkg, tool in (("docker.io", "docker"), ("docker-compose", "docker-compose"),
-                                     ("debootstrap", "debootstrap")) if not shutil.which(tool)]
+    missing = [
+        pkg
+        for pkg, tool in (("docker.io", "docker"), ("docker-compose", "docker-compose"), ("debootstrap", "debootstrap"))
+        if not shutil.which(tool)
+    ]
     if not missing:
         return None
     if not shutil.which("apt-get"):
@@ -88,6 +92,7 @@ def _wait_health(url: str, nodes: int, compose, timeout: float) -> dict:
     import json
     import urllib.error
     import urllib.request
+
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -110,9 +115,18 @@ def test_compose_cluster_matches_loopback(docker, smollm2_dir):
     t_built = time.monotonic()
 
     port = _free_port()
-    env = {**os.environ, "TPI_MODEL_DIR": str(smollm2_dir), "TPI_MODEL_NAME": Path(smollm2_dir).name,
-           "TPI_HTTP_PORT": str(port), "TPI_NODES": "3", "TPI_WORKERS": "2",
-           "TPI_NODE_MEMORY": "2g", "TPI_NODE_CPUS": "1.0", "LINK_RATE": "300mbit", "LINK_LATENCY_MS": "1"}
+    env = {
+        **os.environ,
+        "TPI_MODEL_DIR": str(smollm2_dir),
+        "TPI_MODEL_NAME": Path(smollm2_dir).name,
+        "TPI_HTTP_PORT": str(port),
+        "TPI_NODES": "3",
+        "TPI_WORKERS": "2",
+        "TPI_NODE_MEMORY": "2g",
+        "TPI_NODE_CPUS": "1.0",
+        "LINK_RATE": "300mbit",
+        "LINK_LATENCY_MS": "1",
+    }
 
     def compose(*args, timeout=300):
         return _sh("docker-compose", "-p", PROJECT, "-f", str(COMPOSE), *args, env=env, timeout=timeout)
@@ -138,5 +152,7 @@ def test_compose_cluster_matches_loopback(docker, smollm2_dir):
     assert down.returncode == 0
     left = _sh("docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout
     assert left.strip() == ""
-    print(f"\n[test_docker] build {t_built - t0:.0f} s, cluster ready {t_ready - t_built:.0f} s, "
-          f"total {time.monotonic() - t0:.0f} s")
+    print(
+        f"\n[test_docker] build {t_built - t0:.0f} s, cluster ready {t_ready - t_built:.0f} s, "
+        f"total {time.monotonic() - t0:.0f} s"
+    )

@@ -1,4 +1,5 @@
 """The engine's scheduler on a real (tiny, random) model: finish reasons, cancellation, limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,9 +7,9 @@ import time
 
 import pytest
 
+from tpi_node.commands.compose import build_local_engine
 from tpi_node.engine.client import ClusterNotReady, EngineError, QueueFull
-from tpi_node.engine.engine import EngineLimits
-from tpi_node.engine.local import build_local_engine
+from tpi_node.engine.limits import EngineLimits
 from tpi_node.model.sampling_params import SamplingParams
 
 
@@ -20,14 +21,14 @@ def engine(tiny_model_dir):
 
 
 def kv_entries(engine) -> int:
-    return len(engine.driver.runner.kv.seqs)
+    return len(engine.driver.runner.kv.lens)
 
 
 def test_max_tokens_finishes_with_length(engine):
     evs = list(engine.generate_sync([1, 2, 3, 4], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)))
     assert len(evs) == 7 and evs[-1].finish_reason == "length"
     assert all(e.finish_reason is None for e in evs[:-1])
-    assert kv_entries(engine) == 0          # finished sequences leave no cache behind
+    assert kv_entries(engine) == 0  # finished sequences leave no cache behind
 
 
 def test_seeded_sampling_repeats_and_differs_by_seed(engine):
@@ -44,11 +45,12 @@ def test_stop_string_ends_generation_and_is_not_emitted(engine):
     full = "".join(e.text for e in engine.generate_sync([9, 10, 11], p))
     assert len(full) > 4
     stop = full[2:4]
-    evs = list(engine.generate_sync([9, 10, 11], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
-                                                                stop=(stop,))))
+    evs = list(
+        engine.generate_sync([9, 10, 11], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,)))
+    )
     text = "".join(e.text for e in evs)
     assert evs[-1].finish_reason == "stop"
-    assert stop not in text and full.startswith(text) and text == full[:full.index(stop)]
+    assert stop not in text and full.startswith(text) and text == full[: full.index(stop)]
 
 
 def test_cancel_frees_the_sequence(engine):

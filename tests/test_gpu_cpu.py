@@ -4,6 +4,7 @@ Detection runs against a fake probe (the Probe protocol of gpu/detect.py); the s
 the split schedule are pure; the Triton kernels run in Triton's CPU interpreter when triton is
 installed (a subprocess with TRITON_INTERPRET=1), and are skipped with the reason otherwise.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,6 +54,7 @@ class FakeProbe:
 
 # -- detection -----------------------------------------------------------------------------------
 
+
 def test_hopper_nvlink_multicast_turns_multimem_on():
     d = detect(FakeProbe(8))
     assert (d.collective, d.enabled, d.fused_kernel, d.nvlink, d.multicast) == ("multimem", True, True, True, True)
@@ -66,13 +68,16 @@ def test_hopper_nvlink_without_multicast_uses_nccl():
     assert "no multicast" in d.reason
 
 
-@pytest.mark.parametrize("probe, collective, reason", [
-    (FakeProbe(0), "off", "no CUDA device"),
-    (FakeProbe(8, gpu=A100), "off", "sm_80; the fast path needs Hopper"),
-    (FakeProbe(4, missing_links=[(1, 3)]), "off", "GPUs 1 and 3 have no NVLink"),
-    (FakeProbe(2, nvlink=None), "off", "nvidia-ml-py missing"),
-    (FakeProbe(1), "off", "1 GPU"),
-])
+@pytest.mark.parametrize(
+    "probe, collective, reason",
+    [
+        (FakeProbe(0), "off", "no CUDA device"),
+        (FakeProbe(8, gpu=A100), "off", "sm_80; the fast path needs Hopper"),
+        (FakeProbe(4, missing_links=[(1, 3)]), "off", "GPUs 1 and 3 have no NVLink"),
+        (FakeProbe(2, nvlink=None), "off", "nvidia-ml-py missing"),
+        (FakeProbe(1), "off", "1 GPU"),
+    ],
+)
 def test_otherwise_off_with_the_reason(probe, collective, reason):
     d = detect(probe)
     assert d.collective == collective and not d.enabled
@@ -125,6 +130,7 @@ def test_gpu_modules_import_without_triton_nvml_or_cuda():
 
 # -- fused add + RMSNorm on CPU: the exact reference ------------------------------------------
 
+
 def test_fused_falls_back_to_the_collective_definition_on_cpu():
     torch.manual_seed(1)
     p, r = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
@@ -147,6 +153,7 @@ def test_nccl_collective_world_one_matches_local():
 
 # -- split point ---------------------------------------------------------------------------------
 
+
 def test_split_point_threshold_is_configurable():
     assert split_point(1023, sm_count=132) == 0
     assert split_point(1024, sm_count=132) > 0
@@ -157,8 +164,12 @@ def test_split_point_threshold_is_configurable():
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1024, 65536), sms=st.integers(1, 160), tile=st.sampled_from([16, 64, 128, 256]),
-       rows=st.integers(1, 4))
+@given(
+    n=st.integers(1024, 65536),
+    sms=st.integers(1, 160),
+    tile=st.sampled_from([16, 64, 128, 256]),
+    rows=st.integers(1, 4),
+)
 def test_split_point_is_a_tile_multiple_near_the_middle_with_least_tail(n, sms, tile, rows):
     s = split_point(n, sm_count=sms, tile=tile, rows_per_sm=rows)
     assert 0 < s < n and s % tile == 0
@@ -181,26 +192,34 @@ def test_split_point_follows_the_sm_count():
 
 # -- split schedule: split and unsplit give the same output --------------------------------------
 
+
 def _toy_layers(n_layers, T, H, seed=0):
     """A small decoder with a causal attention-like mix over a per-layer KV store, in float64."""
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])
-    layers = [dict(wk=mk(H, H), wv=mk(H, H), wo=mk(H, H), w1=mk(2 * H, H), w2=mk(H, H),
-                   n1=1 + 0.1 * mk(H), n2=1 + 0.1 * mk(H)) for _ in range(n_layers)]
-    kv = [dict(k=torch.zeros(T, H, dtype=torch.float64), v=torch.zeros(T, H, dtype=torch.float64))
-          for _ in range(n_layers)]
+    layers = [
+        dict(
+            wk=mk(H, H), wv=mk(H, H), wo=mk(H, H), w1=mk(2 * H, H), w2=mk(H, H), n1=1 + 0.1 * mk(H), n2=1 + 0.1 * mk(H)
+        )
+        for _ in range(n_layers)
+    ]
+    kv = [
+        dict(k=torch.zeros(T, H, dtype=torch.float64), v=torch.zeros(T, H, dtype=torch.float64))
+        for _ in range(n_layers)
+    ]
     coll, eps = LocalCollective(), 1e-6
     stages = []
     for i, w in enumerate(layers):
+
         def attn(p, sl, state, w=w, kvi=kv[i]):
             x, h = state
             kvi["k"][sl], kvi["v"][sl] = h @ w["wk"].T, h @ w["wv"].T  # this part's KV entries
             q = h
-            keys, vals = kvi["k"][: sl.stop], kvi["v"][: sl.stop]      # causal: all earlier tokens
+            keys, vals = kvi["k"][: sl.stop], kvi["v"][: sl.stop]  # causal: all earlier tokens
             scores = q @ keys.T
             pos = torch.arange(sl.start, sl.stop)[:, None]
             scores = scores.masked_fill(torch.arange(sl.stop)[None, :] > pos, float("-inf"))
-            return x, torch.softmax(scores, -1) @ vals @ w["wo"].T     # partial [t, H]
+            return x, torch.softmax(scores, -1) @ vals @ w["wo"].T  # partial [t, H]
 
         def reduce_attn(p, sl, state, w=w):
             x, partial = state
@@ -295,6 +314,5 @@ _INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (tpi-node[gpu])")
 def test_triton_kernels_in_the_cpu_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                         timeout=240, env=env)
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

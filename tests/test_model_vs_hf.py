@@ -1,4 +1,5 @@
 """Our model math against Hugging Face transformers on the same weights (fp32)."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,7 +40,7 @@ def test_greedy_tokens_match_hf_generate(pair):
     hf, ours = pair
     ids = list(range(3, 15))
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :].tolist()
     assert ours.greedy(ids, len(ref)) == ref
 
 

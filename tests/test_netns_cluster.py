@@ -1,6 +1,7 @@
 """A cluster on an emulated LAN: network namespaces on one bridge (tests/netns_lan.py), real
 `tpi-node serve` / `tpi-node join` processes, workers WITHOUT --master finding the master by mDNS;
 a wrong or missing token refused; mutual TLS working and a plaintext peer refused."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ TOKEN = "tpi1-netns-test-token-0123456789abcdef"
 HTTP, GRPC = 18000, 50051
 
 # Runs inside a namespace: health polling and one completion through the official client.
-CLIENT = r'''
+CLIENT = r"""
 import json, sys, time, urllib.request, urllib.error
 url, nodes, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 deadline, last = time.monotonic() + timeout, None
@@ -41,10 +42,10 @@ out = c.completions.create(model=model, prompt="Hello, my name is", max_tokens=8
                            extra_body={"ignore_eos": True})
 print(json.dumps({"health": h, "text": out.choices[0].text, "finish": out.choices[0].finish_reason,
                   "tokens": out.usage.completion_tokens}))
-'''
+"""
 
 # Runs inside a namespace: a plaintext gRPC call to a TLS master must not get through.
-PLAINTEXT = r'''
+PLAINTEXT = r"""
 import sys, grpc
 from tpi_node.proto import tpi_pb2 as pb, tpi_pb2_grpc as rpc
 with grpc.insecure_channel(sys.argv[1]) as ch:
@@ -53,7 +54,7 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
         print("ACCEPTED")
     except grpc.RpcError as e:
         print("REFUSED", e.code().name)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,14 @@ def lan():
 
 
 def _in_ns(lan: Lan, i: int, script: str, *args: str, timeout: float = 90) -> str:
-    r = subprocess.run(lan.cmd(i, [sys.executable, "-c", script, *args]), capture_output=True, text=True,
-                       timeout=timeout, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        lan.cmd(i, [sys.executable, "-c", script, *args]),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1]
 
@@ -90,11 +97,29 @@ def _wait_exit(node: Node, timeout: float = 60) -> int:
 def test_mdns_join_token_and_refusals(lan, tmp_path, tiny_model_dir):
     model = str(tiny_model_dir("tiny-llama3"))
     env = {"TPI_CLUSTER_TOKEN": TOKEN}
-    master = Node("master", tmp_path, ["serve", "--model", model, "--host", "0.0.0.0", "--port", str(HTTP),
-                                       "--grpc-port", str(GRPC), "--min-nodes", "3", "--cluster", "lab",
-                                       "--auto-admit"],
-                  wrap=lan.cmd(0, []), env=env)
-    join = ["join", "--cluster", "lab", "--discover-timeout", "20"]            # no --master
+    master = Node(
+        "master",
+        tmp_path,
+        [
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(HTTP),
+            "--grpc-port",
+            str(GRPC),
+            "--min-nodes",
+            "3",
+            "--cluster",
+            "lab",
+            "--auto-admit",
+        ],
+        wrap=lan.cmd(0, []),
+        env=env,
+    )
+    join = ["join", "--cluster", "lab", "--discover-timeout", "20"]  # no --master
     workers = [Node(f"worker{i}", tmp_path, join, wrap=lan.cmd(i, []), env=env) for i in (1, 2)]
     procs = [master, *workers]
     try:
@@ -102,18 +127,28 @@ def test_mdns_join_token_and_refusals(lan, tmp_path, tiny_model_dir):
         assert out["tokens"] == 8 and out["finish"] == "length" and out["text"]
         addrs = {n["id"]: n["address"] for n in out["health"]["nodes"]}
         assert len(addrs) == 3
-        for w, i in zip(workers, (1, 2)):
+        for w in workers:
             assert "found master" in w.log() and f"{lan.ip(0)}:{GRPC}" in w.log(), w.log()[-2000:]
 
         # a worker of another cluster name finds nothing of its own and says what it saw
-        other = Node("other-cluster", tmp_path, ["join", "--cluster", "home", "--discover-timeout", "3"],
-                     wrap=lan.cmd(3, []), env=env)
+        other = Node(
+            "other-cluster",
+            tmp_path,
+            ["join", "--cluster", "home", "--discover-timeout", "3"],
+            wrap=lan.cmd(3, []),
+            env=env,
+        )
         assert _wait_exit(other) == 2
         assert "no master of cluster 'home'" in other.log() and "'lab'" in other.log()
 
         # a wrong token: the worker refuses the master that cannot prove the token, and stops
-        wrong = Node("wrong-token", tmp_path, join, wrap=lan.cmd(3, []),
-                     env={"TPI_CLUSTER_TOKEN": "tpi1-some-other-token-fedcba9876543210"})
+        wrong = Node(
+            "wrong-token",
+            tmp_path,
+            join,
+            wrap=lan.cmd(3, []),
+            env={"TPI_CLUSTER_TOKEN": "tpi1-some-other-token-fedcba9876543210"},
+        )
         assert _wait_exit(wrong) == 2
         assert "master does not know this cluster's token" in wrong.log()
         # no token at all: the master refuses it
@@ -142,9 +177,28 @@ def test_tls_cluster_works_plaintext_refused(lan, tmp_path, tiny_model_dir):
     make_cluster_certs(certs, ("worker",))
     make_cluster_certs(stranger, ("worker",))
     http, grpc_port = HTTP + 1, GRPC + 1
-    master = Node("tls-master", tmp_path, ["serve", "--model", model, "--host", "0.0.0.0", "--port", str(http),
-                                           "--grpc-port", str(grpc_port), "--min-nodes", "2", "--cluster", "sec",
-                                           "--certs", str(certs)], wrap=lan.cmd(0, []))
+    master = Node(
+        "tls-master",
+        tmp_path,
+        [
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--min-nodes",
+            "2",
+            "--cluster",
+            "sec",
+            "--certs",
+            str(certs),
+        ],
+        wrap=lan.cmd(0, []),
+    )
     worker = Node("tls-worker", tmp_path, ["join", "--cluster", "sec", "--certs", str(certs)], wrap=lan.cmd(1, []))
     procs = [master, worker]
     try:
@@ -153,9 +207,22 @@ def test_tls_cluster_works_plaintext_refused(lan, tmp_path, tiny_model_dir):
         # a plaintext peer cannot even make a call
         assert _in_ns(lan, 2, PLAINTEXT, f"{lan.ip(0)}:{grpc_port}") == "REFUSED UNAVAILABLE"
         # nor can a worker whose certificate another CA signed
-        bad = Node("stranger", tmp_path, ["join", "--master", f"{lan.ip(0)}:{grpc_port}", "--tls-cert",
-                                          str(stranger / "worker.crt"), "--tls-key", str(stranger / "worker.key"),
-                                          "--tls-ca", str(certs / "ca.crt")], wrap=lan.cmd(3, []))
+        bad = Node(
+            "stranger",
+            tmp_path,
+            [
+                "join",
+                "--master",
+                f"{lan.ip(0)}:{grpc_port}",
+                "--tls-cert",
+                str(stranger / "worker.crt"),
+                "--tls-key",
+                str(stranger / "worker.key"),
+                "--tls-ca",
+                str(certs / "ca.crt"),
+            ],
+            wrap=lan.cmd(3, []),
+        )
         time.sleep(4)
         assert "ready; serving" not in bad.log()
         bad.stop()

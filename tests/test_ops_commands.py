@@ -1,24 +1,23 @@
 """`tpi-node status`, `tpi-node token`, `tpi-node certs` through their argparse entry points,
 against a real HTTP server."""
+
 from __future__ import annotations
 
-import argparse
 import socket
 import threading
 import time
 
 import pytest
 
-from tpi_node.cluster import ops_commands, tls
-from tpi_node.errors import UserError
 from tests.test_dashboard import _state
+from tpi_node.cli import parse
+from tpi_node.cluster import tls
+from tpi_node.errors import UserError
 
 
 def _run(argv: list[str], capsys) -> str:
-    p = argparse.ArgumentParser(prog="tpi-node")
-    ops_commands.add_commands(p.add_subparsers(dest="command"))
-    args = p.parse_args(argv)
-    assert args.func(args) == 0
+    cmd, settings, _ = parse(argv)  # the CLI's own parser and settings
+    assert cmd.run(settings) == 0
     return capsys.readouterr().out
 
 
@@ -29,8 +28,9 @@ def _free_port() -> int:
 
 
 def test_certs_command_makes_a_verifiable_cluster(tmp_path, capsys):
-    out = _run(["certs", "--out", str(tmp_path), "--worker", "laptop", "--worker", "jetson", "--host", "10.0.0.5"],
-               capsys)
+    out = _run(
+        ["certs", "--out", str(tmp_path), "--worker", "laptop", "--worker", "jetson", "--host", "10.0.0.5"], capsys
+    )
     ca = (tmp_path / "ca.crt").read_bytes()
     for name in ("master", "laptop", "jetson"):
         assert str(tmp_path / f"{name}.crt") in out
@@ -65,7 +65,7 @@ def test_status_prints_every_node(capsys):
     lines = out.strip().splitlines()
     assert "NOT READY" in lines[0] and "SmolLM2-360M-Instruct" in lines[0]
     assert lines[1].split()[:3] == ["NODE", "ROLE", "ADDRESS"]
-    rows = {l.split()[0]: l for l in lines[2:]}
+    rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == {"desk-3f2a91c0", "laptop-7be01d44", "jetson-0c55e2b9"}
     assert "lost" in rows["jetson-0c55e2b9"] and "4.2s ago" in rows["jetson-0c55e2b9"]
     assert "8 layers" in rows["laptop-7be01d44"] and "resident" in rows["desk-3f2a91c0"]

@@ -1,4 +1,5 @@
 """Partition planner invariants (property tests with hypothesis)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,18 @@ from tpi_node.weights.plan import FFN_BLOCK, NodeCapacity, PartitionPlan, PlanEr
 
 
 def cfg_of(kv: int, g: int, ffn: int, hidden: int = 256, hd: int = 32) -> ModelConfig:
-    return ModelConfig.from_dict(dict(model_type="llama", vocab_size=100, hidden_size=hidden, intermediate_size=ffn,
-                                      num_hidden_layers=4, num_attention_heads=kv * g, num_key_value_heads=kv,
-                                      head_dim=hd))
+    return ModelConfig.from_dict(
+        dict(
+            model_type="llama",
+            vocab_size=100,
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=4,
+            num_attention_heads=kv * g,
+            num_key_value_heads=kv,
+            head_dim=hd,
+        )
+    )
 
 
 caps_st = st.lists(st.tuples(st.integers(1, 16), st.one_of(st.none(), st.floats(0.1, 10))), min_size=1, max_size=9)
@@ -47,8 +57,8 @@ def test_shares_follow_capacity(kv, cores):
     for w, c in zip(work, cores):
         assert abs(w - total * c / wsum) <= 1.5 * unit + 1e-6 * total
     # a strictly faster node never gets less work than a slower one (up to one unit)
-    for (w1, c1) in zip(work, cores):
-        for (w2, c2) in zip(work, cores):
+    for w1, c1 in zip(work, cores):
+        for w2, c2 in zip(work, cores):
             if c1 > c2:
                 assert w1 >= w2 - unit
 
@@ -57,7 +67,7 @@ def test_uneven_cases_from_the_issue():
     # 3 KV heads over 2 equal nodes
     p = make_plan(cfg_of(3, 3, 1536), [NodeCapacity("a", 0, 2), NodeCapacity("b", 0, 2)])
     assert [s.n_kv for s in p.shares] == [2, 1]
-    assert p.shares[1].n_ffn > p.shares[0].n_ffn        # fewer heads -> more FFN columns
+    assert p.shares[1].n_ffn > p.shares[0].n_ffn  # fewer heads -> more FFN columns
     # 5 nodes for 4 KV heads: one node is FFN-only
     p = make_plan(cfg_of(4, 2, 2048), [NodeCapacity(f"n{i}", 0, 1) for i in range(5)])
     assert sorted(s.n_kv for s in p.shares) == [0, 1, 1, 1, 1]

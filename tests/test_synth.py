@@ -1,5 +1,6 @@
 """Synthetic checkpoints: real shapes (checked against transformers and published sizes),
 sharding, determinism, loadability."""
+
 from __future__ import annotations
 
 import json
@@ -53,13 +54,12 @@ def test_real_preset_shapes_match_transformers_and_published_size(preset):
 @pytest.mark.parametrize("preset", TINY)
 def test_tiny_loads_in_transformers_without_missing_keys(tiny_model_dir, preset):
     path = tiny_model_dir(preset)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     written = _read_all(path)
     state = model.state_dict()
     for name, tensor in written.items():
-        assert torch.equal(state[name], tensor), name       # loaded exactly what we wrote
+        assert torch.equal(state[name], tensor), name  # loaded exactly what we wrote
     logits = model(torch.tensor([[5, 6, 7, 8]])).logits
     assert logits.shape == (1, 4, PRESETS[preset]["vocab_size"]) and torch.isfinite(logits).all()
 
@@ -74,13 +74,13 @@ def test_sharding_index_and_statistics(tiny_model_dir):
     assert sorted(p.name for p in path.glob("*.safetensors")) == files
     wm = index["weight_map"]
     assert wm["model.embed_tokens.weight"] == files[0]
-    for i in range(n_layers):                                   # one shard per layer
+    for i in range(n_layers):  # one shard per layer
         assert {f for k, f in wm.items() if k.startswith(f"model.layers.{i}.")} == {files[i + 1]}
     assert wm["model.norm.weight"] == wm["lm_head.weight"] == files[-1]
     tensors = _read_all(path)
     assert set(tensors) == set(wm)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert "model.layers.0.self_attn.q_proj.bias" in tensors        # qwen2 biases
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors  # qwen2 biases
     assert "model.layers.0.self_attn.o_proj.bias" not in tensors
     q = tensors["model.layers.1.self_attn.q_proj.weight"]
     assert abs(float(q.std()) - 0.02) < 0.002 and abs(float(q.mean())) < 0.002
@@ -104,7 +104,7 @@ def test_deterministic_per_seed_and_layers_override(tiny_model_dir, tmp_path):
     assert json.loads((two / "config.json").read_text())["num_hidden_layers"] == 2
     d = _read_all(two)
     assert not any(k.startswith("model.layers.2.") for k in d)
-    assert all(torch.equal(d[k], a[k]) for k in d)          # same values as the first layers
+    assert all(torch.equal(d[k], a[k]) for k in d)  # same values as the first layers
 
 
 def test_bf16(tiny_model_dir):
@@ -121,8 +121,10 @@ def test_synthetic_tokenizer_serves(tiny_model_dir):
     assert max(ids) < cfg["vocab_size"] and tok.vocab_size <= cfg["vocab_size"]
     assert tok.decode(ids) == "héllo 😀 "
     assert cfg["eos_token_id"] in tok.eos_token_ids and tok.id_to_token(cfg["eos_token_id"]) == "<|im_end|>"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_bad_arguments(tmp_path):

@@ -3,6 +3,7 @@ it serving the same greedy completion as one node on loopback, and nothing left 
 
 Needs root and network namespaces; skipped with the reason elsewhere. Installs nftables (the
 delay relay's redirect) with apt-get when it is missing."""
+
 from __future__ import annotations
 
 import json
@@ -64,6 +65,7 @@ def _why_no_testbed() -> str | None:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
             subprocess.run(["apt-get", "install", "-y", "-q", "nftables"], capture_output=True, env=env)
     from tpi_node.testbed.netns import check_host
+
     try:
         check_host()
     except UserError as e:
@@ -80,8 +82,7 @@ def testbed():
     from tpi_node.testbed.presets import make_spec
 
     tb = Testbed(NAME, SUBNET)
-    spec = make_spec("tpi-paper", nodes=3, rate=f"{RATE_MBIT}mbit", latency_ms=LATENCY_MS,
-                     memory="3GiB", cpus=None)
+    spec = make_spec("tpi-paper", nodes=3, rate=f"{RATE_MBIT}mbit", latency_ms=LATENCY_MS, memory="3GiB", cpus=None)
     tb.up(spec)
     try:
         yield tb
@@ -92,8 +93,12 @@ def testbed():
 def _left_over() -> list[str]:
     """Anything of the test testbed still on the machine."""
     from tpi_node.testbed.netns import STATE_ROOT, _own_cgroup
-    left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-            if ns.startswith(NAME)]
+
+    left = [
+        ns
+        for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        if ns.startswith(NAME)
+    ]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     left += [w for w in links.split() if w.startswith(NAME)]
     for ctrl in ("memory", "cpu"):
@@ -111,12 +116,17 @@ def _left_over() -> list[str]:
 def test_links_have_the_latency_and_rate_asked_for(testbed):
     """Round trip between two nodes = 2 x the one-way latency; bulk rate at most the link rate;
     bytes arrive intact and in order through the delay relay."""
-    server = subprocess.Popen(testbed.command("n1", [sys.executable, "-c", PROBE, "server"]),
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        testbed.command("n1", [sys.executable, "-c", PROBE, "server"]), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout.readline().strip() == "ready"
-        out = subprocess.run(testbed.command("n2", [sys.executable, "-c", PROBE, "client", testbed.resolve("n1").ip]),
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            testbed.command("n2", [sys.executable, "-c", PROBE, "client", testbed.resolve("n1").ip]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         m = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -128,9 +138,10 @@ def test_links_have_the_latency_and_rate_asked_for(testbed):
     # The node's processes run inside its memory cgroup, with its hostname.
     name = subprocess.run(testbed.command("n2", ["hostname"]), capture_output=True, text=True).stdout.strip()
     assert name == f"{NAME}-n2"
-    if testbed.node(2).memcg:                 # cgroup v1 memory hierarchy (this machine kind)
-        cgroup = subprocess.run(testbed.command("n2", ["cat", "/proc/self/cgroup"]), capture_output=True,
-                                text=True).stdout
+    if testbed.node(2).memcg:  # cgroup v1 memory hierarchy (this machine kind)
+        cgroup = subprocess.run(
+            testbed.command("n2", ["cat", "/proc/self/cgroup"]), capture_output=True, text=True
+        ).stdout
         assert f"/{NAME}/n2" in cgroup
         limit = Path(testbed.node(2).memcg, "memory.limit_in_bytes").read_text()
         assert int(limit) == 3 * 2**30
@@ -171,23 +182,28 @@ else:
 
 def test_relay_keeps_order_while_the_latency_changes(testbed):
     """`shape --latency-ms` reaches open connections at once; bytes never overtake each other."""
-    server = subprocess.Popen(testbed.command("n1", [sys.executable, "-c", ECHO_STREAM, "server"]),
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        testbed.command("n1", [sys.executable, "-c", ECHO_STREAM, "server"]), stdout=subprocess.PIPE, text=True
+    )
     client = None
     try:
         assert server.stdout.readline().strip() == "ready"
-        client = subprocess.Popen(testbed.command("n2", [sys.executable, "-c", ECHO_STREAM, "client",
-                                                         testbed.resolve("n1").ip, "3"]),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            testbed.command("n2", [sys.executable, "-c", ECHO_STREAM, "client", testbed.resolve("n1").ip, "3"]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert client.stdout.readline().strip() == "connected"
         client.stdin.write("go\n")
         client.stdin.flush()
-        for lat in (0.0, 3.0, 0.5, 8.0, 0.0, LATENCY_MS):    # shorter and longer, back and forth
+        for lat in (0.0, 3.0, 0.5, 8.0, 0.0, LATENCY_MS):  # shorter and longer, back and forth
             time.sleep(0.4)
             testbed.set_link(latency_ms=lat)
         out, err = client.communicate(timeout=60)
         assert client.returncode == 0, err[-2000:]
-        assert int(out.strip()) == 3000                          # every message, in order
+        assert int(out.strip()) == 3000  # every message, in order
     finally:
         for p in (server, client):
             if p is not None and p.poll() is None:
@@ -196,7 +212,6 @@ def test_relay_keeps_order_while_the_latency_changes(testbed):
 
 
 def test_three_node_cluster_matches_loopback(testbed, smollm2_dir, tmp_path):
-    pytest.importorskip("tpi_node.cluster.commands", reason="the cluster commands (serve/join) are not built yet")
     from tpi_node.testbed.cluster import TestbedCluster
 
     prompt, n = "The three primary colors are", 8
@@ -230,14 +245,20 @@ def test_cli_up_status_down():
     cli = [str(REPO / "scripts" / "testbed"), "--name", "tpicli", "--subnet", "10.231.10.0/24"]
     env = {**os.environ, "PYTHON": sys.executable}
     try:
-        up = subprocess.run([*cli, "up", "--preset", "home-wifi", "--nodes", "2", "--memory", "512MiB"],
-                            capture_output=True, text=True, env=env, timeout=60)
+        up = subprocess.run(
+            [*cli, "up", "--preset", "home-wifi", "--nodes", "2", "--memory", "512MiB"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert up.returncode == 0, up.stderr
         assert "10.231.10.11" in up.stdout
         status = subprocess.run([*cli, "status"], capture_output=True, text=True, env=env)
         assert "100 Mbit/s, 5 ms" in status.stdout and "512 MiB" in status.stdout
-        ex = subprocess.run([*cli, "exec", "n1", "ip", "-4", "-o", "addr", "show", "eth0"], capture_output=True,
-                            text=True, env=env)
+        ex = subprocess.run(
+            [*cli, "exec", "n1", "ip", "-4", "-o", "addr", "show", "eth0"], capture_output=True, text=True, env=env
+        )
         assert "10.231.10.11/24" in ex.stdout
         bad = subprocess.run([*cli, "exec", "n7", "true"], capture_output=True, text=True, env=env)
         assert bad.returncode == 2 and "no node 'n7'" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,12 +1,14 @@
 """Tokenizer vs transformers' AutoTokenizer on the real SmolLM2 directory and on synthetic
 ones; IncrementalDecoder and StopMatcher on real token streams."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer, TokenizerError
 
@@ -57,8 +59,7 @@ def test_chat_template_matches_transformers(smol, messages, gen_prompt):
 def test_content_parts_are_joined(smol):
     ours, _ = smol
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert ours.apply_chat_template(parts) == ours.apply_chat_template(
-        [{"role": "user", "content": "a\nb"}])
+    assert ours.apply_chat_template(parts) == ours.apply_chat_template([{"role": "user", "content": "a\nb"}])
 
 
 def test_special_ids(smol):
@@ -82,10 +83,13 @@ def _edited_copy(src, dst, **tok_config_changes):
 
 
 def _with_bos_post_processor(path):
-    from tokenizers import Tokenizer as Backend, processors
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
     backend = Backend.from_file(str(path / "tokenizer.json"))
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
     backend.save(str(path / "tokenizer.json"))
 
 
@@ -101,7 +105,8 @@ def test_bos_eos_rules_match_transformers(tiny_model_dir, tmp_path, changes, bos
         assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
     assert (ours.encode("hi")[0] == ours.bos_token_id) == bos_post_processor
     assert ours.apply_chat_template(CONVERSATION) == hf.apply_chat_template(
-        CONVERSATION, tokenize=False, add_generation_prompt=True)
+        CONVERSATION, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_missing_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -114,8 +119,10 @@ def test_missing_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
 
 
 def test_template_helpers_like_transformers(tiny_model_dir, tmp_path):
-    template = ("{% if messages|length > 2 %}{{ raise_exception('too many') }}{% endif %}"
-                "{{ messages|tojson }}|{{ strftime_now('%Y') }}|{{ bos_token }}")
+    template = (
+        "{% if messages|length > 2 %}{{ raise_exception('too many') }}{% endif %}"
+        "{{ messages|tojson }}|{{ strftime_now('%Y') }}|{{ bos_token }}"
+    )
     path = _edited_copy(tiny_model_dir("tiny-llama"), tmp_path / "m", chat_template=template)
     ours, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
     msgs = [{"role": "user", "content": "<b>é</b>"}]
@@ -133,22 +140,22 @@ def _stream(tok, ids, **kw):
 
 @pytest.mark.parametrize("text", [t for t in TEXTS if t] + ["🙂" * 40 + "漢字" * 30])
 def test_incremental_decode_equals_full_decode(smol, tiny_model_dir, text):
-    byte_level = Tokenizer.from_dir(tiny_model_dir("tiny-llama"))   # one token per byte
+    byte_level = Tokenizer.from_dir(tiny_model_dir("tiny-llama"))  # one token per byte
     for tok in (smol[0], byte_level):
         ids = tok.encode(text, add_special_tokens=False)
         pieces, dec = _stream(tok, ids)
         assert "".join(pieces) == tok.decode(ids)
         assert not any("\ufffd" in p for p in pieces)
-        assert len(dec._ids) <= 8           # the decode window stays small
+        assert len(dec._ids) <= 8  # the decode window stays small
 
 
 def test_incremental_holds_back_partial_characters(tiny_model_dir):
     tok = Tokenizer.from_dir(tiny_model_dir("tiny-llama"))
-    ids = tok.encode("a😀", add_special_tokens=False)       # 1 + 4 byte tokens
+    ids = tok.encode("a😀", add_special_tokens=False)  # 1 + 4 byte tokens
     assert len(ids) == 5
     pieces, _ = _stream(tok, ids)
     assert pieces == ["a", "", "", "", "😀", ""]
-    truncated, _ = _stream(tok, ids[:3])                      # ends mid-character
+    truncated, _ = _stream(tok, ids[:3])  # ends mid-character
     assert truncated == ["a", "", "", ""]
 
 
@@ -173,22 +180,24 @@ def test_stop_matcher_examples():
     m = StopMatcher(["</end>", "STOP"])
     assert m.feed("hello </") == ("hello ", False)
     assert m.feed("en") == ("", False)
-    assert m.feed("x ST") == ("</enx ", False)     # not a stop after all: released
+    assert m.feed("x ST") == ("</enx ", False)  # not a stop after all: released
     assert m.feed("OP tail") == ("", True)
     assert m.matched == "STOP"
     assert m.feed("more") == ("", True)
     m = StopMatcher(["abc"])
     assert m.feed("xab") == ("x", False)
-    assert m.flush() == "ab"                         # stream ended: the tail is text
+    assert m.flush() == "ab"  # stream ended: the tail is text
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="abc<>/ ", max_size=40),
-       stops=st.lists(st.text(alphabet="abc<>/", min_size=1, max_size=4), min_size=1, max_size=3),
-       cuts=st.lists(st.integers(0, 40), max_size=10))
+@given(
+    text=st.text(alphabet="abc<>/ ", max_size=40),
+    stops=st.lists(st.text(alphabet="abc<>/", min_size=1, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=10),
+)
 def test_stop_matcher_equals_cutting_at_first_stop(text, stops, cuts):
     hits = [i for s in stops if (i := text.find(s)) >= 0]
-    expected = text[:min(hits)] if hits else text
+    expected = text[: min(hits)] if hits else text
     m, out, bounds = StopMatcher(stops), [], sorted(set([0, len(text)] + [c for c in cuts if c < len(text)]))
     stopped = False
     for a, b in zip(bounds, bounds[1:]):

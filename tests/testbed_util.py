@@ -1,4 +1,5 @@
 """Shared by the testbed tests: an OpenAI completion over plain HTTP and the loopback reference."""
+
 from __future__ import annotations
 
 import json

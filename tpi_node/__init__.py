@@ -1,4 +1,5 @@
 """tpi-node: serve one large language model on the machines you already own."""
+
 import os as _os
 
 # OpenMP threads that spin while waiting turn a matrix product into a 10-30x slowdown as soon as

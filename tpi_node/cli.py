@@ -1,70 +1,59 @@
-"""tpi-node: the command line. Each area registers its own subcommands; this file only collects
-them, sets up logging, and turns user errors into one clear line and exit code 2."""
+"""tpi-node: the command line. Builds one subparser per command (tpi_node/commands) from its
+settings family, loads the frozen settings (flags > TPI_* > --config YAML > defaults), sets up
+logging, and turns user errors into one clear line and exit code 2."""
+
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from tpi_node import __version__
+from tpi_node.commands import commands
 from tpi_node.errors import UserError
-
-# Modules that contribute subcommands through `add_commands(subparsers)`.
-COMMAND_MODULES = [
-    "tpi_node.commands_model",      # prepare, synth, generate
-    "tpi_node.cluster.commands",    # serve, join, run
-    "tpi_node.cluster.ops_commands",  # status, token, certs
-]
-
-
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-    if v < 0 or v != v:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
+from tpi_node.settings import add_flags, load
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpi-node", description="Serve one large language model from the machines you own: "
-                                "tensor parallel over gRPC, layers streamed from disk, an OpenAI-compatible API.")
+    p = argparse.ArgumentParser(
+        prog="tpi-node",
+        description="Serve one large language model from the machines you own: "
+        "tensor parallel over gRPC, layers streamed from disk, an OpenAI-compatible API.",
+    )
     p.add_argument("--version", action="version", version=f"tpi-node {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # an optional area not installed in this build
-            if e.name and name.startswith(e.name):
-                continue
-            raise
-        mod.add_commands(sub)
+    for cmd in commands():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        add_flags(sp, cmd.settings)
+        sp.set_defaults(_command=cmd)
     return p
+
+
+def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
+    """argv -> (the command or None, its loaded settings or None, verbose). UserError for a bad
+    value from the environment or the --config file (bad flags exit through argparse)."""
+    parser = parser or build_parser()
+    given = vars(parser.parse_args(argv))
+    verbose, cmd = given.pop("verbose"), given.pop("_command", None)
+    given.pop("command", None)
+    return cmd, (load(cmd.settings, given) if cmd is not None else None), verbose
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
     try:
-        return int(args.func(args) or 0)
+        cmd, settings, verbose = parse(argv, parser)
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        if cmd is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(cmd.run(settings) or 0)
     except UserError as e:
         print(f"tpi-node: error: {e}", file=sys.stderr)
         return 2

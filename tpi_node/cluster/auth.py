@@ -18,12 +18,12 @@ proof can be replayed (fresh nonces on both sides), and a proof for one directio
 the other (distinct labels). The proof guards admission; confidentiality of the traffic itself
 is TLS's job (tls.py).
 """
+
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 import time
@@ -33,7 +33,7 @@ from tpi_node.errors import UserError
 TOKEN_PREFIX = "tpi1-"
 NONCE_BYTES = 32
 CHALLENGE_TTL_S = 60.0
-MAX_PENDING = 1024          # bound the master's table of open challenges (a flood cannot grow it)
+MAX_PENDING = 1024  # bound the master's table of open challenges (a flood cannot grow it)
 
 
 class AuthError(Exception):
@@ -49,15 +49,14 @@ def check_token(token: str) -> str:
     refuse obviously weak ones with one line."""
     token = token.strip()
     if len(token) < 16:
-        raise UserError("the cluster token is too short (at least 16 characters; "
-                        "`tpi-node token` makes a strong one)")
+        raise UserError("the cluster token is too short (at least 16 characters; `tpi-node token` makes a strong one)")
     return token
 
 
-def resolve_token(flag: str | None) -> str | None:
-    """The token from --token, else TPI_CLUSTER_TOKEN, else None (an open cluster)."""
-    tok = flag if flag else os.environ.get("TPI_CLUSTER_TOKEN") or None
-    return check_token(tok) if tok else None
+def resolve_token(token: str | None) -> str | None:
+    """The cluster token as settings give it (--token or TPI_CLUSTER_TOKEN), checked; None (or
+    an empty one) is an open cluster."""
+    return check_token(token) if token else None
 
 
 def _key(token: str) -> bytes:
@@ -79,7 +78,7 @@ class JoinVerifier:
 
     def __init__(self, token: str) -> None:
         self._key = _key(token)
-        self._pending: dict[bytes, tuple[str, bytes, float]] = {}   # sn -> (node_id, cn, expiry)
+        self._pending: dict[bytes, tuple[str, bytes, float]] = {}  # sn -> (node_id, cn, expiry)
         self._lock = threading.Lock()
 
     def challenge(self, node_id: str, client_nonce: bytes) -> tuple[bytes, bytes]:

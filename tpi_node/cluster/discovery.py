@@ -6,6 +6,7 @@ HTTP ports, for a worker its capacity (memory, cores, disk). `tpi-node join` wit
 browses for the master of its cluster (`find_master`); `serve --auto-admit` watches the workers
 (`WorkerBrowser`). mDNS only crosses one network segment (multicast to 224.0.0.251, UDP 5353).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -20,7 +21,7 @@ from tpi_node.errors import UserError
 log = logging.getLogger("tpi_node.discovery")
 
 SERVICE_TYPE = "_tpi-node._tcp.local."
-MAX_TXT_VALUE = 200          # bytes; a stranger's records are bounded before use
+MAX_TXT_VALUE = 200  # bytes; a stranger's records are bounded before use
 
 
 class DiscoveryError(UserError):
@@ -30,13 +31,14 @@ class DiscoveryError(UserError):
 @dataclass(frozen=True)
 class Peer:
     """One advertised node as seen by a browser."""
-    name: str                        # the mDNS instance name
+
+    name: str  # the mDNS instance name
     node_id: str
     role: str
     cluster: str
     version: str
     addresses: tuple[str, ...]
-    port: int                        # gRPC port (master) or 0
+    port: int  # gRPC port (master) or 0
     http_port: int = 0
     props: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -51,8 +53,10 @@ class Peer:
 
 # ---------------------------------------------------------------- addresses
 
+
 def _local_networks() -> list[ipaddress.IPv4Network]:
     import ifaddr
+
     nets = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
@@ -92,6 +96,7 @@ def pick_address(addresses: tuple[str, ...] | list[str]) -> str:
 
 # ---------------------------------------------------------------- advertising
 
+
 def _txt(props: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in props.items() if v is not None}
 
@@ -99,22 +104,42 @@ def _txt(props: dict) -> dict[str, str]:
 class Advertisement:
     """This node's mDNS record, registered until close()."""
 
-    def __init__(self, role: str, cluster: str, node_id: str, version: str, port: int = 0,
-                 http_port: int = 0, extra: dict | None = None, addresses: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        cluster: str,
+        node_id: str,
+        version: str,
+        port: int = 0,
+        http_port: int = 0,
+        extra: dict | None = None,
+        addresses: list[str] | None = None,
+    ) -> None:
         from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
         self.addresses = addresses or local_addresses()
-        props = {"cluster": cluster, "role": role, "version": version, "id": node_id,
-                 "grpc": port or None, "http": http_port or None, **(extra or {})}
+        props = {
+            "cluster": cluster,
+            "role": role,
+            "version": version,
+            "id": node_id,
+            "grpc": port or None,
+            "http": http_port or None,
+            **(extra or {}),
+        }
         host = socket.gethostname().split(".")[0] or "tpi-node"
         self.info = ServiceInfo(
-            SERVICE_TYPE, f"{node_id}.{SERVICE_TYPE}", port=port, properties=_txt(props),
-            addresses=[socket.inet_aton(a) for a in self.addresses], server=f"{host}-{node_id}.local.")
+            SERVICE_TYPE,
+            f"{node_id}.{SERVICE_TYPE}",
+            port=port,
+            properties=_txt(props),
+            addresses=[socket.inet_aton(a) for a in self.addresses],
+            server=f"{host}-{node_id}.local.",
+        )
         self._zc = Zeroconf(ip_version=IPVersion.V4Only)
         # allow_name_change: a stale record of our own id (a crash a moment ago) must not block us
         self._zc.register_service(self.info, allow_name_change=True)
-        log.info("advertising %s '%s' of cluster '%s' on %s (mDNS)", role, node_id, cluster,
-                 ", ".join(self.addresses))
+        log.info("advertising %s '%s' of cluster '%s' on %s (mDNS)", role, node_id, cluster, ", ".join(self.addresses))
 
     def close(self) -> None:
         try:
@@ -122,25 +147,26 @@ class Advertisement:
         finally:
             self._zc.close()
 
-    def __enter__(self) -> "Advertisement":
+    def __enter__(self) -> Advertisement:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def advertise_master(cluster: str, node_id: str, version: str, grpc_port: int, http_port: int,
-                     **kw) -> Advertisement:
+def advertise_master(cluster: str, node_id: str, version: str, grpc_port: int, http_port: int, **kw) -> Advertisement:
     return Advertisement("master", cluster, node_id, version, grpc_port, http_port, **kw)
 
 
-def advertise_worker(cluster: str, node_id: str, version: str, memory_bytes: int, cores: int,
-                     disk_bytes: int = 0, **kw) -> Advertisement:
+def advertise_worker(
+    cluster: str, node_id: str, version: str, memory_bytes: int, cores: int, disk_bytes: int = 0, **kw
+) -> Advertisement:
     extra = {"memory": memory_bytes, "cores": cores, "disk": disk_bytes or None}
     return Advertisement("worker", cluster, node_id, version, extra=extra, **kw)
 
 
 # ---------------------------------------------------------------- browsing
+
 
 def _peer_from_info(info) -> Peer | None:
     """A Peer from a resolved ServiceInfo, or None when its records are not a tpi-node's."""
@@ -160,9 +186,17 @@ def _peer_from_info(info) -> Peer | None:
             return 0
         return p if 0 < p < 65536 else 0
 
-    return Peer(name=info.name, node_id=props["id"], role=role, cluster=props.get("cluster", ""),
-                version=props.get("version", "?"), addresses=tuple(info.parsed_addresses()),
-                port=port("grpc"), http_port=port("http"), props=props)
+    return Peer(
+        name=info.name,
+        node_id=props["id"],
+        role=role,
+        cluster=props.get("cluster", ""),
+        version=props.get("version", "?"),
+        addresses=tuple(info.parsed_addresses()),
+        port=port("grpc"),
+        http_port=port("http"),
+        props=props,
+    )
 
 
 class Browser:
@@ -200,7 +234,7 @@ class Browser:
                 peer = _peer_from_info(info)
                 if peer is not None:
                     self._peers[name] = peer
-            deadline = time.monotonic()       # after the first change: drain without waiting
+            deadline = time.monotonic()  # after the first change: drain without waiting
 
     def peers(self) -> list[Peer]:
         return list(self.poll().values())
@@ -209,7 +243,7 @@ class Browser:
         self._browser.cancel()
         self._zc.close()
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,6 +267,7 @@ class WorkerWatch:
 
     def __init__(self, cluster: str, every_s: float = 1.0) -> None:
         import threading
+
         self.workers: list[Peer] = []
         self._stop = threading.Event()
         self._browser = WorkerBrowser(cluster)
@@ -264,8 +299,11 @@ def find_master(cluster: str = "default", timeout: float = 5.0, version: str | N
         first_match = None
         while time.monotonic() < deadline:
             found = b.poll(wait=min(0.2, max(0.0, deadline - time.monotonic())))
-            ours = [p for p in found.values() if p.role == "master" and p.cluster == cluster
-                    and (version is None or p.version == version)]
+            ours = [
+                p
+                for p in found.values()
+                if p.role == "master" and p.cluster == cluster and (version is None or p.version == version)
+            ]
             if ours and first_match is None:
                 first_match = time.monotonic()
             # after the first answer, listen a moment longer: two masters would be ambiguous
@@ -276,15 +314,29 @@ def find_master(cluster: str = "default", timeout: float = 5.0, version: str | N
     if len(ours) == 1:
         return ours[0]
     if len(ours) > 1:
-        raise DiscoveryError(f"found {len(ours)} masters of cluster '{cluster}': "
-                             + "; ".join(p.describe() for p in ours) + ". Give --master HOST[:PORT]")
+        raise DiscoveryError(
+            f"found {len(ours)} masters of cluster '{cluster}': "
+            + "; ".join(p.describe() for p in ours)
+            + ". Give --master HOST[:PORT]"
+        )
     if masters:
-        hint = ("; wrong version: upgrade one side" if any(p.cluster == cluster for p in masters)
-                else "; join another cluster with --cluster NAME")
-        raise DiscoveryError(f"no master of cluster '{cluster}'" + (f" with version {version}" if version else "")
-                             + " found in " + f"{timeout:g} s; found: "
-                             + "; ".join(p.describe() for p in masters) + hint + ", or give --master HOST[:PORT]")
+        hint = (
+            "; wrong version: upgrade one side"
+            if any(p.cluster == cluster for p in masters)
+            else "; join another cluster with --cluster NAME"
+        )
+        raise DiscoveryError(
+            f"no master of cluster '{cluster}'"
+            + (f" with version {version}" if version else "")
+            + " found in "
+            + f"{timeout:g} s; found: "
+            + "; ".join(p.describe() for p in masters)
+            + hint
+            + ", or give --master HOST[:PORT]"
+        )
     others = f" (saw {len(found)} worker(s), no master)" if found else ""
-    raise DiscoveryError(f"no tpi-node master answered on this network in {timeout:g} s{others}. "
-                         "Is the master running (`tpi-node serve`) on the same network segment, and "
-                         "is UDP port 5353 (mDNS) open in both firewalls? Or give --master HOST[:PORT]")
+    raise DiscoveryError(
+        f"no tpi-node master answered on this network in {timeout:g} s{others}. "
+        "Is the master running (`tpi-node serve`) on the same network segment, and "
+        "is UDP port 5353 (mDNS) open in both firewalls? Or give --master HOST[:PORT]"
+    )

@@ -6,26 +6,23 @@ it was made on (/etc/machine-id, else the host name): a copied file on another m
 matches its fingerprint and a fresh id is made there. The id reads `<host>-<8 hex>` so logs and
 `tpi-node status` say which machine a node is.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import socket
 from pathlib import Path
 
+from tpi_node.paths import tpi_home
+
 log = logging.getLogger("tpi_node.identity")
 
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 ID_FILE = "node-id.json"
-
-
-def tpi_home() -> Path:
-    """Where tpi-node keeps its state ($TPI_HOME, else ~/.cache/tpi-node)."""
-    return Path(os.environ.get("TPI_HOME") or Path.home() / ".cache" / "tpi-node")
 
 
 def machine_fingerprint() -> str:
@@ -78,6 +75,6 @@ def node_id(home: Path | None = None, role: str = "node") -> str:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1))
             tmp.replace(path)
-        except OSError as e:     # read-only home: still a valid id, just not a stable one
+        except OSError as e:  # read-only home: still a valid id, just not a stable one
             log.warning("cannot store the node id in %s (%s); it will change on restart", path, e)
     return nid

@@ -6,6 +6,7 @@ The master without a token answers `required = false` (an open cluster) and igno
 worker with a token refuses such a master (it cannot prove anything), a worker without a token
 is refused by a master with one. Messages are one line, shown on both sides.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -14,6 +15,7 @@ import secrets
 import threading
 
 from tpi_node.cluster.auth import AuthError, JoinProver, JoinVerifier
+from tpi_node.proto import tpi_pb2 as pb
 
 log = logging.getLogger("tpi_node.auth")
 
@@ -46,15 +48,16 @@ class MasterAuth:
         self.tickets = Tickets()
         self.verifier = JoinVerifier(token) if token else None
         if token is None:
-            log.warning("no cluster token: any machine that reaches this master can join "
-                        "(make one with `tpi-node token`, then --token or TPI_CLUSTER_TOKEN on every node)")
+            log.warning(
+                "no cluster token: any machine that reaches this master can join "
+                "(make one with `tpi-node token`, then --token or TPI_CLUSTER_TOKEN on every node)"
+            )
 
     def challenge(self, request):
         """Answer a Challenge RPC."""
-        from tpi_node.proto import tpi_pb2 as pb
         if self.verifier is None:
             return pb.ChallengeReply(required=False)
-        if not request.client_nonce:        # a worker without a token: it will be told it needs one
+        if not request.client_nonce:  # a worker without a token: it will be told it needs one
             return pb.ChallengeReply(required=True)
         try:
             sn, proof = self.verifier.challenge(request.node_id, bytes(request.client_nonce))
@@ -69,8 +72,9 @@ class MasterAuth:
         if not request.auth_proof:
             return "this cluster needs a token: give --token or TPI_CLUSTER_TOKEN"
         try:
-            self.verifier.verify(request.node_id, bytes(request.client_nonce), bytes(request.server_nonce),
-                                 bytes(request.auth_proof))
+            self.verifier.verify(
+                request.node_id, bytes(request.client_nonce), bytes(request.server_nonce), bytes(request.auth_proof)
+            )
         except AuthError as e:
             log.warning("refused node %s: %s", request.node_id, e)
             return str(e)
@@ -83,8 +87,10 @@ def _answer(prover: JoinProver | None, reply, request) -> None:
         raise AuthError(reply.reason)
     if not reply.required:
         if prover is not None:
-            raise AuthError("the master has no cluster token but this worker has one: refusing to join "
-                            "an open cluster (give the master the same --token, or drop it here)")
+            raise AuthError(
+                "the master has no cluster token but this worker has one: refusing to join "
+                "an open cluster (give the master the same --token, or drop it here)"
+            )
         return
     if prover is None:
         raise AuthError("this cluster needs a token: give --token or TPI_CLUSTER_TOKEN")
@@ -95,7 +101,6 @@ def _answer(prover: JoinProver | None, reply, request) -> None:
 
 def prove_join(stub, token: str | None, request, timeout: float = 10.0) -> None:
     """Run the handshake with a sync stub; fills `request`'s auth fields. Raises AuthError."""
-    from tpi_node.proto import tpi_pb2 as pb
     prover = JoinProver(token, request.node_id) if token else None
     nonce = prover.client_nonce if prover else b""
     reply = stub.Challenge(pb.ChallengeRequest(node_id=request.node_id, client_nonce=nonce), timeout=timeout)
@@ -104,7 +109,6 @@ def prove_join(stub, token: str | None, request, timeout: float = 10.0) -> None:
 
 async def prove_join_async(stub, token: str | None, request, timeout: float = 10.0) -> None:
     """prove_join for a grpc.aio stub."""
-    from tpi_node.proto import tpi_pb2 as pb
     prover = JoinProver(token, request.node_id) if token else None
     nonce = prover.client_nonce if prover else b""
     reply = await stub.Challenge(pb.ChallengeRequest(node_id=request.node_id, client_nonce=nonce), timeout=timeout)

@@ -12,6 +12,7 @@ Layout of a certs folder made by `tpi-node certs --out DIR`:
     <name>.crt <name>.key   one per worker name given (default: "worker")
 Keys are ECDSA P-256, files mode 0600.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,12 +23,13 @@ from pathlib import Path
 
 from tpi_node.errors import UserError
 
-MASTER_NAME = "tpi-master"             # SAN every master certificate carries; workers check it
+MASTER_NAME = "tpi-master"  # SAN every master certificate carries; workers check it
 CA_DAYS, NODE_DAYS = 3650, 825
 
 
 def _ec():
     from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -39,15 +41,19 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 def _pem_key(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(cn: str):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tpi-node cluster"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tpi-node cluster"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def make_ca(out: Path, cluster: str = "default") -> None:
@@ -58,16 +64,32 @@ def make_ca(out: Path, cluster: str = "default") -> None:
     key = _ec()
     now = dt.datetime.now(dt.timezone.utc)
     name = _name(f"tpi-node CA ({cluster})")
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "ca.key", _pem_key(key), private=True)
     _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
@@ -95,23 +117,31 @@ def make_node_cert(out: Path, name: str, master: bool, hosts: tuple[str, ...] = 
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=NODE_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=NODE_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     crt, kf = out / f"{name}.crt", out / f"{name}.key"
     _write(kf, _pem_key(key), private=True)
     _write(crt, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return crt, kf
 
 
-def make_cluster_certs(out: Path, workers: tuple[str, ...] = ("worker",), hosts: tuple[str, ...] = (),
-                       cluster: str = "default") -> list[Path]:
+def make_cluster_certs(
+    out: Path, workers: tuple[str, ...] = ("worker",), hosts: tuple[str, ...] = (), cluster: str = "default"
+) -> list[Path]:
     """CA (kept when out/ca.* exist, so nodes can be added later), master and worker certs."""
     for w in workers:
         if not w or w in ("ca", "master") or not all(c.isalnum() or c in "-_." for c in w):
@@ -130,6 +160,7 @@ def make_cluster_certs(out: Path, workers: tuple[str, ...] = ("worker",), hosts:
 def verify_chain(ca_pem: bytes, cert_pem: bytes) -> None:
     """Raise ValueError/InvalidSignature unless cert was signed by the CA and is valid now."""
     from cryptography import x509
+
     ca = x509.load_pem_x509_certificate(ca_pem)
     cert = x509.load_pem_x509_certificate(cert_pem)
     cert.verify_directly_issued_by(ca)
@@ -139,6 +170,7 @@ def verify_chain(ca_pem: bytes, cert_pem: bytes) -> None:
 
 
 # ---------------------------------------------------------------- gRPC credentials
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -153,8 +185,14 @@ class TlsFiles:
             raise UserError(f"cannot read TLS file: {e.filename}: {e.strerror}") from None
 
 
-def tls_files(role: str, cert: str | None = None, key: str | None = None, ca: str | None = None,
-              certs_dir: str | None = None, name: str | None = None) -> TlsFiles | None:
+def tls_files(
+    role: str,
+    cert: str | None = None,
+    key: str | None = None,
+    ca: str | None = None,
+    certs_dir: str | None = None,
+    name: str | None = None,
+) -> TlsFiles | None:
     """The TLS files from --tls-cert/--tls-key/--tls-ca or a certs folder (--certs DIR: ca.crt and
     master.* for the master, <name>.* or worker.* for a worker); None when TLS is not asked for."""
     if certs_dir:
@@ -176,16 +214,18 @@ def tls_files(role: str, cert: str | None = None, key: str | None = None, ca: st
 def server_credentials(files: TlsFiles):
     """gRPC server credentials that require a client certificate signed by the cluster CA."""
     import grpc
+
     cert, key, ca = files.read()
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
 def channel_credentials(files: TlsFiles):
-    """gRPC channel credentials presenting this node's certificate; pair with CHANNEL_OPTIONS."""
+    """gRPC channel credentials presenting this node's certificate; pair with TLS_CHANNEL_OPTIONS."""
     import grpc
+
     cert, key, ca = files.read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 # The master is checked by its certificate name, not by the address the worker dialled.
-CHANNEL_OPTIONS = (("grpc.ssl_target_name_override", MASTER_NAME),)
+TLS_CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", MASTER_NAME)]

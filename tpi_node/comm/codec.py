@@ -1,9 +1,13 @@
-"""Tensors on the wire: torch.Tensor <-> tpi.Tensor (dtype enum + shape + raw little-endian bytes).
+"""The Tensor wire type: torch.Tensor <-> tpi.Tensor (dtype enum + shape + raw little-endian bytes).
+
+    msg = to_pb(t, torch.bfloat16)                         # encode (cast to the wire dtype)
+    t = from_pb(msg, shape=(T, H), what="partial")        # decode and validate
 
 Never pickle. bf16 has no numpy dtype, so its bytes travel as the int16 view of the tensor.
 Every received tensor is validated before use (dtype, shape, byte length, a size bound, and the
 shape the receiver expects) and anything else raises `FrameError` with a one-line message.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,41 +15,47 @@ import warnings
 
 import torch
 
+from tpi_node.dtypes import DTYPES, dtype_name
+from tpi_node.errors import TpiError
 from tpi_node.proto import tpi_pb2 as pb
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_TO_ENUM = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
+_TO_ENUM = {DTYPES["fp32"]: pb.FLOAT32, DTYPES["bf16"]: pb.BFLOAT16, DTYPES["fp16"]: pb.FLOAT16}
 _FROM_ENUM = {v: k for k, v in _TO_ENUM.items()}
 # Same-width integer views: .numpy() has no bfloat16, and torch.frombuffer wants a plain dtype.
 _VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
-MAX_TENSOR_BYTES = 1 << 30       # no frame of ours carries more than 1 GiB
+MAX_TENSOR_BYTES = 1 << 30  # no frame of ours carries more than 1 GiB
 MAX_DIMS = 4
 
 # torch.frombuffer warns on read-only buffers (protobuf bytes); we copy or only read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-class FrameError(ValueError):
+class FrameError(TpiError, ValueError):
     """A received frame is malformed: wrong dtype, shape, length, or out of order."""
 
 
-def wire_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'fp32' | 'bf16' | 'fp16' (or a torch dtype of those) -> torch dtype."""
-    if isinstance(name, torch.dtype):
-        if name not in _TO_ENUM:
-            raise ValueError(f"unsupported wire dtype {name}; use one of {', '.join(WIRE_DTYPES)}")
-        return name
-    if name not in WIRE_DTYPES:
-        raise ValueError(f"unsupported wire dtype '{name}'; use one of {', '.join(WIRE_DTYPES)}")
-    return WIRE_DTYPES[name]
+def wire_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' (or one of those torch dtypes) -> the torch dtype; FrameError else."""
+    t = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
+    if t not in _TO_ENUM:
+        raise FrameError(f"unsupported wire dtype {dtype}; use one of {', '.join(DTYPES)}")
+    return t
 
 
-def dtype_enum(dtype: torch.dtype) -> int:
+def dtype_enum(dtype: str | torch.dtype) -> int:
+    """'fp32' / torch.float32 -> the wire enum."""
     return _TO_ENUM[wire_dtype(dtype)]
 
 
-def to_proto(t: torch.Tensor, dtype: torch.dtype | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
+def dtype_of_enum(code: int) -> torch.dtype:
+    """The wire enum -> torch dtype (FrameError for an unknown code)."""
+    if code not in _FROM_ENUM:
+        raise FrameError(f"unknown dtype code {code}")
+    return _FROM_ENUM[code]
+
+
+def to_pb(t: torch.Tensor, dtype: str | torch.dtype | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode `t` (any shape) as `dtype` (default: its own); fills `out` in place when given."""
     dtype = wire_dtype(dtype or t.dtype)
     t = t.detach()
@@ -61,8 +71,9 @@ def to_proto(t: torch.Tensor, dtype: torch.dtype | None = None, out: pb.Tensor |
     return msg
 
 
-def from_proto(msg: pb.Tensor, shape: tuple[int, ...] | None = None, copy: bool = True,
-               what: str = "tensor") -> torch.Tensor:
+def from_pb(
+    msg: pb.Tensor, shape: tuple[int, ...] | None = None, copy: bool = True, what: str = "tensor"
+) -> torch.Tensor:
     """Decode and validate. `shape`: the shape the receiver expects (None: any, within bounds).
     copy=False returns a read-only view of the message bytes (use it only to read)."""
     dtype = _FROM_ENUM.get(msg.dtype)
@@ -73,18 +84,15 @@ def from_proto(msg: pb.Tensor, shape: tuple[int, ...] | None = None, copy: bool 
         raise FrameError(f"{what}: bad shape {list(dims)}")
     if shape is not None and dims != tuple(shape):
         raise FrameError(f"{what}: shape {list(dims)} where {list(shape)} was expected")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     n = math.prod(dims)
     if n * itemsize > MAX_TENSOR_BYTES:
         raise FrameError(f"{what}: {n * itemsize} bytes is over the {MAX_TENSOR_BYTES} byte limit")
     if len(msg.data) != n * itemsize:
-        raise FrameError(f"{what}: {len(msg.data)} bytes for shape {list(dims)} of "
-                         f"{_dtype_name(dtype)} (expected {n * itemsize})")
+        raise FrameError(
+            f"{what}: {len(msg.data)} bytes for shape {list(dims)} of {dtype_name(dtype)} (expected {n * itemsize})"
+        )
     if n == 0:
         return torch.empty(dims, dtype=dtype)
     t = torch.frombuffer(msg.data, dtype=_VIEW[dtype]).view(dtype).view(dims)
     return t.clone() if copy else t
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in WIRE_DTYPES.items()}[dtype]

@@ -9,6 +9,7 @@ the same shape. `allreduce_add_norm` is the one the forward loop uses:
 Implementations: LocalCollective (one node), the gRPC star (comm/star.py), torch.distributed
 gloo/nccl (comm/torch_dist.py), and the fused GPU path (gpu/).
 """
+
 from __future__ import annotations
 
 import time
@@ -44,6 +45,10 @@ class Collective(ABC):
     @abstractmethod
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise sum of `t` over all nodes; every node gets the sum."""
+
+    def begin_step(self, step_id: int) -> None:
+        """A new forward step starts: collectives that tag their frames (the star) restart
+        their count; the others ignore it."""
 
     def allreduce_add_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float

@@ -11,6 +11,7 @@ InProcessGroup runs several ranks as threads of ONE process (a CPU rank and a CU
 machine, as the device check and the tests do): every rank hands in its partial, the sum is
 taken in rank order (the same bytes on every rank, as the star's master does), every rank gets it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,13 +26,14 @@ class DeviceHop(Collective):
         super().__init__()
         self.inner, self.wire_dtype = inner, wire_dtype
         self.world_size, self.rank = inner.world_size, inner.rank
-        self._host = torch.empty(0)            # pinned [T, H] wire buffer, reused while big enough
+        self._host = torch.empty(0)  # pinned [T, H] wire buffer, reused while big enough
 
     def _buffer(self, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
         n = shape.numel()
         if self._host.numel() < n or self._host.dtype != dtype or self._host.is_pinned() != pin:
-            self._host = torch.empty(max(n, 2 * self._host.numel() if self._host.dtype == dtype else n),
-                                     dtype=dtype, pin_memory=pin)
+            self._host = torch.empty(
+                max(n, 2 * self._host.numel() if self._host.dtype == dtype else n), dtype=dtype, pin_memory=pin
+            )
         return self._host[:n].view(shape)
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -40,12 +42,12 @@ class DeviceHop(Collective):
             total = self.inner.allreduce(t if t.dtype == wire else t.to(wire))
             return total if total.dtype == t.dtype else total.to(t.dtype)
         host = self._buffer(t.shape, wire, pin=t.device.type == "cuda")
-        host.copy_(t, non_blocking=True)       # device -> pinned host (dtype converted on the device side)
+        host.copy_(t, non_blocking=True)  # device -> pinned host (dtype converted on the device side)
         if t.device.type == "cuda":
-            torch.cuda.current_stream(t.device).synchronize()   # the wire reads the bytes next
+            torch.cuda.current_stream(t.device).synchronize()  # the wire reads the bytes next
         elif t.device.type == "mps":
             torch.mps.synchronize()
-        total = self.inner.allreduce(host)     # [T, H] on the host: ours or the wire's tensor
+        total = self.inner.allreduce(host)  # [T, H] on the host: ours or the wire's tensor
         # host -> device: asynchronous from pinned memory; the next step's copy into `host` is
         # queued behind it on the same stream, so reusing the buffer is safe.
         return total.to(t.device, t.dtype, non_blocking=True)
@@ -76,7 +78,7 @@ class InProcessGroup:
             acc += s.to(torch.float32)
         self._sum = acc
 
-    def member(self, rank: int) -> "InProcessCollective":
+    def member(self, rank: int) -> InProcessCollective:
         return InProcessCollective(self, rank)
 
 

@@ -11,6 +11,7 @@ The engine (or a test) starts one process per GPU and calls `init_nccl` in each,
 `NcclCollective(detect())`. Every rank calls the same collectives in the same order.
 Imports of torch.distributed, symmetric memory and triton happen only when used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,7 @@ def init_nccl(rank: int, world_size: int, init_method: str) -> None:
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=init_method, rank=rank,
-                            world_size=world_size, device_id=device)
+    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size, device_id=device)
 
 
 @dataclass
@@ -41,9 +41,9 @@ class _Workspace:
     """Symmetric buffers [3, max_tokens, H] (P = partials, X = x_new, H = h), one per stream."""
 
     buf: torch.Tensor
-    handle: object        # torch _SymmetricMemory
-    channel: int          # barrier channel: two streams must not share one
-    mc_base: int          # multicast byte address of buf
+    handle: object  # torch _SymmetricMemory
+    channel: int  # barrier channel: two streams must not share one
+    mc_base: int  # multicast byte address of buf
 
     def mc(self, which: int) -> int:
         return self.mc_base + which * self.buf[0].numel() * self.buf.element_size()
@@ -66,6 +66,7 @@ class NcclCollective(Collective):
             self._group_name = (group or dist.group.WORLD).group_name
             try:  # needed by torch < 2.9, a no-op or absent later
                 from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
                 enable_symm_mem_for_group(self._group_name)
             except Exception:
                 pass
@@ -105,21 +106,32 @@ class NcclCollective(Collective):
         T, H = residual.shape
         ws = self._workspace(partial)
         ws.buf[0, :T].copy_(partial)
-        ws.handle.barrier(channel=ws.channel)      # every rank's partial is in place
-        triton_multimem.multimem_add_rms_norm(ws.mc(0), ws.mc(1), ws.mc(2), residual, weight,
-                                              eps, self.rank, self.world_size)
-        ws.handle.barrier(channel=ws.channel)      # every row was stored to every rank
+        ws.handle.barrier(channel=ws.channel)  # every rank's partial is in place
+        triton_multimem.multimem_add_rms_norm(
+            ws.mc(0), ws.mc(1), ws.mc(2), residual, weight, eps, self.rank, self.world_size
+        )
+        ws.handle.barrier(channel=ws.channel)  # every row was stored to every rank
         return ws.buf[1, :T].clone(), ws.buf[2, :T].clone()
 
     # -- eligibility and buffers ---------------------------------------------------------------
     def _multimem_fits(self, t: torch.Tensor) -> bool:
-        return (self.multimem and t.is_cuda and t.dtype == torch.bfloat16 and t.dim() == 2
-                and t.shape[0] <= self.max_tokens and t.shape[1] % 8 == 0)
+        return (
+            self.multimem
+            and t.is_cuda
+            and t.dtype == torch.bfloat16
+            and t.dim() == 2
+            and t.shape[0] <= self.max_tokens
+            and t.shape[1] % 8 == 0
+        )
 
     def _fused_multimem_fits(self, residual: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (fused.triton_kernels() is not None and residual.dtype == torch.bfloat16
-                and weight.dtype == torch.bfloat16 and residual.stride(-1) == 1
-                and weight.is_contiguous())
+        return (
+            fused.triton_kernels() is not None
+            and residual.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16
+            and residual.stride(-1) == 1
+            and weight.is_contiguous()
+        )
 
     def _workspace(self, t: torch.Tensor) -> _Workspace:
         """Per (stream, hidden) buffers; created collectively on first use (same order on all
@@ -129,8 +141,7 @@ class NcclCollective(Collective):
         key = (torch.cuda.current_stream().cuda_stream, t.shape[-1])
         ws = self._workspaces.get(key)
         if ws is None:
-            buf = symm_mem.empty((3, self.max_tokens, t.shape[-1]), dtype=torch.bfloat16,
-                                 device=t.device)
+            buf = symm_mem.empty((3, self.max_tokens, t.shape[-1]), dtype=torch.bfloat16, device=t.device)
             handle = symm_mem.rendezvous(buf, self._group_name)
             ws = _Workspace(buf, handle, len(self._workspaces), int(handle.multicast_ptr))
             self._workspaces[key] = ws

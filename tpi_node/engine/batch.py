@@ -1,9 +1,12 @@
 """The layout of one forward step: which sequences, how much each has cached, how many new tokens."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from tpi_node.proto import tpi_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -41,3 +44,11 @@ class BatchLayout:
             at += n
             rows.append(at - 1)
         return rows
+
+    def to_pb(self) -> pb.BatchLayout:
+        return pb.BatchLayout(seq_ids=self.seq_ids, past_lens=self.past_lens, new_lens=self.new_lens)
+
+    @classmethod
+    def from_pb(cls, msg: pb.BatchLayout) -> BatchLayout:
+        """Validated like any layout (ValueError on a malformed one)."""
+        return cls(tuple(msg.seq_ids), tuple(msg.past_lens), tuple(msg.new_lens))

@@ -2,32 +2,53 @@
 
 The server never touches tensors: it renders prompts to token ids with the tokenizer, calls
 `generate`, and turns the events into OpenAI responses. Tests can swap the engine for a fake.
+Engine errors say what kind of failure they are; the server maps each kind to an HTTP status
+(server/errors.py), so nothing below the server knows about HTTP.
 """
+
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from enum import Enum
+from typing import Protocol
 
+from tpi_node.errors import TpiError
 from tpi_node.model.sampling_params import SamplingParams
 
 
-class EngineError(RuntimeError):
-    """A generation failed for a reason the client should see (code is an OpenAI-style code)."""
+class ErrorKind(Enum):
+    """What went wrong; the value is the OpenAI-style error `code` clients see."""
 
-    def __init__(self, message: str, code: str = "engine_error", status: int = 500) -> None:
+    INVALID_PROMPT = "invalid_prompt"
+    CONTEXT_LENGTH = "context_length_exceeded"
+    NOT_READY = "cluster_not_ready"
+    QUEUE_FULL = "queue_full"
+    SHUTDOWN = "shutdown"
+    CLUSTER_FAILED = "cluster_error"
+    INTERNAL = "engine_error"
+
+
+class EngineError(TpiError):
+    """A generation failed for a reason the client should see."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         super().__init__(message)
-        self.code = code
-        self.status = status
+        self.kind = kind
+
+    @property
+    def code(self) -> str:
+        return self.kind.value
 
 
 class ClusterNotReady(EngineError):
     def __init__(self, message: str = "the cluster is not ready") -> None:
-        super().__init__(message, code="cluster_not_ready", status=503)
+        super().__init__(message, ErrorKind.NOT_READY)
 
 
 class QueueFull(EngineError):
     def __init__(self, message: str = "too many requests are waiting; try again later") -> None:
-        super().__init__(message, code="queue_full", status=429)
+        super().__init__(message, ErrorKind.QUEUE_FULL)
 
 
 @dataclass
@@ -38,16 +59,8 @@ class TokenEvent:
     token_id: int
     text: str
     logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None   # (token id, logprob), best first
-    finish_reason: str | None = None                       # "stop" | "length" | None
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    total_s: float = 0.0
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+    finish_reason: str | None = None  # "stop" | "length" | None
 
 
 class EngineClient(Protocol):
@@ -56,9 +69,7 @@ class EngineClient(Protocol):
 
     def ready(self) -> bool: ...
 
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[TokenEvent]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         """Stream tokens of one sequence; closing the iterator early cancels the sequence and
         frees its KV cache on every node. Raises EngineError subclasses."""
         ...

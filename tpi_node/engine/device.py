@@ -1,5 +1,6 @@
 """Where a node computes: pick the device (CUDA, then Apple MPS, then CPU), say what it is, choose
-its dtype, measure its speed for the partition plan, and copy layer files host -> device.
+its dtype and measure its speed for the partition plan (layer files reach the device through
+weights/upload.py).
 
     info = select_device("auto")          # DeviceInfo(name, kind, memory_bytes, capability, device)
     dtype = default_dtype(info)           # bf16 on CUDA (sm_80+) and MPS, fp16 on older CUDA, fp32 on CPU
@@ -14,9 +15,9 @@ host RAM then holds only the runtime and one pinned staging buffer of one layer 
 integrated GPUs (Jetson) and Apple silicon (MPS) the device memory IS the host RAM: one pool,
 `shared_memory=True`, and the budget counts weights once.
 """
+
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import platform
@@ -27,21 +28,20 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from tpi_node.dtypes import DTYPE_NAMES, torch_dtype
 from tpi_node.errors import UserError
 from tpi_node.weights.plan import NodeCapacity
 
-DEVICE_ENV = "TPI_DEVICE"
 SDPA_ENV = "TPI_CUDA_SDPA"
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    name: str                   # "NVIDIA H100 80GB HBM3", "Apple MPS", "cpu (x86_64, 16 cores)"
-    kind: str                   # cuda | mps | cpu
-    memory_bytes: int           # total memory of the device (host RAM for cpu / mps / integrated)
-    capability: str | None      # CUDA compute capability "sm_90"; None elsewhere
+    name: str  # "NVIDIA H100 80GB HBM3", "Apple MPS", "cpu (x86_64, 16 cores)"
+    kind: str  # cuda | mps | cpu
+    memory_bytes: int  # total memory of the device (host RAM for cpu / mps / integrated)
+    capability: str | None  # CUDA compute capability "sm_90"; None elsewhere
     device: torch.device
     shared_memory: bool = True  # device memory is the host RAM (cpu, mps, Jetson)
 
@@ -52,9 +52,15 @@ class DeviceInfo:
         return f"{self.device} ({self.name}{cap}, {self.memory_bytes / 2**30:.1f} GiB{pool})"
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "memory_bytes": self.memory_bytes,
-                "capability": self.capability, "device": str(self.device),
-                "shared_memory": self.shared_memory, "summary": self.summary()}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "memory_bytes": self.memory_bytes,
+            "capability": self.capability,
+            "device": str(self.device),
+            "shared_memory": self.shared_memory,
+            "summary": self.summary(),
+        }
 
 
 def _mps_available() -> bool:
@@ -63,17 +69,24 @@ def _mps_available() -> bool:
 
 
 def _cpu_info() -> DeviceInfo:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return DeviceInfo(f"cpu ({platform.machine() or 'unknown'}, {cores} cores)", "cpu",
-                      psutil.virtual_memory().total, None, torch.device("cpu"), True)
+    cores = cpu_cores()
+    return DeviceInfo(
+        f"cpu ({platform.machine() or 'unknown'}, {cores} cores)",
+        "cpu",
+        psutil.virtual_memory().total,
+        None,
+        torch.device("cpu"),
+        True,
+    )
 
 
 def _cuda_info(index: int) -> DeviceInfo:
-    set_cuda_attention()                  # a CUDA node computes here: pick its attention kernels
+    set_cuda_attention()  # a CUDA node computes here: pick its attention kernels
     p = torch.cuda.get_device_properties(index)
-    integrated = bool(getattr(p, "is_integrated", False))     # Jetson: one memory for CPU and GPU
-    return DeviceInfo(p.name, "cuda", int(p.total_memory), f"sm_{p.major}{p.minor}",
-                      torch.device("cuda", index), integrated)
+    integrated = bool(getattr(p, "is_integrated", False))  # Jetson: one memory for CPU and GPU
+    return DeviceInfo(
+        p.name, "cuda", int(p.total_memory), f"sm_{p.major}{p.minor}", torch.device("cuda", index), integrated
+    )
 
 
 def _mps_info() -> DeviceInfo:
@@ -100,8 +113,10 @@ def select_device(spec: str | None = "auto") -> DeviceInfo:
         return _cpu_info()
     if kind == "mps":
         if not _mps_available():
-            raise UserError("device 'mps' is not available here (needs Apple silicon, macOS 12.3+ and a "
-                            "torch build with MPS); use --device auto or cpu")
+            raise UserError(
+                "device 'mps' is not available here (needs Apple silicon, macOS 12.3+ and a "
+                "torch build with MPS); use --device auto or cpu"
+            )
         return _mps_info()
     if not torch.cuda.is_available():
         why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU or driver found"
@@ -118,8 +133,8 @@ def select_device(spec: str | None = "auto") -> DeviceInfo:
 # caches an execution plan per shape; on the H100 that made bf16 decode 3-14x slower than fp32
 # (docs/device-results.md). The other kernels (memory-efficient, flash, math) need no plan.
 SDPA_SETTINGS = {
-    "no-cudnn": dict(cudnn=False, flash=True, mem_efficient=True, math=True),    # our default
-    "default": dict(cudnn=True, flash=True, mem_efficient=True, math=True),      # torch's own choice
+    "no-cudnn": dict(cudnn=False, flash=True, mem_efficient=True, math=True),  # our default
+    "default": dict(cudnn=True, flash=True, mem_efficient=True, math=True),  # torch's own choice
     "mem-efficient": dict(cudnn=False, flash=False, mem_efficient=True, math=True),
     "flash": dict(cudnn=False, flash=True, mem_efficient=False, math=True),
     "math": dict(cudnn=False, flash=False, mem_efficient=False, math=True),
@@ -135,7 +150,7 @@ def set_cuda_attention(setting: str | None = None) -> str:
         raise UserError(f"unknown {SDPA_ENV} '{name}': use {', '.join(SDPA_SETTINGS)}")
     flags = SDPA_SETTINGS[name]
     b = torch.backends.cuda
-    if hasattr(b, "enable_cudnn_sdp"):          # torch >= 2.2
+    if hasattr(b, "enable_cudnn_sdp"):  # torch >= 2.2
         b.enable_cudnn_sdp(flags["cudnn"])
     b.enable_flash_sdp(flags["flash"])
     b.enable_mem_efficient_sdp(flags["mem_efficient"])
@@ -177,18 +192,18 @@ def synchronize(device: torch.device) -> None:
 BENCH_SHAPE = (16, 1024, 4096)  # T, K, N
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_speed(device: str | torch.device = "cpu", dtype: str = "fp32", seconds: float = 0.1) -> float:
     """GFLOP/s of BENCH_SHAPE products on `device` in `dtype`, over about `seconds`: the best of
     several timed rounds, so a neighbour's burst on a shared machine does not decide the plan."""
     dev = torch.device(device)
     T, K, N = BENCH_SHAPE
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(T, K, generator=gen).to(dev, DTYPE_NAMES[dtype])
-    w = torch.randn(N, K, generator=gen).to(dev, DTYPE_NAMES[dtype])
+    x = torch.randn(T, K, generator=gen).to(dev, torch_dtype(dtype))
+    w = torch.randn(N, K, generator=gen).to(dev, torch_dtype(dtype))
     per_round = 2 if dev.type == "cpu" else 32
     with torch.inference_mode():
-        torch.nn.functional.linear(x, w)            # warm-up: kernels chosen, caches filled
+        torch.nn.functional.linear(x, w)  # warm-up: kernels chosen, caches filled
         synchronize(dev)
         best, start = float("inf"), time.perf_counter()
         while best == float("inf") or time.perf_counter() - start < seconds:
@@ -200,6 +215,11 @@ def measure_speed(device: str | torch.device = "cpu", dtype: str = "fp32", secon
     return 2 * T * K * N / best / 1e9
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def device_memory_free(info: DeviceInfo) -> int:
     """Bytes this node may still take on its device now (CUDA: free card memory; else free RAM)."""
     if info.kind == "cuda" and not info.shared_memory:
@@ -208,68 +228,23 @@ def device_memory_free(info: DeviceInfo) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def device_capacity(node_id: str, info: DeviceInfo, memory_budget: int | None = None,
-                    dtype: str | None = None, speed: float | None = None) -> NodeCapacity:
+def device_capacity(
+    node_id: str,
+    info: DeviceInfo,
+    memory_budget: int | None = None,
+    dtype: str | None = None,
+    speed: float | None = None,
+) -> NodeCapacity:
     """This node's NodeCapacity: memory of the device it computes on (the budget when given,
     never more than what is free there) and its measured speed, so faster devices get more work."""
     free = device_memory_free(info)
     mem = min(memory_budget, free) if memory_budget else free
     if speed is None:
         speed = measure_speed(str(info.device), default_dtype(info, dtype))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return NodeCapacity(node_id=node_id, memory_bytes=mem, cores=cores,
-                        disk_bytes=psutil.disk_usage(os.path.expanduser("~")).free, speed=speed)
-
-
-# ---- the --device flag (serve, join, run, generate) -------------------------------------------
-def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"), metavar="DEVICE",
-                        help="where this node computes: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N "
-                             f"or mps (default auto; env {DEVICE_ENV})")
-
-
-def device_from_args(args: argparse.Namespace) -> DeviceInfo:
-    """The DeviceInfo the parsed flags ask for (UserError with one line when unavailable)."""
-    return select_device(getattr(args, "device", None) or "auto")
-
-
-# ---- host -> device copies of layer files ------------------------------------------------------
-class PinnedUploader:
-    """Copies a layer file's buffer to a CUDA device from pinned host memory, on a side stream,
-    so the copy overlaps the forward pass running on the default stream.
-
-    Used by the loading thread only (the prefetcher, or the constructor when resident):
-        raw = slot or uploader.staging(n)   # pinned uint8 [>= n]; the file is read into it
-        t = uploader.upload(raw, views)     # the same tensors, on the device, copy finished
-    The loading thread waits for its own copy (stream.synchronize), never the forward pass.
-    The device buffer is marked as used by the default stream, so when the forward pass drops
-    the layer the allocator does not reuse its memory before the kernels queued on it are done.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.consumer = torch.cuda.default_stream(device)
-        self._buf = torch.empty(0, dtype=torch.uint8)
-
-    def staging(self, n: int) -> torch.Tensor:
-        """A reused pinned buffer of at least n bytes (grown when a larger file comes)."""
-        if self._buf.numel() < n:
-            self._buf = torch.empty(0, dtype=torch.uint8)           # free the old one first
-            self._buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        return self._buf[:n]
-
-    def upload(self, raw: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """raw: the uint8 host buffer `views` live in -> the views' copies on the device, made by
-        ONE host->device copy of the bytes they span (one device buffer, freed whole)."""
-        base = raw.storage_offset()
-        spans = [(t.storage_offset() * t.element_size() - base, t.numel() * t.element_size())
-                 for t in views.values()]
-        n = max((a + b for a, b in spans), default=0)
-        with torch.cuda.stream(self.stream):
-            dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-            dev.copy_(raw[:n], non_blocking=raw.is_pinned())
-        self.stream.synchronize()            # the host buffer may be refilled after this
-        dev.record_stream(self.consumer)
-        return {name: dev[a:a + nb].view(t.dtype).view(t.shape)
-                for (name, t), (a, nb) in zip(views.items(), spans)}
+    return NodeCapacity(
+        node_id=node_id,
+        memory_bytes=mem,
+        cores=cpu_cores(),
+        disk_bytes=psutil.disk_usage(os.path.expanduser("~")).free,
+        speed=speed,
+    )

@@ -4,6 +4,7 @@ Every step batches the decode token of every running sequence and prefill chunks
 (bounded by `max_step_tokens`) into ONE forward of the cluster (`driver.step`), so a step costs
 two allreduces per layer whatever the batch. Sequences join and leave between steps.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,15 +12,17 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Protocol
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from tpi_node.engine.batch import BatchLayout
-from tpi_node.engine.client import ClusterNotReady, EngineError, QueueFull, TokenEvent
+from tpi_node.engine.client import ClusterNotReady, EngineError, ErrorKind, QueueFull, TokenEvent
 from tpi_node.engine.head import ModelHead
-from tpi_node.engine.sequence import AsyncSink, QueueSink, Sequence
+from tpi_node.engine.limits import DEFAULT_LIMITS, EngineLimits
+from tpi_node.engine.sequence import AsyncSink, Sequence
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
@@ -40,32 +43,32 @@ class Driver(Protocol):
 
 
 @dataclass
-class EngineLimits:
-    max_running: int = 32          # sequences decoding at once
-    max_queue: int = 256           # waiting requests before 429
-    prefill_chunk: int = 512       # tokens of one prompt per step (bounds attention memory)
-    max_step_tokens: int = 1024    # tokens of all sequences per step
-
-
-@dataclass
 class EngineCounters:
+    """Totals since start (fixed size: a long-running daemon must not grow with its requests;
+    latency histograms live in the server's Prometheus metrics)."""
+
     requests: int = 0
     finished: int = 0
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steps: int = 0
-    ttft_s: list = field(default_factory=list)     # drained by the metrics layer
-    tpot_s: list = field(default_factory=list)
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, head: ModelHead, tokenizer: Tokenizer, driver: Driver,
-                 model_name: str, limits: EngineLimits | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        head: ModelHead,
+        tokenizer: Tokenizer,
+        driver: Driver,
+        model_name: str,
+        limits: EngineLimits | None = None,
+    ) -> None:
         self.cfg, self.head, self.tokenizer, self.driver = cfg, head, tokenizer, driver
         self.model_name = model_name
         self.max_context = cfg.max_position
-        self.limits = limits or EngineLimits()
+        self.limits = limits or DEFAULT_LIMITS
         self.counters = EngineCounters()
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._ids = itertools.count(1)
@@ -85,13 +88,24 @@ class Engine:
         if not self.ready():
             raise ClusterNotReady()
         if not prompt_ids:
-            raise EngineError("the prompt is empty", code="invalid_prompt", status=400)
+            raise EngineError("the prompt is empty", ErrorKind.INVALID_PROMPT)
         if len(prompt_ids) >= self.max_context:
-            raise EngineError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                              f"{self.max_context}", code="context_length_exceeded", status=400)
-        seq = Sequence(next(self._ids), request_id, list(prompt_ids), len(prompt_ids), params,
-                       Sampler(params, prompt_ids), IncrementalDecoder(self.tokenizer),
-                       StopMatcher(params.stop), sink, node_counters=snapshot(self.driver.stats()))
+            raise EngineError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_context}",
+                ErrorKind.CONTEXT_LENGTH,
+            )
+        seq = Sequence(
+            next(self._ids),
+            request_id,
+            list(prompt_ids),
+            len(prompt_ids),
+            params,
+            Sampler(params, prompt_ids),
+            IncrementalDecoder(self.tokenizer),
+            StopMatcher(params.stop),
+            sink,
+            node_counters=snapshot(self.driver.stats()),
+        )
         with self._cv:
             if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFull()
@@ -105,8 +119,9 @@ class Engine:
             self._cancelled.add(seq_id)
             self._cv.notify()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str = "") -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str = ""
+    ) -> AsyncIterator[TokenEvent]:
         sink = AsyncSink(asyncio.get_running_loop())
         seq = self._submit(prompt_ids, params, request_id, sink)
         done = False
@@ -125,30 +140,35 @@ class Engine:
                 self.cancel(seq.seq_id)
 
     def generate_sync(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        sink = QueueSink()
-        seq = self._submit(prompt_ids, params, "", sink)
-        done = False
+        """`generate` for a thread without an event loop (the CLI, tests): the same stream, run
+        on a private loop; closing this iterator early cancels the sequence just the same."""
+        loop = asyncio.new_event_loop()
+        stream = self.generate(prompt_ids, params)
         try:
             while True:
-                item = sink.q.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                yield item
-                if item.finish_reason:
-                    done = True
+                try:
+                    yield loop.run_until_complete(stream.__anext__())
+                except StopAsyncIteration:
                     return
         finally:
-            if not done:
-                self.cancel(seq.seq_id)
+            loop.run_until_complete(stream.aclose())
+            loop.close()
 
     def stats(self) -> dict:
         with self._cv:
             waiting, running = len(self._waiting), len(self._running)
         c = self.counters
-        return {"waiting": waiting, "running": running, "requests": c.requests, "finished": c.finished,
-                "failed": c.failed, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "steps": c.steps, "nodes": self.driver.stats()}
+        return {
+            "waiting": waiting,
+            "running": running,
+            "requests": c.requests,
+            "finished": c.finished,
+            "failed": c.failed,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "steps": c.steps,
+            "nodes": self.driver.stats(),
+        }
 
     def shutdown(self) -> None:
         with self._cv:
@@ -163,7 +183,7 @@ class Engine:
                 while not self._stop and not self._waiting and not self._running and not self._cancelled:
                     self._cv.wait()
                 if self._stop:
-                    self._fail_all(EngineError("the server is shutting down", code="shutdown", status=503))
+                    self._fail_all(EngineError("the server is shutting down", ErrorKind.SHUTDOWN))
                     return
                 self._reap_cancelled()
                 while self._waiting and len(self._running) < self.limits.max_running:
@@ -203,8 +223,9 @@ class Engine:
 
     def _step(self, batch: list[Sequence]) -> None:
         work = self._plan_step(batch)
-        layout = BatchLayout(tuple(s.seq_id for s, _ in work), tuple(s.cached for s, _ in work),
-                             tuple(len(c) for _, c in work))
+        layout = BatchLayout(
+            tuple(s.seq_id for s, _ in work), tuple(s.cached for s, _ in work), tuple(len(c) for _, c in work)
+        )
         try:
             x = self.head.embed([t for _, c in work for t in c])
             hidden = self.driver.step(layout, x)
@@ -215,10 +236,10 @@ class Engine:
         rows, sampled = layout.last_rows(), []
         for (s, chunk), row in zip(work, rows):
             s.cached += len(chunk)
-            if s.cached == len(s.tokens):       # the sequence's last known token went through
+            if s.cached == len(s.tokens):  # the sequence's last known token went through
                 sampled.append((s, row))
         if sampled:
-            logits = self.head.logits(hidden[[r for _, r in sampled]])     # [B, V]
+            logits = self.head.logits(hidden[[r for _, r in sampled]])  # [B, V]
             for (s, _), lg in zip(sampled, logits):
                 self._advance(s, lg)
 
@@ -227,7 +248,6 @@ class Engine:
         now = time.monotonic()
         if s.t_first is None:
             s.t_first = now
-            self.counters.ttft_s.append(now - s.t_arrive)
             self.counters.prompt_tokens += s.num_prompt
         s.tokens.append(res.token_id)
         self.counters.completion_tokens += 1
@@ -242,23 +262,27 @@ class Engine:
                 finish = "length"
                 tail, _ = s.stopper.feed(s.decoder.flush())
                 text += tail + s.stopper.flush()
-        s.emit(TokenEvent(res.token_id, text, res.logprob, res.top_logprobs, finish))
-        if finish:
+        if finish:  # free its KV cache on every node first: a client that saw the end finds it gone
             self._finish(s)
+        s.emit(TokenEvent(res.token_id, text, res.logprob, res.top_logprobs, finish))
 
     def _finish(self, s: Sequence) -> None:
         s.finished = True
         elapsed = time.monotonic() - s.t_arrive
         n = len(s.generated)
-        if n > 1 and s.t_first is not None:
-            self.counters.tpot_s.append((time.monotonic() - s.t_first) / (n - 1))
         self.counters.finished += 1
         with self._cv:
             if s in self._running:
                 self._running.remove(s)
         self._free([s.seq_id])
-        log.info("request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)", s.request_id or s.seq_id,
-                 s.num_prompt, n, elapsed, (s.t_first or 0) - s.t_arrive)
+        log.info(
+            "request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)",
+            s.request_id or s.seq_id,
+            s.num_prompt,
+            n,
+            elapsed,
+            (s.t_first or 0) - s.t_arrive,
+        )
         if log.isEnabledFor(logging.INFO):
             log.info(request_line(s.request_id or s.seq_id, s.node_counters, snapshot(self.driver.stats())))
 
@@ -274,10 +298,13 @@ class Engine:
         with self._cv:
             if recovered:
                 for s in self._running:
-                    s.cached = 0          # replay prompt + generated; sampling resumes after the last
+                    s.cached = 0  # replay prompt + generated; sampling resumes after the last
                 return
-            err = e if isinstance(e, EngineError) else EngineError(
-                f"the cluster failed during generation: {e}", code="cluster_error", status=503)
+            err = (
+                e
+                if isinstance(e, EngineError)
+                else EngineError(f"the cluster failed during generation: {e}", ErrorKind.CLUSTER_FAILED)
+            )
             for s in self._running:
                 s.sink.put(err)
                 self.counters.failed += 1

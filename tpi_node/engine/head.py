@@ -1,5 +1,6 @@
 """What only the master computes: the token embedding before layer 0 and the lm_head after the
 final norm (with tied embeddings both are the same matrix, held once)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +13,14 @@ from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.slicer import EMBED, LM_HEAD
 
 
-def _load_rows(reader: CheckpointReader, name: str, cfg: ModelConfig, dtype: torch.dtype, device,
-               block: int = 4096) -> torch.Tensor:
+def _load_rows(
+    reader: CheckpointReader, name: str, cfg: ModelConfig, dtype: torch.dtype, device, block: int = 4096
+) -> torch.Tensor:
     """A [V, H] matrix filled block by block: converting dtype never holds two whole copies."""
     rows, cols = reader.shape(name)
     out = torch.empty(rows, cols, dtype=dtype, device=device)
     for a in range(0, rows, block):
-        out[a:a + block] = reader.rows(name, a, min(a + block, rows))
+        out[a : a + block] = reader.rows(name, a, min(a + block, rows))
     return out
 
 
@@ -27,20 +29,26 @@ class ModelHead:
     for oneDNN, see model/layers.linear). The embedding is only looked up: when it is a separate
     matrix, or when the tied one was prepacked, its rows come from the memory-mapped checkpoint."""
 
-    def __init__(self, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", prepacked: bool = True) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        prepacked: bool = True,
+    ) -> None:
         reader = CheckpointReader(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
         tied = cfg.tie_embeddings or not reader.has(LM_HEAD)
-        self.lm_head_w = _load_rows(reader, EMBED if tied else LM_HEAD, cfg, dtype, device)   # [V, H]
+        self.lm_head_w = _load_rows(reader, EMBED if tied else LM_HEAD, cfg, dtype, device)  # [V, H]
         self.vocab_size = self.lm_head_w.shape[0]
         if prepacked and can_prepack(self.device, dtype):
             # faster logits; the reorder holds two copies for a moment, so a node that runs
             # under a memory budget (prepacked=False) keeps the plain matrix
             self.lm_head_w = prepack(self.lm_head_w)
         if tied and not self.lm_head_w.is_mkldnn:
-            self._reader = None     # the embedding is the lm_head itself
-            reader.close()          # unmap the checkpoint: its pages would count in this process's RSS
+            self._reader = None  # the embedding is the lm_head itself
+            reader.close()  # unmap the checkpoint: its pages would count in this process's RSS
         else:
             self._reader = reader
 

@@ -5,6 +5,7 @@ Every sequence owns a slot; per layer, keys and values live in one tensor [slots
 attend for all its sequences in ONE kernel call (a length mask hides each slot's unused tail)
 instead of one call per sequence.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,24 +19,20 @@ class KVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.slots = 0                 # slot capacity of the tensors
-        self.cap = 0                   # token capacity per slot
+        self.slots = 0  # slot capacity of the tensors
+        self.cap = 0  # token capacity per slot
         self.slot_of: dict[int, int] = {}
         self.lens: dict[int, int] = {}
         self._free_slots: list[int] = []
-        self._decode_key: tuple | None = None     # the step decode_index was built for
+        self._decode_key: tuple | None = None  # the step decode_index was built for
         self._decode_index = None
-
-    @property
-    def seqs(self) -> dict[int, int]:
-        return self.lens
 
     def length(self, seq_id: int) -> int:
         return self.lens.get(seq_id, 0)
 
     def reserve(self, layout: BatchLayout) -> None:
         """Make room for a step: a slot for every new sequence, capacity for the longest one."""
-        self._decode_key = None          # slots may move between steps (a replayed sequence)
+        self._decode_key = None  # slots may move between steps (a replayed sequence)
         for seq in layout.seq_ids:
             if seq not in self.slot_of:
                 self.slot_of[seq] = self._free_slots.pop() if self._free_slots else len(self.slot_of)
@@ -43,8 +40,10 @@ class KVCache:
         need_slots = max(self.slot_of.values()) + 1
         need_cap = max(p + n for p, n in zip(layout.past_lens, layout.new_lens))
         if need_slots > self.slots or need_cap > self.cap:
-            self._grow(max(need_slots, self.slots, 2 * self.slots if need_slots > self.slots else 0),
-                       max(self.cap, 64, 2 * self.cap if need_cap > self.cap else 0, need_cap))
+            self._grow(
+                max(need_slots, self.slots, 2 * self.slots if need_slots > self.slots else 0),
+                max(self.cap, 64, 2 * self.cap if need_cap > self.cap else 0, need_cap),
+            )
 
     def _grow(self, slots: int, cap: int) -> None:
         for i in range(self.num_layers):
@@ -53,7 +52,7 @@ class KVCache:
                 if old is None:
                     continue
                 new = torch.zeros(slots, self.n_kv, cap, self.head_dim, dtype=self.dtype, device=self.device)
-                new[:old.shape[0], :, :old.shape[2]] = old
+                new[: old.shape[0], :, : old.shape[2]] = old
                 store[i] = new
         self.slots, self.cap = slots, cap
 
@@ -71,7 +70,7 @@ class KVCache:
         if self._decode_key != key:
             slots = torch.tensor([self.slot_of[s] for s in seq_ids], device=self.device)
             pos = torch.tensor(pasts, device=self.device)
-            mask = torch.arange(max(pasts) + 1, device=self.device)[None, :] <= pos[:, None]   # [B, L]
+            mask = torch.arange(max(pasts) + 1, device=self.device)[None, :] <= pos[:, None]  # [B, L]
             self._decode_key, self._decode_index = key, (slots, pos, mask[:, None, None, :])
         return self._decode_index
 
@@ -80,7 +79,7 @@ class KVCache:
         for seq, p, n in zip(layout.seq_ids, layout.past_lens, layout.new_lens):
             self.lens[seq] = p + n
 
-    def layer(self, i: int) -> "LayerKV":
+    def layer(self, i: int) -> LayerKV:
         return LayerKV(self, i)
 
     def free(self, seq_ids) -> None:
@@ -112,9 +111,9 @@ class LayerKV:
         """k, v: [n, n_kv, hd] of one sequence -> all its keys/values [n_kv, past+n, hd] (views)."""
         K, V = self.cache._layer(self.i)
         s, n = self.cache.slot_of[seq_id], k.shape[0]
-        K[s, :, past:past + n] = k.transpose(0, 1)
-        V[s, :, past:past + n] = v.transpose(0, 1)
-        return K[s, :, :past + n], V[s, :, :past + n]
+        K[s, :, past : past + n] = k.transpose(0, 1)
+        V[s, :, past : past + n] = v.transpose(0, 1)
+        return K[s, :, : past + n], V[s, :, : past + n]
 
     def extend_decode(self, seq_ids, pasts: list[int], k: torch.Tensor, v: torch.Tensor):
         """One new token for each of B sequences. k, v: [B, n_kv, hd].

@@ -1,9 +1,9 @@
 """A sequence in the engine: its tokens, how many are in every node's KV cache, its sampler and
 detokeniser, and where its events go."""
+
 from __future__ import annotations
 
 import asyncio
-import queue
 import time
 from dataclasses import dataclass, field
 
@@ -13,18 +13,8 @@ from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher
 
 
-class QueueSink:
-    """Events to a thread (the CLI)."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue = queue.Queue()
-
-    def put(self, item) -> None:
-        self.q.put(item)
-
-
 class AsyncSink:
-    """Events to an asyncio task (the HTTP server), posted thread-safely from the step thread."""
+    """Events to the asyncio task that awaits them, posted thread-safely from the step thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.q = loop, asyncio.Queue()
@@ -40,27 +30,27 @@ class AsyncSink:
 class Sequence:
     seq_id: int
     request_id: str
-    tokens: list[int]                 # prompt + generated so far
+    tokens: list[int]  # prompt + generated so far
     num_prompt: int
     params: SamplingParams
     sampler: Sampler
     decoder: IncrementalDecoder
     stopper: StopMatcher
-    sink: object
-    cached: int = 0                   # tokens already in every node's KV cache
+    sink: AsyncSink
+    cached: int = 0  # tokens already in every node's KV cache
     finished: bool = False
     cancelled: bool = False
     t_arrive: float = field(default_factory=time.monotonic)
     t_first: float | None = None
-    node_counters: dict = field(default_factory=dict)   # every node's counters when it arrived
+    node_counters: dict = field(default_factory=dict)  # every node's counters when it arrived
 
     @property
     def generated(self) -> list[int]:
-        return self.tokens[self.num_prompt:]
+        return self.tokens[self.num_prompt :]
 
     def next_chunk(self, budget: int) -> list[int]:
         """The tokens this sequence feeds into the next step (a prefill chunk, or one to decode)."""
-        return self.tokens[self.cached:self.cached + budget]
+        return self.tokens[self.cached : self.cached + budget]
 
     def emit(self, event: TokenEvent) -> None:
         self.sink.put(event)

@@ -10,6 +10,7 @@ Everything the decision reads comes through a probe object, so tests pass fakes 
 without CUDA, Triton or nvidia-ml-py only ever sees "off" with the reason. No import here may
 fail on such a machine: torch.cuda, pynvml and triton are touched lazily inside `SystemProbe`.
 """
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@
 imports; otherwise (CPU, no Triton, odd layouts) it runs the reference, which is exactly what
 `Collective.allreduce_add_norm` computes. Importing this module never imports triton.
 """
+
 from __future__ import annotations
 
 import functools

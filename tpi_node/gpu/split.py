@@ -13,6 +13,7 @@ tokens of any sequence cut by the split). All nodes issue collectives in the sam
 in that order, inline (CPU / gRPC engine, which may hand the comm stages to a thread) or on two
 CUDA streams (GPU path). Nothing here imports CUDA or triton.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from typing import Any
 
 DEFAULT_THRESHOLD = 1024
 DEFAULT_TILE = 128  # rows of a GEMM tile (M) in the projection kernels
-SLACK = 0.125       # the split may move up to 1/8 of the tokens away from the middle
+SLACK = 0.125  # the split may move up to 1/8 of the tokens away from the middle
 
 
 def wave_waste(n: int, wave: int) -> int:
@@ -29,8 +30,9 @@ def wave_waste(n: int, wave: int) -> int:
     return math.ceil(n / wave) * wave - n if n else 0
 
 
-def split_point(n_tokens: int, *, sm_count: int, threshold: int = DEFAULT_THRESHOLD,
-                tile: int = DEFAULT_TILE, rows_per_sm: int = 1) -> int:
+def split_point(
+    n_tokens: int, *, sm_count: int, threshold: int = DEFAULT_THRESHOLD, tile: int = DEFAULT_TILE, rows_per_sm: int = 1
+) -> int:
     """Where to cut a step of n_tokens: 0 for "do not split", else s with 0 < s < n_tokens.
 
     Candidates are multiples of `tile` (so neither half ends in a partial GEMM tile) within
@@ -41,8 +43,9 @@ def split_point(n_tokens: int, *, sm_count: int, threshold: int = DEFAULT_THRESH
     if n_tokens < max(threshold, 2 * tile):
         return 0
     if sm_count < 1 or tile < 1 or rows_per_sm < 1:
-        raise ValueError(f"split_point: sm_count, tile and rows_per_sm must be >= 1 "
-                         f"(got {sm_count}, {tile}, {rows_per_sm})")
+        raise ValueError(
+            f"split_point: sm_count, tile and rows_per_sm must be >= 1 (got {sm_count}, {tile}, {rows_per_sm})"
+        )
     wave = sm_count * rows_per_sm
     half = n_tokens / 2
     lo = max(tile, math.ceil((half - SLACK * n_tokens) / tile) * tile)
@@ -64,8 +67,9 @@ def split_schedule(n_stages: int, n_parts: int = 2) -> list[tuple[int, int]]:
 Stage = Callable[[int, slice, Any], Any]  # (part, token slice, state) -> new state
 
 
-def run_split(states: Sequence[Any], bounds: Sequence[slice], stages: Sequence[Stage],
-              streams: Sequence[Any] | None = None) -> list[Any]:
+def run_split(
+    states: Sequence[Any], bounds: Sequence[slice], stages: Sequence[Stage], streams: Sequence[Any] | None = None
+) -> list[Any]:
     """Run every stage for every part in `split_schedule` order; returns the final states.
 
     states[p]: part p's input state (e.g. its rows of the hidden states); bounds[p]: its token

@@ -18,6 +18,7 @@ EMULATE=True replaces the two multimem instructions by plain loads and stores ov
 copies of the buffers (int32 words), so the index and packing logic runs in Triton's CPU
 interpreter (TRITON_INTERPRET=1) and is tested without NVSwitch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,13 @@ def _ld_reduce(mc_base, emu_ptr, emu_stride, elem_idx, mask, world, EMULATE: tl.
     else:
         addr = mc_base + elem_idx * 2  # bytes, bf16
         w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            _LD_REDUCE, "=r,=r,=r,=r,l,r", [addr, mask.to(tl.int32)],
-            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=False, pack=1)
+            _LD_REDUCE,
+            "=r,=r,=r,=r,l,r",
+            [addr, mask.to(tl.int32)],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+            is_pure=False,
+            pack=1,
+        )
     return w0, w1, w2, w3
 
 
@@ -99,8 +105,8 @@ def _st(mc_base, emu_ptr, emu_stride, elem_idx, mask, world, w0, w1, w2, w3, EMU
     else:
         addr = mc_base + elem_idx * 2
         tl.inline_asm_elementwise(
-            _ST, "=r,l,r,r,r,r,r", [addr, w0, w1, w2, w3, mask.to(tl.int32)],
-            dtype=tl.uint32, is_pure=False, pack=1)
+            _ST, "=r,l,r,r,r,r,r", [addr, w0, w1, w2, w3, mask.to(tl.int32)], dtype=tl.uint32, is_pure=False, pack=1
+        )
 
 
 @triton.jit
@@ -120,18 +126,30 @@ def _norm(x, w_ptr, cols, mask, rstd):
 
 @triton.jit
 def _multimem_add_rms_norm_kernel(
-    mc_p, mc_x, mc_h,                 # multicast byte addresses (int64) of P, X, H
-    emu_p, emu_x, emu_h, emu_stride,  # EMULATE only: int32 words [W, T_max * H / 2]
-    r_ptr, stride_r, w_ptr,
-    T, H, eps, rank, world,
-    BV: tl.constexpr, EMULATE: tl.constexpr,
+    mc_p,
+    mc_x,
+    mc_h,  # multicast byte addresses (int64) of P, X, H
+    emu_p,
+    emu_x,
+    emu_h,
+    emu_stride,  # EMULATE only: int32 words [W, T_max * H / 2]
+    r_ptr,
+    stride_r,
+    w_ptr,
+    T,
+    H,
+    eps,
+    rank,
+    world,
+    BV: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * world + rank
     if row < T:
         j = tl.arange(0, BV)
         mask = j < H // 8
-        elem = row * H + j * 8                 # [BV] first element of each 16-byte chunk
-        cols = j * 8                           # [BV] same, within the row
+        elem = row * H + j * 8  # [BV] first element of each 16-byte chunk
+        cols = j * 8  # [BV] same, within the row
         w0, w1, w2, w3 = _ld_reduce(mc_p, emu_p, emu_stride, elem, mask, world, EMULATE)
         rrow = r_ptr + row * stride_r + cols
         x0, q0 = _x_and_sq(rrow, 0, mask, _lo(w0))
@@ -144,8 +162,19 @@ def _multimem_add_rms_norm_kernel(
         x7, q7 = _x_and_sq(rrow, 7, mask, _hi(w3))
         sq = tl.sum(q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7, axis=0)
         rstd = 1.0 / tl.sqrt(sq / H + eps)
-        _st(mc_x, emu_x, emu_stride, elem, mask, world,
-            _pack(x0, x1), _pack(x2, x3), _pack(x4, x5), _pack(x6, x7), EMULATE)
+        _st(
+            mc_x,
+            emu_x,
+            emu_stride,
+            elem,
+            mask,
+            world,
+            _pack(x0, x1),
+            _pack(x2, x3),
+            _pack(x4, x5),
+            _pack(x6, x7),
+            EMULATE,
+        )
         h0 = _norm(x0, w_ptr, cols + 0, mask, rstd)
         h1 = _norm(x1, w_ptr, cols + 1, mask, rstd)
         h2 = _norm(x2, w_ptr, cols + 2, mask, rstd)
@@ -154,8 +183,19 @@ def _multimem_add_rms_norm_kernel(
         h5 = _norm(x5, w_ptr, cols + 5, mask, rstd)
         h6 = _norm(x6, w_ptr, cols + 6, mask, rstd)
         h7 = _norm(x7, w_ptr, cols + 7, mask, rstd)
-        _st(mc_h, emu_h, emu_stride, elem, mask, world,
-            _pack(h0, h1), _pack(h2, h3), _pack(h4, h5), _pack(h6, h7), EMULATE)
+        _st(
+            mc_h,
+            emu_h,
+            emu_stride,
+            elem,
+            mask,
+            world,
+            _pack(h0, h1),
+            _pack(h2, h3),
+            _pack(h4, h5),
+            _pack(h6, h7),
+            EMULATE,
+        )
 
 
 def grid_and_block(T: int, H: int, world: int) -> tuple[tuple[int], int, int]:
@@ -164,25 +204,65 @@ def grid_and_block(T: int, H: int, world: int) -> tuple[tuple[int], int, int]:
     return (triton.cdiv(T, world),), bv, warps
 
 
-def multimem_add_rms_norm(mc_p: int, mc_x: int, mc_h: int, residual: torch.Tensor,
-                          weight: torch.Tensor, eps: float, rank: int, world: int) -> None:
+def multimem_add_rms_norm(
+    mc_p: int, mc_x: int, mc_h: int, residual: torch.Tensor, weight: torch.Tensor, eps: float, rank: int, world: int
+) -> None:
     """Launch on the current stream; P must hold every rank's partial (barrier before), and
     X, H are complete on every rank only after a barrier after. residual: [T, H] bf16, H % 8 == 0."""
     T, H = residual.shape
     grid, bv, warps = grid_and_block(T, H, world)
     _multimem_add_rms_norm_kernel[grid](
-        mc_p, mc_x, mc_h, residual, residual, residual, 0,
-        residual, residual.stride(0), weight, T, H, eps, rank, world,
-        BV=bv, EMULATE=False, num_warps=warps)
+        mc_p,
+        mc_x,
+        mc_h,
+        residual,
+        residual,
+        residual,
+        0,
+        residual,
+        residual.stride(0),
+        weight,
+        T,
+        H,
+        eps,
+        rank,
+        world,
+        BV=bv,
+        EMULATE=False,
+        num_warps=warps,
+    )
 
 
-def emulated_multimem_add_rms_norm(emu_p: torch.Tensor, emu_x: torch.Tensor, emu_h: torch.Tensor,
-                                   residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                                   rank: int, world: int) -> None:
+def emulated_multimem_add_rms_norm(
+    emu_p: torch.Tensor,
+    emu_x: torch.Tensor,
+    emu_h: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    rank: int,
+    world: int,
+) -> None:
     """Same kernel with plain loads/stores. emu_*: int32 [W, T_max * H / 2] (bf16 pairs)."""
     T, H = residual.shape
     grid, bv, warps = grid_and_block(T, H, world)
     _multimem_add_rms_norm_kernel[grid](
-        0, 0, 0, emu_p, emu_x, emu_h, emu_p.stride(0),
-        residual, residual.stride(0), weight, T, H, eps, rank, world,
-        BV=bv, EMULATE=True, num_warps=warps)
+        0,
+        0,
+        0,
+        emu_p,
+        emu_x,
+        emu_h,
+        emu_p.stride(0),
+        residual,
+        residual.stride(0),
+        weight,
+        T,
+        H,
+        eps,
+        rank,
+        world,
+        BV=bv,
+        EMULATE=True,
+        num_warps=warps,
+    )

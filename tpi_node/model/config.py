@@ -1,4 +1,5 @@
 """ModelConfig: the shapes of a Llama / Mistral / Qwen2 checkpoint, read from its config.json."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ class ModelConfig:
     max_position: int
     tie_embeddings: bool
     attention_bias: bool
-    rope_scaling: tuple = ()          # sorted (key, value) items of HF's rope_scaling dict
+    rope_scaling: tuple = ()  # sorted (key, value) items of HF's rope_scaling dict
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     digest: str = field(default="", compare=False)
@@ -40,7 +41,7 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         arch = d.get("model_type", "llama")
         if arch not in SUPPORTED:
             raise UserError(f"model_type '{arch}' is not supported (supported: {', '.join(sorted(SUPPORTED))})")
@@ -77,7 +78,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise UserError(f"no config.json in {model_dir}")

@@ -8,6 +8,7 @@ With one node holding everything, the partial is the full output.
 Shapes: T = tokens in the step (all sequences concatenated), H = hidden size, hd = head dim,
 nq / nkv = query / KV heads held by this node, F = FFN columns held by this node.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,22 +25,23 @@ from tpi_node.model.config import ModelConfig
 class LayerWeights:
     """One node's slice of one layer (see weights/slicer.py for how it is cut)."""
 
-    n_q: int                       # query heads held here (0 -> no attention work)
-    n_kv: int                      # KV heads held here
-    wqkv: torch.Tensor | None      # [(n_q + 2 n_kv) hd, H]  q, k, v stacked by rows
-    bqkv: torch.Tensor | None      # [(n_q + 2 n_kv) hd]     Qwen2 / attention_bias only
-    wo: torch.Tensor | None        # [H, n_q hd]             columns of o_proj
-    w13: torch.Tensor | None       # [2F, H]                 gate rows then up rows
-    w2: torch.Tensor | None        # [H, F]                  columns of down_proj
+    n_q: int  # query heads held here (0 -> no attention work)
+    n_kv: int  # KV heads held here
+    wqkv: torch.Tensor | None  # [(n_q + 2 n_kv) hd, H]  q, k, v stacked by rows
+    bqkv: torch.Tensor | None  # [(n_q + 2 n_kv) hd]     Qwen2 / attention_bias only
+    wo: torch.Tensor | None  # [H, n_q hd]             columns of o_proj
+    w13: torch.Tensor | None  # [2F, H]                 gate rows then up rows
+    w2: torch.Tensor | None  # [H, F]                  columns of down_proj
 
     def nbytes(self) -> int:
         ts = (self.wqkv, self.bqkv, self.wo, self.w13, self.w2)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-    def prepacked(self) -> "LayerWeights":
+    def prepacked(self) -> LayerWeights:
         """The same slice with its matrices in oneDNN's layout (see `linear`)."""
-        return LayerWeights(self.n_q, self.n_kv, prepack(self.wqkv), self.bqkv, prepack(self.wo),
-                            prepack(self.w13), prepack(self.w2))
+        return LayerWeights(
+            self.n_q, self.n_kv, prepack(self.wqkv), self.bqkv, prepack(self.wo), prepack(self.w13), prepack(self.w2)
+        )
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,8 +54,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and os.environ.get("TPI_PREPACK", "1") != "0")
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("TPI_PREPACK", "1") != "0"
+    )
 
 
 def prepack(w: torch.Tensor | None) -> torch.Tensor | None:
@@ -125,15 +131,15 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     T = h.shape[0]
     if w.n_q == 0:
         return h.new_zeros(T, h.shape[1])
-    qkv = linear(h, w.wqkv, w.bqkv)                                 # [T, (nq + 2nkv) hd]
+    qkv = linear(h, w.wqkv, w.bqkv)  # [T, (nq + 2nkv) hd]
     nq, nkv = w.n_q * head_dim, w.n_kv * head_dim
     q = qkv[:, :nq].view(T, w.n_q, head_dim)
-    k = qkv[:, nq:nq + nkv].view(T, w.n_kv, head_dim)
-    v = qkv[:, nq + nkv:].view(T, w.n_kv, head_dim)
+    k = qkv[:, nq : nq + nkv].view(T, w.n_kv, head_dim)
+    v = qkv[:, nq + nkv :].view(T, w.n_kv, head_dim)
     cos, sin = rope_cs
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    g = w.n_q // w.n_kv                                             # query heads per KV head
+    g = w.n_q // w.n_kv  # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
     starts = [0]
     for n in layout.new_lens:
@@ -143,17 +149,18 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
         # every one-token sequence in ONE call: the g query heads of a KV head become g rows
         # against that head's keys (no GQA expansion); the mask hides each slot's unused tail
         rows = torch.tensor([starts[j] for j in decode], device=h.device)
-        ks, vs, mask = cache.extend_decode([layout.seq_ids[j] for j in decode],
-                                           [layout.past_lens[j] for j in decode], k[rows], v[rows])
-        qs = q[rows].view(len(decode), w.n_kv, g, head_dim)                      # [B, nkv, g, hd]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)            # [B, nkv, g, hd]
+        ks, vs, mask = cache.extend_decode(
+            [layout.seq_ids[j] for j in decode], [layout.past_lens[j] for j in decode], k[rows], v[rows]
+        )
+        qs = q[rows].view(len(decode), w.n_kv, g, head_dim)  # [B, nkv, g, hd]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # [B, nkv, g, hd]
         out[rows] = o.reshape(len(decode), w.n_q, head_dim)
     for j, n in enumerate(layout.new_lens):
         if n == 1:
             continue
         start, past = starts[j], layout.past_lens[j]
-        ks, vs = cache.extend(layout.seq_ids[j], past, k[start:start + n], v[start:start + n])  # [nkv, past+n, hd]
-        qs = q[start:start + n].transpose(0, 1)[None]                            # [1, nq, n, hd]
+        ks, vs = cache.extend(layout.seq_ids[j], past, k[start : start + n], v[start : start + n])  # [nkv, past+n, hd]
+        qs = q[start : start + n].transpose(0, 1)[None]  # [1, nq, n, hd]
         if g > 1:
             ks, vs = ks.repeat_interleave(g, dim=0), vs.repeat_interleave(g, dim=0)
         ks, vs = ks[None], vs[None]
@@ -162,13 +169,13 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
         else:  # a later prefill chunk: token i sees the whole past and new tokens <= i
             mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(past)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-        out[start:start + n] = o[0].transpose(0, 1)
-    return linear(out.view(T, nq), w.wo)                            # [T, H]
+        out[start : start + n] = o[0].transpose(0, 1)
+    return linear(out.view(T, nq), w.wo)  # [T, H]
 
 
 def mlp_partial(h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """SwiGLU over this node's FFN columns. h: [T, H] -> partial [T, H]."""
     if w.w13 is None:
         return torch.zeros_like(h)
-    gate, up = linear(h, w.w13).chunk(2, dim=-1)                    # [T, F] each
+    gate, up = linear(h, w.w13).chunk(2, dim=-1)  # [T, F] each
     return linear(F.silu(gate) * up, w.w2)

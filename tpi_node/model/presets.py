@@ -9,15 +9,28 @@ rope scaling).
 Only standard HF keys are used (legacy `rope_theta` / `rope_scaling` spelling, which every
 transformers release reads), so transformers itself can load what `synthesize` writes.
 """
+
 from __future__ import annotations
 
 import copy
 
 
-def _llama(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, *,
-           max_pos: int, rope_theta: float = 10000.0, rope_scaling: dict | None = None,
-           tied: bool = False, bos: int = 1, eos: int | list[int] = 2,
-           rms_eps: float = 1e-5) -> dict:
+def _llama(
+    hidden: int,
+    ffn: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    *,
+    max_pos: int,
+    rope_theta: float = 10000.0,
+    rope_scaling: dict | None = None,
+    tied: bool = False,
+    bos: int = 1,
+    eos: int | list[int] = 2,
+    rms_eps: float = 1e-5,
+) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -42,9 +55,21 @@ def _llama(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab:
     }
 
 
-def _qwen2(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, *,
-           max_pos: int, rope_theta: float = 1000000.0, tied: bool = True,
-           bos: int = 151643, eos: int | list[int] = 151643, rms_eps: float = 1e-6) -> dict:
+def _qwen2(
+    hidden: int,
+    ffn: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    *,
+    max_pos: int,
+    rope_theta: float = 1000000.0,
+    tied: bool = True,
+    bos: int = 151643,
+    eos: int | list[int] = 151643,
+    rms_eps: float = 1e-6,
+) -> dict:
     # Qwen2 = llama with biases on q/k/v (never on o_proj) and no attention_bias switch.
     return {
         "architectures": ["Qwen2ForCausalLM"],
@@ -71,8 +96,13 @@ def _qwen2(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab:
 
 
 def _llama3_scaling(factor: float, original_max: int) -> dict:
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": original_max}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_max,
+    }
 
 
 PRESETS: dict[str, dict] = {
@@ -80,19 +110,30 @@ PRESETS: dict[str, dict] = {
     "llama2-7b": _llama(4096, 11008, 32, 32, 32, 32000, max_pos=4096),
     "llama2-13b": _llama(5120, 13824, 40, 40, 40, 32000, max_pos=4096),
     "llama2-70b": _llama(8192, 28672, 80, 64, 8, 32000, max_pos=4096),
-    "llama3-8b": _llama(4096, 14336, 32, 32, 8, 128256, max_pos=8192, rope_theta=500000.0,
-                        bos=128000, eos=128001),
-    "llama3.2-1b": _llama(2048, 8192, 16, 32, 8, 128256, max_pos=131072, rope_theta=500000.0,
-                          rope_scaling=_llama3_scaling(32.0, 8192), tied=True,
-                          bos=128000, eos=128001),
+    "llama3-8b": _llama(4096, 14336, 32, 32, 8, 128256, max_pos=8192, rope_theta=500000.0, bos=128000, eos=128001),
+    "llama3.2-1b": _llama(
+        2048,
+        8192,
+        16,
+        32,
+        8,
+        128256,
+        max_pos=131072,
+        rope_theta=500000.0,
+        rope_scaling=_llama3_scaling(32.0, 8192),
+        tied=True,
+        bos=128000,
+        eos=128001,
+    ),
     "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2, 151936, max_pos=32768),
     # Tiny test presets. vocab 512 leaves room for the synthetic byte-level tokenizer.
     "tiny-llama": _llama(64, 160, 4, 4, 2, 512, max_pos=2048),
     "tiny-qwen2": _qwen2(96, 224, 3, 6, 3, 512, max_pos=2048, tied=False),
     # original_max 64 with head_dim 16: some rope frequencies are scaled, some smoothed,
     # some untouched, so all three branches of the llama3 formula are exercised.
-    "tiny-llama3": _llama(96, 256, 3, 6, 3, 512, max_pos=2048, rope_theta=500000.0,
-                          rope_scaling=_llama3_scaling(8.0, 64), tied=True),
+    "tiny-llama3": _llama(
+        96, 256, 3, 6, 3, 512, max_pos=2048, rope_theta=500000.0, rope_scaling=_llama3_scaling(8.0, 64), tied=True
+    ),
 }
 
 

@@ -9,6 +9,7 @@ vLLM's default), not of the penalized/truncated one.
 Cost per call: O(vocab) elementwise work plus at most one sort (top-p without top-k);
 with top-k, top-p runs on the k sorted values torch.topk already returns.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -23,11 +24,12 @@ from tpi_node.model.sampling_params import SamplingParams
 class SampleResult:
     token_id: int
     logprob: float
-    top_logprobs: list[tuple[int, float]] | None = None   # best first
+    top_logprobs: list[tuple[int, float]] | None = None  # best first
 
 
-def penalty_state(vocab: int, prompt_ids, generated_ids,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def penalty_state(
+    vocab: int, prompt_ids, generated_ids, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (seen [vocab] bool: id in prompt or output, counts [vocab] float: uses in output)."""
     seen = torch.zeros(vocab, dtype=torch.bool, device=device)
     counts = torch.zeros(vocab, dtype=torch.float32, device=device)
@@ -43,9 +45,14 @@ def _record(seen: torch.Tensor, counts: torch.Tensor, prompt_ids, generated_ids)
     counts.index_add_(0, gen, torch.ones(gen.shape, dtype=counts.dtype, device=counts.device))
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor,
-             repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0) -> torch.Tensor:
+def penalize(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    counts: torch.Tensor,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> torch.Tensor:
     """logits [vocab] -> penalized copy (elementwise only, no sort).
     Repetition (CTRL/HF): for every seen id, l/p if l > 0 else l*p.
     OpenAI: l - frequency * count - presence * (count > 0)."""
@@ -58,13 +65,17 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor,
     return out
 
 
-def apply_penalties(logits: torch.Tensor, prompt_ids, generated_ids,
-                    repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_ids,
+    generated_ids,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> torch.Tensor:
     """Penalties from scratch (the Sampler keeps the same state incrementally)."""
     seen, counts = penalty_state(logits.shape[-1], prompt_ids, generated_ids, logits.device)
-    return penalize(logits, seen, counts, repetition_penalty, presence_penalty,
-                    frequency_penalty)
+    return penalize(logits, seen, counts, repetition_penalty, presence_penalty, frequency_penalty)
 
 
 def _top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -76,7 +87,7 @@ def _top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return keep
 
 
-NUCLEUS_GUESS = 1024   # top-p first looks at this many best tokens; sorts all only if needed
+NUCLEUS_GUESS = 1024  # top-p first looks at this many best tokens; sorts all only if needed
 
 
 def _sorted_head(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +128,7 @@ def _inverse_cdf(weights: torch.Tensor, gen: torch.Generator) -> int:
     cdf = torch.cumsum(weights, dim=-1)
     u = torch.rand(1, generator=gen, device=weights.device) * cdf[-1]
     i = min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[-1] - 1)
-    return i if float(weights[i]) > 0 else int(torch.argmax(weights))   # rounding at the end
+    return i if float(weights[i]) > 0 else int(torch.argmax(weights))  # rounding at the end
 
 
 class Sampler:
@@ -146,8 +157,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             seen, counts = self._penalty_state(logits, generated_ids)
-            logits = penalize(logits, seen, counts, p.repetition_penalty, p.presence_penalty,
-                              p.frequency_penalty)
+            logits = penalize(logits, seen, counts, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
         if p.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -160,12 +170,15 @@ class Sampler:
 
     def _penalty_state(self, logits: torch.Tensor, generated_ids: list[int]):
         n = len(generated_ids)
-        if (self._seen is None or self._seen.shape[0] != logits.shape[-1]
-                or self._seen.device != logits.device or n < self._n_recorded):
-            self._seen, self._counts = penalty_state(logits.shape[-1], self.prompt_ids,
-                                                     generated_ids, logits.device)
+        if (
+            self._seen is None
+            or self._seen.shape[0] != logits.shape[-1]
+            or self._seen.device != logits.device
+            or n < self._n_recorded
+        ):
+            self._seen, self._counts = penalty_state(logits.shape[-1], self.prompt_ids, generated_ids, logits.device)
         elif n > self._n_recorded:
-            _record(self._seen, self._counts, (), generated_ids[self._n_recorded:])
+            _record(self._seen, self._counts, (), generated_ids[self._n_recorded :])
         self._n_recorded = n
         return self._seen, self._counts
 
@@ -174,8 +187,8 @@ class Sampler:
         p = self.params
         gen = self._generator(logits.device)
         if 0 < p.top_k < logits.shape[-1]:
-            vals, ids = torch.topk(logits, p.top_k)          # sorted, descending
-            probs = torch.softmax(vals, dim=-1)               # renormalized over the k
+            vals, ids = torch.topk(logits, p.top_k)  # sorted, descending
+            probs = torch.softmax(vals, dim=-1)  # renormalized over the k
         elif p.top_p < 1.0:
             probs, ids = _sorted_head(torch.softmax(logits, dim=-1), p.top_p)
         else:

@@ -1,4 +1,5 @@
 """What a request asks of the sampler. Shared by the engine, the CLI and the HTTP layer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,18 +8,18 @@ from dataclasses import dataclass, field
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0          # 0 -> greedy (argmax)
-    top_p: float = 1.0                # nucleus; 1.0 -> off
-    top_k: int = 0                    # 0 -> off
-    seed: int | None = None           # same seed, same text
-    presence_penalty: float = 0.0     # OpenAI semantics, applied to generated tokens
+    temperature: float = 1.0  # 0 -> greedy (argmax)
+    top_p: float = 1.0  # nucleus; 1.0 -> off
+    top_k: int = 0  # 0 -> off
+    seed: int | None = None  # same seed, same text
+    presence_penalty: float = 0.0  # OpenAI semantics, applied to generated tokens
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0   # HF/CTRL semantics over prompt + generated; 1.0 -> off
-    stop: tuple[str, ...] = ()        # stop strings (matched on text, also across tokens)
+    repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt + generated; 1.0 -> off
+    stop: tuple[str, ...] = ()  # stop strings (matched on text, also across tokens)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None       # None: none; 0: chosen token only; k: also the top k
-    n: int = 1                        # handled above the engine (n independent sequences)
+    logprobs: int | None = None  # None: none; 0: chosen token only; k: also the top k
+    n: int = 1  # handled above the engine (n independent sequences)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ and the model's own chat template rendered the way transformers renders it.
 IncrementalDecoder: token-by-token text that never splits a UTF-8 character (vLLM's scheme).
 StopMatcher: stop strings found across token boundaries, never emitted.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,13 +73,13 @@ def _raise_exception(message):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Like transformers: no HTML escaping (jinja's own tojson escapes <, >, &, ').
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -87,22 +88,34 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 def _clean_up_spaces(text: str) -> str:
     # transformers' clean_up_tokenization (only when tokenizer_config asks for it).
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                 (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text
 
 
 class Tokenizer:
-    def __init__(self, backend: HFTokenizer, tok_config: dict, chat_template: str | None,
-                 model_eos_ids: list[int]) -> None:
+    def __init__(
+        self, backend: HFTokenizer, tok_config: dict, chat_template: str | None, model_eos_ids: list[int]
+    ) -> None:
         self._tk = backend
         self.sampling_defaults: dict = {}
         self._chat_source = chat_template
         self._chat_compiled: jinja2.Template | None = None
         self._clean_up = bool(tok_config.get("clean_up_tokenization_spaces", False))
-        self.special_tokens = {k: _token_text(tok_config.get(k)) for k in
-                               ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.special_tokens = {
+            k: _token_text(tok_config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
         self.bos_token_id = self._id_of(self.special_tokens["bos_token"])
         self.eos_token_id = self._id_of(self.special_tokens["eos_token"])
         self.eos_token_ids: set[int] = set(model_eos_ids)
@@ -113,7 +126,7 @@ class Tokenizer:
         # tokenizer.json exists).
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -121,7 +134,7 @@ class Tokenizer:
         backend = HFTokenizer.from_file(str(tok_file))
         tok_config = _read_json(path / "tokenizer_config.json")
         template = tok_config.get("chat_template")
-        if isinstance(template, list):    # [{"name": "default", "template": ...}, ...]
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = path / "chat_template.jinja"
@@ -158,8 +171,7 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._chat_source)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render messages with the model's own template. Content may be a string or a list
         of {"type": "text", "text": ...} parts (joined with newlines)."""
         if not self._chat_source:
@@ -172,9 +184,9 @@ class Tokenizer:
         variables = {k: v for k, v in self.special_tokens.items() if v is not None}
         variables.update(kwargs)
         try:
-            return self._chat_compiled.render(messages=[_plain_message(m) for m in messages],
-                                              add_generation_prompt=add_generation_prompt,
-                                              **variables)
+            return self._chat_compiled.render(
+                messages=[_plain_message(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
+            )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template error: {exc}") from None
 
@@ -182,8 +194,9 @@ class Tokenizer:
 def _plain_message(message: dict) -> dict:
     content = message.get("content")
     if isinstance(content, list):
-        content = "\n".join(p.get("text", "") for p in content
-                            if isinstance(p, dict) and p.get("type", "text") == "text")
+        content = "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"
+        )
     elif content is None:
         content = ""
     return {**message, "content": content}
@@ -194,38 +207,39 @@ class IncrementalDecoder:
     (prefix..end) and emits what grew past the already-emitted part, so the cost per token
     does not grow with the sequence and tokenizer context (leading spaces) is respected."""
 
-    CONTEXT = 5   # prompt tokens used as left context, as vLLM does
+    CONTEXT = 5  # prompt tokens used as left context, as vLLM does
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 prompt_ids: list[int] | None = None) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: list[int] | None = None
+    ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = list(prompt_ids[-self.CONTEXT:]) if prompt_ids else []
-        self._prefix = 0               # window start: context only, already emitted
-        self._read = len(self._ids)    # ids before this are emitted
+        self._ids: list[int] = list(prompt_ids[-self.CONTEXT :]) if prompt_ids else []
+        self._prefix = 0  # window start: context only, already emitted
+        self._read = len(self._ids)  # ids before this are emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
     def _pending(self) -> str:
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        full = self._decode(self._ids[self._prefix:])
-        return full[len(prefix_text):] if len(full) > len(prefix_text) else ""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full = self._decode(self._ids[self._prefix :])
+        return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         new = self._pending()
         if not new or new.endswith(REPLACEMENT_CHAR):
-            return ""                  # nothing yet, or a character still incomplete
+            return ""  # nothing yet, or a character still incomplete
         # Slide the window: what was new becomes the next context.
-        self._ids = self._ids[self._read:]
+        self._ids = self._ids[self._read :]
         self._prefix, self._read = 0, len(self._ids)
         return new
 
     def flush(self) -> str:
         """End of sequence: whatever is held back, minus bytes that never became a character."""
         new = self._pending().rstrip(REPLACEMENT_CHAR)
-        self._ids = self._ids[self._read:]
+        self._ids = self._ids[self._read :]
         self._prefix, self._read = 0, len(self._ids)
         return new
 
@@ -262,8 +276,8 @@ class StopMatcher:
             self._held, self.stopped = "", True
             return text[:at], True
         keep = self._hold_len(text)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
 
     def flush(self) -> str:
         """The sequence ended without a stop: release the held-back tail."""

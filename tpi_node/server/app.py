@@ -6,11 +6,12 @@
 
 `stats` (default: `engine.stats` when the engine has one) is described in metrics.py.
 """
+
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,11 +22,10 @@ from tpi_node import __version__
 from tpi_node.engine.client import ClusterNotReady, EngineClient
 from tpi_node.server.errors import APIError, error_response, install_error_handlers
 from tpi_node.server.metrics import ServerMetrics, StatsFn
-from tpi_node.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse,
-                                      ModelCard, ModelList)
+from tpi_node.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from tpi_node.server.serving import OpenAIServing
 
-DEFAULT_MAX_QUEUE = 256   # sequences admitted (waiting + running) before new requests get 429
+DEFAULT_MAX_QUEUE = 256  # sequences admitted (waiting + running) before new requests get 429
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 429, 503)}
 _COUNTED_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"}
@@ -64,19 +64,24 @@ def _auth(api_key: str | None) -> Callable:
         if api_key is None:
             return
         if creds is None:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         if not secrets.compare_digest(creds.credentials.encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
     return check
 
 
-def create_app(engine: EngineClient, tokenizer, *, model_name: str, api_key: str | None = None,
-               cluster_info: Callable[[], dict] | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, stats: StatsFn | None = None) -> FastAPI:
-    app = FastAPI(title="tpi-node", version=__version__,
-                  description="OpenAI-compatible API of a tpi-node cluster")
+def create_app(
+    engine: EngineClient,
+    tokenizer,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    cluster_info: Callable[[], dict] | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    stats: StatsFn | None = None,
+) -> FastAPI:
+    app = FastAPI(title="tpi-node", version=__version__, description="OpenAI-compatible API of a tpi-node cluster")
     metrics = ServerMetrics(stats if stats is not None else getattr(engine, "stats", None))
     serving = OpenAIServing(engine, tokenizer, model_name, metrics, max_queue)
     created = int(time.time())
@@ -96,8 +101,7 @@ def create_app(engine: EngineClient, tokenizer, *, model_name: str, api_key: str
     @v1.get("/models/{model_id}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
         if model_id != model_name:
-            raise APIError(404, f"the model {model_id!r} does not exist", param="model",
-                           code="model_not_found")
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return card()
 
     @v1.post("/chat/completions")

@@ -11,11 +11,12 @@
                 "last_heartbeat_s": seconds ago|null, "tokens_per_s": float|null}, ...]}
 Every field is optional for the page; the route adds `time` (server clock) for rate estimates.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse

@@ -3,6 +3,7 @@
 Every failure a client can see goes through `APIError` or one of the handlers installed by
 `install_error_handlers`, so bad input is a 4xx with a one-line message, never a 500 traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpi_node.engine.client import EngineError
+from tpi_node.engine.client import EngineError, ErrorKind
 
 log = logging.getLogger("tpi_node.server")
+
+# The HTTP status of each kind of engine error (the one place the engine meets HTTP).
+STATUS_OF_KIND = {
+    ErrorKind.INVALID_PROMPT: 400,
+    ErrorKind.CONTEXT_LENGTH: 400,
+    ErrorKind.NOT_READY: 503,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.SHUTDOWN: 503,
+    ErrorKind.CLUSTER_FAILED: 503,
+    ErrorKind.INTERNAL: 500,
+}
 
 # OpenAI-style error `type` per HTTP status.
 _TYPES = {
@@ -32,9 +44,7 @@ _TYPES = {
 class APIError(Exception):
     """An error the client should see, with its HTTP status."""
 
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -42,12 +52,12 @@ class APIError(Exception):
         self.code = code
 
     @classmethod
-    def bad_request(cls, message: str, param: str | None = None, code: str | None = None) -> "APIError":
+    def bad_request(cls, message: str, param: str | None = None, code: str | None = None) -> APIError:
         return cls(400, message, param=param, code=code)
 
     @classmethod
-    def from_engine(cls, exc: EngineError) -> "APIError":
-        return cls(exc.status, str(exc), code=exc.code)
+    def from_engine(cls, exc: EngineError) -> APIError:
+        return cls(STATUS_OF_KIND[exc.kind], str(exc), code=exc.code)
 
     def body(self) -> dict:
         return error_body(self.status, self.message, param=self.param, code=self.code)

@@ -14,10 +14,11 @@ only the engine knows comes from a stats callback read at scrape time, shaped li
 
 Any key may be missing; a callback that raises is logged and skipped (the scrape still works).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,15 +48,14 @@ class _EngineStatsCollector(Collector):
             return
         waiting = s.get("waiting", s.get("queue_depth"))
         if waiting is not None:
-            yield GaugeMetricFamily("tpi_queue_depth", "sequences waiting to be scheduled",
-                                    value=float(waiting))
+            yield GaugeMetricFamily("tpi_queue_depth", "sequences waiting to be scheduled", value=float(waiting))
         if "running" in s:
-            yield GaugeMetricFamily("tpi_running_sequences", "sequences in the running batch",
-                                    value=float(s["running"]))
+            yield GaugeMetricFamily(
+                "tpi_running_sequences", "sequences in the running batch", value=float(s["running"])
+            )
         nodes = s.get("nodes") or {}
         for key, name in _NODE_TIMES:
-            fam = CounterMetricFamily(f"tpi_node_{name}_seconds",
-                                      f"seconds each node spent in {name}", labels=["node"])
+            fam = CounterMetricFamily(f"tpi_node_{name}_seconds", f"seconds each node spent in {name}", labels=["node"])
             for node_id, times in nodes.items():
                 if key in times:
                     fam.add_metric([str(node_id)], float(times[key]))
@@ -66,20 +66,27 @@ class ServerMetrics:
     def __init__(self, stats: StatsFn | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tpi_requests", "HTTP API requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "tpi_requests", "HTTP API requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("tpi_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("tpi_generation_tokens", "tokens generated", registry=r)
-        self.ttft = Histogram("tpi_time_to_first_token_seconds", "request arrival to first token",
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("tpi_time_per_output_token_seconds",
-                              "mean time between output tokens of a sequence",
-                              buckets=_TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("tpi_request_latency_seconds", "request arrival to last token",
-                             buckets=_E2E_BUCKETS, registry=r)
-        self.in_flight = Gauge("tpi_server_sequences_in_flight",
-                               "sequences the HTTP layer has handed to the engine", registry=r)
-        self.active = 0          # same count as in_flight, readable for the queue bound
+        self.ttft = Histogram(
+            "tpi_time_to_first_token_seconds", "request arrival to first token", buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "tpi_time_per_output_token_seconds",
+            "mean time between output tokens of a sequence",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tpi_request_latency_seconds", "request arrival to last token", buckets=_E2E_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge(
+            "tpi_server_sequences_in_flight", "sequences the HTTP layer has handed to the engine", registry=r
+        )
+        self.active = 0  # same count as in_flight, readable for the queue bound
         if stats is not None:
             r.register(_EngineStatsCollector(stats))
 
@@ -91,8 +98,7 @@ class ServerMetrics:
         self.active -= 1
         self.in_flight.dec()
 
-    def observe_sequence(self, *, arrival: float, first: float | None, last: float | None,
-                         tokens: int) -> None:
+    def observe_sequence(self, *, arrival: float, first: float | None, last: float | None, tokens: int) -> None:
         """Times are time.perf_counter() values of one finished (or cancelled) sequence."""
         self.generation_tokens.inc(tokens)
         if first is not None:

@@ -3,6 +3,7 @@
 Every tokenizer failure on user input (a chat template that rejects the conversation, text the
 tokenizer cannot encode, token ids out of range) becomes a 400 here, never a 500.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -11,13 +12,12 @@ import re
 from tpi_node.server.errors import APIError
 from tpi_node.server.protocol import ChatCompletionRequest, ChatMessage
 
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")   # sentencepiece byte-fallback tokens
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte-fallback tokens
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """Byte-level BPE (GPT-2, Llama 3, Qwen) spells byte b as one printable character; invert it."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -42,7 +42,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 if part.type != "text" or part.text is None:
                     raise APIError.bad_request(
                         f"content part type {part.type!r} is not supported (only 'text')",
-                        param=f"messages.{i}.content.{j}")
+                        param=f"messages.{i}.content.{j}",
+                    )
                 texts.append(part.text)
             content = "".join(texts)
         role = "system" if m.role == "developer" else m.role
@@ -56,18 +57,17 @@ class PromptEncoder:
         self.vocab_size = int(tokenizer.vocab_size)
         params = inspect.signature(tokenizer.encode).parameters
         # A rendered chat template already holds BOS; encoding must not add a second one.
-        self._no_specials = next(
-            (k for k in ("add_special_tokens", "add_bos") if k in params), None)
+        self._no_specials = next((k for k in ("add_special_tokens", "add_bos") if k in params), None)
         self._piece_cache: dict[int, tuple[str, list[int]]] = {}
         to_id = getattr(tokenizer, "token_to_id", None)
-        self._byte_level = bool(to_id and to_id("Ġ") is not None)   # "Ġ" spells byte 0x20
+        self._byte_level = bool(to_id and to_id("Ġ") is not None)  # "Ġ" spells byte 0x20
 
     def _encode(self, text: str, specials: bool) -> list[int]:
         try:
             if self._no_specials is None:
                 return list(self.tok.encode(text))
             return list(self.tok.encode(text, **{self._no_specials: specials}))
-        except Exception as exc:   # e.g. lone surrogates the tokenizer cannot represent
+        except Exception as exc:  # e.g. lone surrogates the tokenizer cannot represent
             raise APIError.bad_request(f"cannot tokenize the prompt: {exc}") from exc
 
     def chat(self, req: ChatCompletionRequest) -> list[int]:
@@ -76,9 +76,8 @@ class PromptEncoder:
             rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         except APIError:
             raise
-        except Exception as exc:    # jinja templates raise on conversations they refuse
-            raise APIError.bad_request(f"cannot apply the chat template: {exc}",
-                                       param="messages") from exc
+        except Exception as exc:  # jinja templates raise on conversations they refuse
+            raise APIError.bad_request(f"cannot apply the chat template: {exc}", param="messages") from exc
         ids = self._encode(rendered, specials=False) if isinstance(rendered, str) else list(rendered)
         if not ids:
             raise APIError.bad_request("the rendered prompt is empty", param="messages")
@@ -102,8 +101,8 @@ class PromptEncoder:
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise APIError.bad_request(
-                    f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                    param="prompt")
+                    f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+                )
             out.append(ids)
         return out
 

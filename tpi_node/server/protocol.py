@@ -2,8 +2,9 @@
 
 Requests accept unknown fields (OpenAI adds new ones often; clients send them); the route logs
 and ignores them. Numeric ranges follow the OpenAI reference; values outside are a 400.
-Responses are plain dicts built in serving.py (their shapes are the OpenAI ones).
+Responses are plain dicts built in responses.py (their shapes are the OpenAI ones).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # torch.Generator seeds are 64-bit; a wider seed is a 400, not a crash in the sampler.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-MAX_N = 16              # choices per request (each is one sequence in the engine)
+MAX_N = 16  # choices per request (each is one sequence in the engine)
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 
@@ -33,7 +34,7 @@ class StreamOptions(_Part):
 
 
 class ContentPart(_Part):
-    """One part of a message's content; only {"type": "text"} is served (checked in serving)."""
+    """One part of a message's content; only {"type": "text"} is served (checked in prompts.py)."""
 
     type: str
     text: str | None = None
@@ -75,7 +76,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)   # the OpenAI default for completions
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)

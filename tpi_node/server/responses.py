@@ -3,6 +3,7 @@
 Chat logprobs:        {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": None}
 Completion logprobs:  {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{tok: lp}], "text_offset": [...]}
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(obj: dict | str) -> str:
@@ -44,8 +48,7 @@ def chat_logprobs(enc: PromptEncoder, events: list[TokenEvent]) -> dict:
         for tid, lp in ev.top_logprobs or []:
             t, b = enc.piece(tid)
             tops.append({"token": t, "logprob": _lp(lp), "bytes": b})
-        content.append({"token": token, "logprob": _lp(ev.logprob), "bytes": raw,
-                        "top_logprobs": tops})
+        content.append({"token": token, "logprob": _lp(ev.logprob), "bytes": raw, "top_logprobs": tops})
     return {"content": content, "refusal": None}
 
 
@@ -62,44 +65,48 @@ def completion_logprobs(enc: PromptEncoder, events: list[TokenEvent], offset: in
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def _envelope(obj: str, rid: str, model: str, created: int, choices: list[dict], **extra) -> dict:
+    """The fields every response and stream chunk of the API share."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        **extra,
+        "system_fingerprint": None,
+    }
+
+
 def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": None}
+    return _envelope("chat.completion", rid, model, created, choices, usage=use)
 
 
 def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
 def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": None}
+    return _envelope("text_completion", rid, model, created, choices, usage=use)
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict | None) -> dict:
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict],
-               with_usage: bool) -> dict:
-    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": choices, "system_fingerprint": None}
-    if with_usage:
-        out["usage"] = None
-    return out
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], with_usage: bool) -> dict:
+    """A stream chunk; `usage` is null on every chunk but the last when the client asked for it."""
+    return _envelope("chat.completion.chunk", rid, model, created, choices, **({"usage": None} if with_usage else {}))
 
 
-def chat_delta(index: int, delta: dict, logprobs: dict | None = None,
-               finish_reason: str | None = None) -> dict:
+def chat_delta(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_chunk(rid: str, model: str, created: int, choices: list[dict],
-                     with_usage: bool) -> dict:
-    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": choices, "system_fingerprint": None}
-    if with_usage:
-        out["usage"] = None
-    return out
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict], with_usage: bool) -> dict:
+    return _envelope("text_completion", rid, model, created, choices, **({"usage": None} if with_usage else {}))

@@ -1,8 +1,10 @@
-"""Run the app under a real uvicorn server on a background thread (CLI `run`, tests, load test).
+"""Run the app under a real uvicorn server on a background thread (the API tests and anything
+else that needs a live server next to its own code; `serve` and `run` call uvicorn directly).
 
     with ServerThread(app, host="127.0.0.1", port=0) as url:   # port 0: a free port
         openai.OpenAI(base_url=url + "/v1", api_key="x")
 """
+
 from __future__ import annotations
 
 import socket
@@ -13,11 +15,9 @@ import uvicorn
 
 
 class ServerThread:
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning") -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         self.app, self.host, self.port = app, host, port
-        self.config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2,
-                                     lifespan="off")
+        self.config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, lifespan="off")
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -32,8 +32,9 @@ class ServerThread:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((self.host, self.port))
         self.port = self._sock.getsockname()[1]
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                        name=f"uvicorn-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, name=f"uvicorn-{self.port}", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -5,27 +5,34 @@ Order of checks for a request: model (404) -> readiness (503) -> prompt and para
 -> queue bound (429) -> engine. Errors raised before the first byte of a response are HTTP
 statuses; an error after a stream started is sent in-band, then [DONE].
 """
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
-from tpi_node.engine.client import ClusterNotReady, EngineClient, EngineError, QueueFull
+from tpi_node.engine.client import ClusterNotReady, EngineClient, EngineError, QueueFull, TokenEvent
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.server import responses as R
+from tpi_node.server.choices import ChoiceStream, ClientDisconnected, close_all, merged, start_all, unless_disconnected
 from tpi_node.server.errors import APIError, error_body
 from tpi_node.server.metrics import ServerMetrics
 from tpi_node.server.prompts import PromptEncoder
-from tpi_node.server.protocol import (MAX_STOP, SEED_MAX, SEED_MIN, ChatCompletionRequest,
-                                      CompletionRequest, _SamplingFields)
-from tpi_node.server.sequences import (ClientDisconnected, Sequence, close_all, merged,
-                                       start_all, unless_disconnected)
+from tpi_node.server.protocol import (
+    MAX_STOP,
+    SEED_MAX,
+    SEED_MIN,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+)
 
 log = logging.getLogger("tpi_node.server")
 
@@ -41,8 +48,9 @@ def _seed_for(seed: int | None, i: int) -> int | None:
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, tokenizer, model_name: str,
-                 metrics: ServerMetrics, max_queue: int) -> None:
+    def __init__(
+        self, engine: EngineClient, tokenizer, model_name: str, metrics: ServerMetrics, max_queue: int
+    ) -> None:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.max_queue = max_queue
         self.enc = PromptEncoder(tokenizer)
@@ -54,22 +62,29 @@ class OpenAIServing:
         if extra:
             log.info("%s: ignoring unknown fields %s", endpoint, ", ".join(extra))
         if req.model != self.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         if not self.engine.ready():
             raise ClusterNotReady()
         if req.stream_options is not None and not req.stream:
-            raise APIError.bad_request("stream_options is only allowed when stream is true",
-                                       param="stream_options")
+            raise APIError.bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def _params(self, req: _SamplingFields, prompt_len: int, max_tokens: int | None,
-                logprobs: int | None, param: str) -> SamplingParams:
+    def _params(
+        self, req: _SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None, param: str
+    ) -> SamplingParams:
         ctx = int(self.engine.max_context)
         if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
             asked = f" + {max_tokens} max tokens" if max_tokens is not None else ""
             raise APIError.bad_request(
                 f"this model's maximum context length is {ctx} tokens; the request has "
-                f"{prompt_len} prompt tokens{asked}", param=param, code="context_length_exceeded")
+                f"{prompt_len} prompt tokens{asked}",
+                param=param,
+                code="context_length_exceeded",
+            )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         if len(stop) > MAX_STOP:
             raise APIError.bad_request(f"at most {MAX_STOP} stop sequences", param="stop")
@@ -95,17 +110,28 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError.bad_request(str(exc)) from exc
 
-    def _sequences(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
-                   request_id: str, arrival: float) -> list[Sequence]:
+    def _sequences(
+        self, prompts: list[list[int]], params: list[SamplingParams], n: int, request_id: str, arrival: float
+    ) -> list[ChoiceStream]:
         """n sequences per prompt; choice index p * n + j samples with seed + j."""
         count = len(prompts) * n
         if self.metrics.active + count > self.max_queue:
             raise QueueFull()
-        return [Sequence(self.engine, ids, dataclasses.replace(sp, seed=_seed_for(sp.seed, j)),
-                         f"{request_id}-{p * n + j}", p * n + j, self.metrics, arrival)
-                for p, (ids, sp) in enumerate(zip(prompts, params)) for j in range(n)]
+        return [
+            ChoiceStream(
+                self.engine,
+                ids,
+                dataclasses.replace(sp, seed=_seed_for(sp.seed, j)),
+                f"{request_id}-{p * n + j}",
+                p * n + j,
+                self.metrics,
+                arrival,
+            )
+            for p, (ids, sp) in enumerate(zip(prompts, params))
+            for j in range(n)
+        ]
 
-    async def _run(self, request: Request, seqs: list[Sequence], stream: bool) -> bool:
+    async def _run(self, request: Request, seqs: list[ChoiceStream], stream: bool) -> bool:
         """Start (and, unless streaming, finish) the sequences. False: the client left."""
         try:
             await unless_disconnected(request, start_all(seqs))
@@ -127,8 +153,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         self._admit(req, "chat.completions")
         if req.top_logprobs is not None and not req.logprobs:
-            raise APIError.bad_request("top_logprobs requires logprobs to be true",
-                                       param="top_logprobs")
+            raise APIError.bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
         prompt = self.enc.chat(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -140,34 +165,33 @@ class OpenAIServing:
             return Response(status_code=499)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._chat_stream(seqs, rid, created, len(prompt), k, usage),
-                                     media_type="text/event-stream", headers=_SSE_HEADERS)
-        choices = [R.chat_choice(s.index, s.text, s.finish_reason,
-                                 R.chat_logprobs(self.enc, s.events) if k is not None else None)
-                   for s in seqs]
+            return StreamingResponse(
+                self._chat_stream(seqs, rid, created, len(prompt), k, usage),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+            )
+        choices = [
+            R.chat_choice(
+                s.index, s.text, s.finish_reason, R.chat_logprobs(self.enc, s.events) if k is not None else None
+            )
+            for s in seqs
+        ]
         use = R.usage(len(prompt), sum(len(s.events) for s in seqs))
         return JSONResponse(R.chat_response(rid, self.model_name, created, choices, use))
 
-    def _chat_stream(self, seqs: list[Sequence], rid: str, created: int, prompt_len: int,
-                     k: int | None, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict]) -> str:
-            return R.sse(R.chat_chunk(rid, self.model_name, created, choices, include_usage))
-
-        async def body() -> AsyncIterator[str]:
-            for s in seqs:
-                yield chunk([R.chat_delta(s.index, {"role": "assistant", "content": ""})])
-            async for seq, ev in merged(seqs):
-                if ev is None:
-                    yield chunk([R.chat_delta(seq.index, {}, finish_reason=seq.finish_reason)])
-                elif ev.text or k is not None:
-                    lp = R.chat_logprobs(self.enc, [ev]) if k is not None else None
-                    yield chunk([R.chat_delta(seq.index, {"content": ev.text}, lp)])
-            if include_usage:
-                yield R.sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                             "model": self.model_name, "choices": [],
-                             "usage": R.usage(prompt_len, sum(len(s.events) for s in seqs))})
-
-        return _sse_stream(body(), seqs)
+    def _chat_stream(
+        self, seqs: list[ChoiceStream], rid: str, created: int, prompt_len: int, k: int | None, include_usage: bool
+    ) -> AsyncIterator[str]:
+        shape = _StreamShape(
+            chunk=lambda choices: R.chat_chunk(rid, self.model_name, created, choices, include_usage),
+            head=lambda s: R.chat_delta(s.index, {"role": "assistant", "content": ""}),
+            delta=lambda s, ev: R.chat_delta(
+                s.index, {"content": ev.text}, R.chat_logprobs(self.enc, [ev]) if k is not None else None
+            ),
+            end=lambda s: R.chat_delta(s.index, {}, finish_reason=s.finish_reason),
+            every_token=k is not None,
+        )
+        return _sse_stream(_chunks(shape, seqs, prompt_len if include_usage else None), seqs)
 
     # -- /v1/completions ---------------------------------------------------------------------
 
@@ -176,16 +200,13 @@ class OpenAIServing:
         self._admit(req, "completions")
         n = req.n or 1
         if req.best_of is not None and req.best_of != n:
-            raise APIError.bad_request("best_of must equal n (ranking is not supported)",
-                                       param="best_of")
+            raise APIError.bad_request("best_of must equal n (ranking is not supported)", param="best_of")
         if req.suffix:
             raise APIError.bad_request("suffix is not supported", param="suffix")
         if req.echo and req.logprobs is not None:
-            raise APIError.bad_request("echo together with logprobs is not supported",
-                                       param="echo")
+            raise APIError.bad_request("echo together with logprobs is not supported", param="echo")
         prompts = self.enc.completion(req.prompt)
-        params = [self._params(req, len(ids), req.max_tokens, req.logprobs, "prompt")
-                  for ids in prompts]
+        params = [self._params(req, len(ids), req.max_tokens, req.logprobs, "prompt") for ids in prompts]
         rid, created = R.new_id("cmpl"), R.now()
         seqs = self._sequences(prompts, params, n, rid, arrival)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -196,53 +217,84 @@ class OpenAIServing:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._completion_stream(seqs, rid, created, prompt_tokens, req.logprobs, usage,
-                                        [echoes[s.index // n] for s in seqs]),
-                media_type="text/event-stream", headers=_SSE_HEADERS)
+                self._completion_stream(
+                    seqs, rid, created, prompt_tokens, req.logprobs, usage, [echoes[s.index // n] for s in seqs]
+                ),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+            )
         choices = []
         for s in seqs:
             echo = echoes[s.index // n]
-            lp = (R.completion_logprobs(self.enc, s.events, len(echo))
-                  if req.logprobs is not None else None)
+            lp = R.completion_logprobs(self.enc, s.events, len(echo)) if req.logprobs is not None else None
             choices.append(R.completion_choice(s.index, echo + s.text, s.finish_reason, lp))
         use = R.usage(prompt_tokens, sum(len(s.events) for s in seqs))
         return JSONResponse(R.completion_response(rid, self.model_name, created, choices, use))
 
-    def _completion_stream(self, seqs: list[Sequence], rid: str, created: int,
-                           prompt_tokens: int, k: int | None, include_usage: bool,
-                           echoes: list[str]) -> AsyncIterator[str]:
-        def chunk(choices: list[dict]) -> str:
-            return R.sse(R.completion_chunk(rid, self.model_name, created, choices, include_usage))
+    def _completion_stream(
+        self,
+        seqs: list[ChoiceStream],
+        rid: str,
+        created: int,
+        prompt_tokens: int,
+        k: int | None,
+        include_usage: bool,
+        echoes: list[str],
+    ) -> AsyncIterator[str]:
+        offsets = {s.index: len(e) for s, e in zip(seqs, echoes)}  # text_offset of the next token
+        echo_of = {s.index: e for s, e in zip(seqs, echoes)}
 
-        async def body() -> AsyncIterator[str]:
-            offsets = {s.index: len(e) for s, e in zip(seqs, echoes)}
-            for s, echo in zip(seqs, echoes):
-                if echo:
-                    yield chunk([R.completion_choice(s.index, echo, None, None)])
-            async for seq, ev in merged(seqs):
-                if ev is None:
-                    yield chunk([R.completion_choice(seq.index, "", seq.finish_reason, None)])
-                elif ev.text or k is not None:
-                    lp = (R.completion_logprobs(self.enc, [ev], offsets[seq.index])
-                          if k is not None else None)
-                    offsets[seq.index] += len(ev.text)
-                    yield chunk([R.completion_choice(seq.index, ev.text, None, lp)])
-            if include_usage:
-                yield R.sse({"id": rid, "object": "text_completion", "created": created,
-                             "model": self.model_name, "choices": [],
-                             "usage": R.usage(prompt_tokens, sum(len(s.events) for s in seqs))})
+        def delta(s: ChoiceStream, ev: TokenEvent) -> dict:
+            lp = R.completion_logprobs(self.enc, [ev], offsets[s.index]) if k is not None else None
+            offsets[s.index] += len(ev.text)
+            return R.completion_choice(s.index, ev.text, None, lp)
 
-        return _sse_stream(body(), seqs)
+        shape = _StreamShape(
+            chunk=lambda choices: R.completion_chunk(rid, self.model_name, created, choices, include_usage),
+            head=lambda s: R.completion_choice(s.index, echo_of[s.index], None, None) if echo_of[s.index] else None,
+            delta=delta,
+            end=lambda s: R.completion_choice(s.index, "", s.finish_reason, None),
+            every_token=k is not None,
+        )
+        return _sse_stream(_chunks(shape, seqs, prompt_tokens if include_usage else None), seqs)
 
 
-async def _collect_all(seqs: list[Sequence]) -> None:
+@dataclass(frozen=True)
+class _StreamShape:
+    """What one endpoint's stream chunks look like (chat and completions differ only here)."""
+
+    chunk: Callable[[list[dict]], dict]  # the envelope around a chunk's choices
+    head: Callable[[ChoiceStream], dict | None]  # a choice's first chunk (role, echo), if any
+    delta: Callable[[ChoiceStream, TokenEvent], dict]  # a choice's chunk for one token
+    end: Callable[[ChoiceStream], dict]  # a choice's last chunk (finish_reason)
+    every_token: bool  # a chunk even for a token with no text yet (logprobs asked)
+
+
+async def _chunks(shape: _StreamShape, seqs: list[ChoiceStream], usage_prompt: int | None) -> AsyncIterator[str]:
+    """The SSE lines of a stream: heads, then every choice's events as they come, then usage."""
+    for s in seqs:
+        head = shape.head(s)
+        if head is not None:
+            yield R.sse(shape.chunk([head]))
+    async for seq, ev in merged(seqs):
+        if ev is None:
+            yield R.sse(shape.chunk([shape.end(seq)]))
+        elif ev.text or shape.every_token:
+            yield R.sse(shape.chunk([shape.delta(seq, ev)]))
+    if usage_prompt is not None:
+        last = shape.chunk([])
+        last["usage"] = R.usage(usage_prompt, sum(len(s.events) for s in seqs))
+        yield R.sse(last)
+
+
+async def _collect_all(seqs: list[ChoiceStream]) -> None:
     if len(seqs) == 1:
         await seqs[0].collect()
     else:
         await asyncio.gather(*(s.collect() for s in seqs))
 
 
-async def _sse_stream(body: AsyncIterator[str], seqs: list[Sequence]) -> AsyncIterator[str]:
+async def _sse_stream(body: AsyncIterator[str], seqs: list[ChoiceStream]) -> AsyncIterator[str]:
     """Wrap a chunk generator: in-band error then [DONE] on failure; always close the engine
     sequences (a disconnect cancels this generator, and the finally frees their KV cache)."""
     try:

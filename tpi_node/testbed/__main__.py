@@ -1,13 +1,14 @@
 """scripts/testbed: an emulated home network of small machines on one Linux box (root).
 
-    scripts/testbed up [--preset tpi-paper] [--nodes 4] [--rate 300mbit] [--latency-ms 1]
-                       [--memory 2GiB] [--cpus 1] [--hold]
-    scripts/testbed exec n0 tpi-node serve --model M --host 0.0.0.0 --min-nodes 3
-    scripts/testbed shape --latency-ms 5 [--rate 100mbit]     # change a running testbed's links
-    scripts/testbed status
-    scripts/testbed down
-    scripts/testbed run [up flags] -- CMD ...                # up, run CMD on the host, down
+scripts/testbed up [--preset tpi-paper] [--nodes 4] [--rate 300mbit] [--latency-ms 1]
+                   [--memory 2GiB] [--cpus 1] [--hold]
+scripts/testbed exec n0 tpi-node serve --model M --host 0.0.0.0 --min-nodes 3
+scripts/testbed shape --latency-ms 5 [--rate 100mbit]     # change a running testbed's links
+scripts/testbed status
+scripts/testbed down
+scripts/testbed run [up flags] -- CMD ...                # up, run CMD on the host, down
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,22 @@ def _add_up_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/testbed", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="scripts/testbed",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--name", default=os.environ.get("TPI_TESTBED", "tpitb"), help="testbed name (tpitb)")
     p.add_argument("--subnet", default=os.environ.get("TPI_TESTBED_SUBNET", "10.231.7.0/24"))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="build the testbed (replaces one of the same name)")
     _add_up_flags(up)
-    up.add_argument("--relay", action="store_true",
-                    help="a delay relay even at 0 ms, so `shape --latency-ms` also reaches open connections")
+    up.add_argument(
+        "--relay",
+        action="store_true",
+        help="a delay relay even at 0 ms, so `shape --latency-ms` also reaches open connections",
+    )
     up.add_argument("--hold", action="store_true", help="stay in the foreground; Ctrl-C takes it down")
     r = sub.add_parser("run", help="up, run a command on the host, down (also when interrupted)")
     _add_up_flags(r)
@@ -59,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args):
-    return make_spec(args.preset, nodes=args.nodes, rate=args.rate, latency_ms=args.latency_ms,
-                     memory=args.memory, cpus=args.cpus)
+    return make_spec(
+        args.preset, nodes=args.nodes, rate=args.rate, latency_ms=args.latency_ms, memory=args.memory, cpus=args.cpus
+    )
 
 
 def _print_nodes(tb: Testbed, nodes) -> None:
@@ -100,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "status":
             print(tb.status())
         elif args.cmd == "shape":
-            spec = tb.set_link(rate="keep" if args.rate is None else make_spec(rate=args.rate).rate_bps,
-                               latency_ms=args.latency_ms)
+            spec = tb.set_link(
+                rate="keep" if args.rate is None else make_spec(rate=args.rate).rate_bps, latency_ms=args.latency_ms
+            )
             print(f"testbed '{tb.name}': {spec.describe()}")
         elif args.cmd == "exec":
             cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv

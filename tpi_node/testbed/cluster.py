@@ -6,6 +6,7 @@ scripts/bench_testbed.py.
     with TestbedCluster(tb, model_dir, nodes=3, home_root=tmp) as c:
         c.url        # http://10.231.7.10:8000 (reached from the host through n0's link)
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,22 @@ def tpi_node_argv() -> list[str]:
 
 
 class TestbedCluster:
-    __test__ = False   # not a pytest class
+    __test__ = False  # not a pytest class
 
-    def __init__(self, tb: Testbed, model: Path | str, *, nodes: int, home_root: Path,
-                 http_port: int = 8000, grpc_port: int = 50051, discover: bool = False,
-                 serve_args: tuple[str, ...] = (), join_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tb: Testbed,
+        model: Path | str,
+        *,
+        nodes: int,
+        home_root: Path,
+        http_port: int = 8000,
+        grpc_port: int = 50051,
+        discover: bool = False,
+        serve_args: tuple[str, ...] = (),
+        join_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tb, self.model, self.n = tb, str(model), nodes
         self.home_root = Path(home_root)
         self.http_port, self.grpc_port = http_port, grpc_port
@@ -50,19 +61,39 @@ class TestbedCluster:
     def _start(self, node: str, argv: list[str]) -> subprocess.Popen:
         home = self.home_root / node
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.tb.env(node), **self.extra_env, "TPI_HOME": str(home),
-               "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.tb.env(node), **self.extra_env, "TPI_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         log = open(self.home_root / f"{node}.log", "wb")
-        p = subprocess.Popen(self.tb.command(node, argv), env=env, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            self.tb.command(node, argv),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs.append(p)
         return p
 
     def start(self, timeout: float = 120.0) -> str:
         tpi = tpi_node_argv()
-        self._start("n0", [*tpi, "serve", "--model", self.model, "--host", "0.0.0.0",
-                           "--port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                           "--min-nodes", str(self.n), *self.serve_args])
+        self._start(
+            "n0",
+            [
+                *tpi,
+                "serve",
+                "--model",
+                self.model,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--min-nodes",
+                str(self.n),
+                *self.serve_args,
+            ],
+        )
         master = [] if self.discover else ["--master", f"{self.master_ip}:{self.grpc_port}"]
         for i in range(1, self.n):
             self._start(f"n{i}", [*tpi, "join", *master, *self.join_args])
@@ -88,8 +119,10 @@ class TestbedCluster:
                 if p.poll() is not None:
                     raise RuntimeError(f"node n{i} exited with {p.returncode}:\n{self.log(f'n{i}')}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster was not ready after {timeout:.0f} s (/health {code}):\n"
-                                   + "\n".join(self.log(f"n{i}") for i in range(self.n)))
+                raise RuntimeError(
+                    f"the cluster was not ready after {timeout:.0f} s (/health {code}):\n"
+                    + "\n".join(self.log(f"n{i}") for i in range(self.n))
+                )
             time.sleep(0.25)
 
     def log(self, node: str, tail: int = 3000) -> str:
@@ -108,7 +141,7 @@ class TestbedCluster:
                 pass
         self.procs.clear()
 
-    def __enter__(self) -> "TestbedCluster":
+    def __enter__(self) -> TestbedCluster:
         try:
             self.start()
         except BaseException:

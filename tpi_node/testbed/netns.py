@@ -14,6 +14,7 @@ multicast route and a bridge without IGMP snooping let mDNS cross between nodes.
 State (relay pids, cgroup paths, the spec) lives in /run/tpi-testbed/<name>/; `down` also sweeps
 everything named after the testbed, so it cleans up after a crash of `up` too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,9 +75,9 @@ def check_host() -> None:
 @dataclasses.dataclass
 class Node:
     index: int
-    name: str          # namespace and hostname, e.g. tpitb-n0
+    name: str  # namespace and hostname, e.g. tpitb-n0
     ip: str
-    host_veth: str     # the bridge end of the link
+    host_veth: str  # the bridge end of the link
     memcg: str | None  # cgroup directories
     cpucg: str | None
 
@@ -98,9 +99,14 @@ class Testbed:
     # ------------------------------------------------------------------ layout
     def node(self, i: int) -> Node:
         mem, cpu = _own_cgroup("memory"), _own_cgroup("cpu")
-        return Node(i, f"{self.name}-n{i}", str(self.net.network_address + 10 + i), f"{self.name}-v{i}",
-                    str(mem / self.name / f"n{i}") if mem else None,
-                    str(cpu / self.name / f"n{i}") if cpu else None)
+        return Node(
+            i,
+            f"{self.name}-n{i}",
+            str(self.net.network_address + 10 + i),
+            f"{self.name}-v{i}",
+            str(mem / self.name / f"n{i}") if mem else None,
+            str(cpu / self.name / f"n{i}") if cpu else None,
+        )
 
     @property
     def bridge_ip(self) -> str:
@@ -173,8 +179,9 @@ class Testbed:
         for line in run("ip", "-4", "-o", "addr", "show").stdout.splitlines():
             addr = ipaddress.ip_interface(line.split()[3])
             if addr.network.overlaps(self.net):
-                raise UserError(f"{self.net} is already used on this machine ({line.split()[1]} {addr}); "
-                                f"pick another with --subnet")
+                raise UserError(
+                    f"{self.net} is already used on this machine ({line.split()[1]} {addr}); pick another with --subnet"
+                )
 
     def _add_node(self, n: Node, spec: TestbedSpec) -> None:
         ns = n.name
@@ -208,8 +215,22 @@ class Testbed:
             if rate_bps:
                 # Burst: at least 2 ms of line rate and 64 KiB, so a TSO/GSO super-packet fits.
                 burst = max(64 * 1024, rate_bps // 8 // 500)
-                run(*pre, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_bps}bit",
-                    "burst", str(burst), "latency", "50ms")
+                run(
+                    *pre,
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{rate_bps}bit",
+                    "burst",
+                    str(burst),
+                    "latency",
+                    "50ms",
+                )
             else:
                 run(*pre, "tc", "qdisc", "del", "dev", dev, "root", check=False)
 
@@ -218,10 +239,27 @@ class Testbed:
         control.write_text(f"{latency_ms}\n")
         log = open(self.state_dir / f"{n.name}.relay.log", "ab")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", n.name, sys.executable, "-m", "tpi_node.testbed.relay",
-             "--port", str(RELAY_PORT), "--delay-ms", str(latency_ms), "--control", str(control)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+            [
+                "ip",
+                "netns",
+                "exec",
+                n.name,
+                sys.executable,
+                "-m",
+                "tpi_node.testbed.relay",
+                "--port",
+                str(RELAY_PORT),
+                "--delay-ms",
+                str(latency_ms),
+                "--control",
+                str(control),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
         deadline = time.monotonic() + 10
         while not _listening(n.name, RELAY_PORT):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -294,8 +332,9 @@ class Testbed:
         return removed
 
     def _write_state(self, spec: TestbedSpec, relays: dict[str, int]) -> None:
-        (self.state_dir / "state.json").write_text(json.dumps(
-            {"spec": dataclasses.asdict(spec), "relays": relays, "subnet": str(self.net)}, indent=1))
+        (self.state_dir / "state.json").write_text(
+            json.dumps({"spec": dataclasses.asdict(spec), "relays": relays, "subnet": str(self.net)}, indent=1)
+        )
 
     # ------------------------------------------------------------------ running things
     def command(self, node: str, argv: list[str]) -> list[str]:
@@ -304,8 +343,7 @@ class Testbed:
         # Join the cgroups first: `ip netns exec` mounts a fresh /sys without the cgroup tree.
         joins = "".join(f'echo $$ > "{cg}/cgroup.procs" && ' for cg in (n.memcg, n.cpucg) if cg)
         inner = f'hostname {n.name} && exec "$@"'
-        return ["sh", "-c", f'{joins}exec ip netns exec {n.name} unshare --uts sh -c \'{inner}\' sh "$@"',
-                "sh", *argv]
+        return ["sh", "-c", f"{joins}exec ip netns exec {n.name} unshare --uts sh -c '{inner}' sh \"$@\"", "sh", *argv]
 
     def env(self, node: str) -> dict[str, str]:
         n = self.resolve(node)
@@ -316,8 +354,10 @@ class Testbed:
         if spec is None:
             return f"testbed '{self.name}' is down"
         state = json.loads((self.state_dir / "state.json").read_text())
-        lines = [f"testbed '{self.name}': {spec.describe()}; bridge {self.bridge} {self.bridge_ip}",
-                 f"{'node':<10} {'ip':<14} {'relay':<8} {'memory used':>12} {'limit':>10}  processes"]
+        lines = [
+            f"testbed '{self.name}': {spec.describe()}; bridge {self.bridge} {self.bridge_ip}",
+            f"{'node':<10} {'ip':<14} {'relay':<8} {'memory used':>12} {'limit':>10}  processes",
+        ]
         for n in self.nodes():
             pid = state["relays"].get(n.name)
             relay = (str(pid) if _alive(pid) else "dead") if pid else "-"
@@ -325,8 +365,9 @@ class Testbed:
             limit = spec.memory_bytes
             pids = run("ip", "netns", "pids", n.name, check=False).stdout.split()
             procs = [_comm(int(p)) for p in pids if int(p) != pid]
-            lines.append(f"{n.name:<10} {n.ip:<14} {relay:<8} {_mib(used):>12} {_mib(limit):>10}  "
-                         f"{', '.join(procs) or '-'}")
+            lines.append(
+                f"{n.name:<10} {n.ip:<14} {relay:<8} {_mib(used):>12} {_mib(limit):>10}  {', '.join(procs) or '-'}"
+            )
         return "\n".join(lines)
 
 
@@ -387,8 +428,7 @@ def _empty_cgroup(cg: Path) -> None:
 
 
 def _listening(ns: str, port: int) -> bool:
-    r = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
-                       capture_output=True, text=True)
+    r = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
     return bool(r.stdout.strip())
 
 
@@ -410,7 +450,7 @@ def _comm(pid: int) -> str:
         # show "tpi-node serve" rather than a python path
         for i, w in enumerate(words):
             if w.endswith("tpi-node") or w == "tpi_node":
-                return " ".join(["tpi-node", *words[i + 1:i + 2]])
+                return " ".join(["tpi-node", *words[i + 1 : i + 2]])
         return shlex.join(words[:2])[:40]
     except OSError:
         return str(pid)

@@ -9,6 +9,7 @@ A preset is a YAML file in configs/testbed/ (name.yaml):
 Every field can be overridden on the command line; `rate: null` or `latency_ms: 0` turn that part
 of the shaping off, `memory: null` / `cpus: null` leave the node unlimited.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from tpi_node import units
 from tpi_node.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "testbed"
 
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_rate(text: str | int | None) -> int | None:
@@ -39,25 +39,21 @@ def parse_rate(text: str | int | None) -> int | None:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """'8GiB' -> 8 * 2**30 bytes; None -> None (unlimited)."""
+    """'8GiB' -> 8 * 2**30 bytes (the units every --memory-budget takes); None -> None (unlimited)."""
     if text in (None, 0, "0", "none", "null", ""):
         return None
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]?i?b?)\s*", str(text).lower())
-    if not m or m.group(2) not in _SIZE_UNITS:
-        raise UserError(f"bad memory size '{text}' (write e.g. 512MiB, 8GiB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    return units.parse_size(text)
 
 
 @dataclasses.dataclass(frozen=True)
 class TestbedSpec:
     """Everything `up` builds: N nodes, each with the same link and device limits."""
+
     nodes: int = 3
-    rate_bps: int | None = None        # per link, each direction (tc tbf); None = unshaped
-    latency_ms: float = 0.0            # one-way node-to-node latency (delay relay); 0 = none
-    memory_bytes: int | None = None    # per node (memory cgroup); None = unlimited
-    cpus: float | None = None          # per node (CFS quota); None = unlimited
+    rate_bps: int | None = None  # per link, each direction (tc tbf); None = unshaped
+    latency_ms: float = 0.0  # one-way node-to-node latency (delay relay); 0 = none
+    memory_bytes: int | None = None  # per node (memory cgroup); None = unlimited
+    cpus: float | None = None  # per node (CFS quota); None = unlimited
     preset: str = "custom"
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ change its latency without dropping connections. Efficiency: one event loop, no 
 connection, bytes are forwarded as they arrive (no re-framing), and one timer per direction
 serves every chunk that is due (FIFO, so order is kept even when the delay changes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,21 @@ from pathlib import Path
 
 log = logging.getLogger("tpi_node.testbed.relay")
 
-SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
-QUEUE_HIGH = 8 << 20          # bytes held back per direction before the sender is paused
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+QUEUE_HIGH = 8 << 20  # bytes held back per direction before the sender is paused
 QUEUE_LOW = 2 << 20
 
 
 def nft_redirect_rules(table: str, iface: str, relay_port: int) -> str:
     """nft script: TCP arriving on `iface` (except to the relay itself) goes to the relay."""
-    return (f"table ip {table} {{\n"
-            f"  chain prerouting {{\n"
-            f"    type nat hook prerouting priority dstnat; policy accept;\n"
-            f"    iifname \"{iface}\" tcp dport != {relay_port} redirect to :{relay_port}\n"
-            f"  }}\n"
-            f"}}\n")
+    return (
+        f"table ip {table} {{\n"
+        f"  chain prerouting {{\n"
+        f"    type nat hook prerouting priority dstnat; policy accept;\n"
+        f'    iifname "{iface}" tcp dport != {relay_port} redirect to :{relay_port}\n'
+        f"  }}\n"
+        f"}}\n"
+    )
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -78,8 +81,12 @@ class Relay:
 
 
 class _itimerspec(ctypes.Structure):
-    _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
-                ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]
+    _fields_ = [
+        ("interval_s", ctypes.c_long),
+        ("interval_ns", ctypes.c_long),
+        ("value_s", ctypes.c_long),
+        ("value_ns", ctypes.c_long),
+    ]
 
 
 class PreciseTimer:
@@ -93,7 +100,7 @@ class PreciseTimer:
     def __init__(self, loop: asyncio.AbstractEventLoop, callback) -> None:
         if PreciseTimer._libc is None:
             PreciseTimer._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)   # CLOCK_MONOTONIC
+        self.fd = self._libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)  # CLOCK_MONOTONIC
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "timerfd_create")
         self.loop, self.callback = loop, callback
@@ -102,7 +109,7 @@ class PreciseTimer:
     def arm_at(self, t: float) -> None:
         t = max(t, 1e-9)
         spec = _itimerspec(0, 0, int(t), int((t - int(t)) * 1e9) or 1)
-        self._libc.timerfd_settime(self.fd, 1, ctypes.byref(spec), None)      # TFD_TIMER_ABSTIME
+        self._libc.timerfd_settime(self.fd, 1, ctypes.byref(spec), None)  # TFD_TIMER_ABSTIME
 
     def _fired(self) -> None:
         try:
@@ -121,8 +128,9 @@ class PreciseTimer:
 class DelayedPipe:
     """One direction of a connection: bytes received at t are written to `dst` at t + delay."""
 
-    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop, src: asyncio.Transport,
-                 dst: asyncio.Transport, on_done) -> None:
+    def __init__(
+        self, relay: Relay, loop: asyncio.AbstractEventLoop, src: asyncio.Transport, dst: asyncio.Transport, on_done
+    ) -> None:
         self.relay, self.loop, self.src, self.dst = relay, loop, src, dst
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.queued = 0
@@ -135,7 +143,7 @@ class DelayedPipe:
 
     def feed(self, data: bytes) -> None:
         if self.relay.delay <= 0 and not self.queue:
-            self.dst.write(data)               # no delay: straight through
+            self.dst.write(data)  # no delay: straight through
             return
         self.queue.append((self.loop.time() + self.relay.delay, data))
         self.queued += len(data)
@@ -197,7 +205,7 @@ class DelayedPipe:
 class _Side(asyncio.Protocol):
     """One socket of a relayed connection; `pipe` carries what it receives to the other side."""
 
-    def __init__(self, conn: "Connection") -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.transport: asyncio.Transport | None = None
         self.pipe: DelayedPipe | None = None
@@ -218,7 +226,7 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.pipe is not None:
             self.pipe.close_after_flush()
-        return True                               # keep the socket open for the other direction
+        return True  # keep the socket open for the other direction
 
     def connection_lost(self, exc) -> None:
         if self.pipe is not None:
@@ -254,7 +262,7 @@ class Connection:
         self.inbound = _Inbound(self)
         self.outbound = _Side(self)
         self.finished = 0
-        self.starting: asyncio.Task | None = None   # a reference, so the task is not collected
+        self.starting: asyncio.Task | None = None  # a reference, so the task is not collected
         relay.connections += 1
 
     def other(self, side: _Side) -> _Side:
@@ -301,8 +309,7 @@ class Connection:
 
 async def serve(relay: Relay, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(relay).inbound, host, port,
-                                      reuse_address=True, backlog=512)
+    server = await loop.create_server(lambda: Connection(relay).inbound, host, port, reuse_address=True, backlog=512)
     if relay.control is not None:
         loop.add_signal_handler(signal.SIGHUP, relay.reload)
     stop = asyncio.Event()
@@ -316,7 +323,7 @@ async def serve(relay: Relay, host: str, port: int) -> None:
 def _fine_timers() -> None:
     """Ask the kernel for 1 ns timer slack (default 50 us) so the relay wakes when it asked to."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)      # PR_SET_TIMERSLACK
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK
     except (OSError, AttributeError):
         pass
 

@@ -3,6 +3,7 @@
 Nothing is read until asked for, and a slice reads only its own rows: the master never holds the
 whole model in RAM, it cuts each node's slices straight out of the memory-mapped files.
 """
+
 from __future__ import annotations
 
 import hashlib

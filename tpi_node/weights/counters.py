@@ -11,6 +11,7 @@ The engine snapshots its driver's stats when a request arrives and again when it
 (LocalDriver merges NodeRunner.stats and ShardStore.stats). Requests that overlap in a batch share
 steps, so their deltas overlap too: the figures are what the node did while the request ran.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -27,22 +28,24 @@ class NodeCounters:
     stall_s: float = 0.0
     layers_loaded: int = 0
     tokens: int = 0
-    peak_rss_bytes: int = 0      # a high-water mark: not differenced
+    peak_rss_bytes: int = 0  # a high-water mark: not differenced
     window: int = 0
 
     @classmethod
-    def from_stats(cls, d: dict) -> "NodeCounters":
+    def from_stats(cls, d: dict) -> NodeCounters:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def minus(self, before: "NodeCounters") -> "NodeCounters":
+    def minus(self, before: NodeCounters) -> NodeCounters:
         kw = {k: getattr(self, k) - getattr(before, k) for k in _SUMMED}
         return NodeCounters(**kw, peak_rss_bytes=self.peak_rss_bytes, window=self.window)
 
     def line(self) -> str:
-        return (f"read {self.bytes_read / 2**20:.0f} MiB in {self.load_s:.2f} s, compute {self.compute_s:.2f} s, "
-                f"comm {self.comm_s:.2f} s, stall {self.stall_s:.2f} s, window {self.window}, "
-                f"peak rss {self.peak_rss_bytes / 2**20:.0f} MiB")
+        return (
+            f"read {self.bytes_read / 2**20:.0f} MiB in {self.load_s:.2f} s, compute {self.compute_s:.2f} s, "
+            f"comm {self.comm_s:.2f} s, stall {self.stall_s:.2f} s, window {self.window}, "
+            f"peak rss {self.peak_rss_bytes / 2**20:.0f} MiB"
+        )
 
 
 def snapshot(driver_stats: dict) -> dict[str, NodeCounters]:

@@ -6,6 +6,7 @@ every node has one, else CPU cores); uneven splits are normal (3 KV heads over 2
 nodes than KV heads, where some nodes hold FFN columns only). The plan is a frozen value; its
 digest names the shard cache on disk. Rank 0 is always the master.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
+from tpi_node.proto import tpi_pb2 as pb
 
 FFN_BLOCK = 32  # FFN columns are assigned in blocks of this many (a SIMD-friendly width)
 
@@ -26,10 +28,21 @@ class PlanError(UserError):
 @dataclass(frozen=True)
 class NodeCapacity:
     node_id: str
-    memory_bytes: int          # what this node may use for weights + KV cache (its budget)
+    memory_bytes: int  # what this node may use for weights + KV cache (its budget)
     cores: int = 1
     disk_bytes: int = 0
     speed: float | None = None  # measured, relative (higher = faster); None when unknown
+
+    def to_pb(self) -> pb.Capacity:
+        msg = pb.Capacity(memory_bytes=self.memory_bytes, cores=self.cores, disk_bytes=self.disk_bytes)
+        if self.speed is not None:
+            msg.speed = self.speed
+        return msg
+
+    @classmethod
+    def from_pb(cls, node_id: str, msg: pb.Capacity) -> NodeCapacity:
+        speed = msg.speed if msg.HasField("speed") else None
+        return cls(node_id, int(msg.memory_bytes), max(1, int(msg.cores)), int(msg.disk_bytes), speed)
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class NodeShare:
     def layer_params(self, cfg: ModelConfig) -> int:
         """Parameters of this node's slice of one layer."""
         h, hd, g = cfg.hidden_size, cfg.head_dim, cfg.q_per_kv
-        attn = self.n_kv * hd * h * (2 * g + 2)        # q + o (g heads each) + k + v
+        attn = self.n_kv * hd * h * (2 * g + 2)  # q + o (g heads each) + k + v
         bias = self.n_kv * hd * (g + 2) if cfg.attention_bias else 0
         return attn + bias + 3 * h * self.n_ffn
 
@@ -77,14 +90,14 @@ class PartitionPlan:
         return {"model_digest": self.model_digest, "shares": [asdict(s) for s in self.shares]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PartitionPlan":
+    def from_dict(cls, d: dict) -> PartitionPlan:
         return cls(d["model_digest"], tuple(NodeShare(**s) for s in d["shares"]))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "PartitionPlan":
+    def from_json(cls, s: str) -> PartitionPlan:
         return cls.from_dict(json.loads(s))
 
 

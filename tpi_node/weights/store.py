@@ -13,6 +13,7 @@ and reused: the layer being loaded writes into the slot that the released layer 
 matters as much as releasing: first-touching fresh pages costs ~1-2 s/GB in page faults on small
 machines (measured here), more than the read itself. close() returns the slots to the OS.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,17 @@ from pathlib import Path
 import psutil
 import torch
 
+from tpi_node.dtypes import SAFETENSORS
+from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import LayerWeights, can_prepack
 from tpi_node.weights.plan import NodeShare
 from tpi_node.weights.slicer import layer_file
+from tpi_node.weights.upload import PinnedUploader
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
 
-
-class ShardError(RuntimeError):
-    pass
+class ShardError(TpiError):
+    """A shard file is missing, truncated or corrupt, or the store is closed."""
 
 
 def _read_header(f, path: Path) -> tuple[dict, int]:
@@ -73,7 +75,7 @@ def read_safetensors(path: Path, into: torch.Tensor | None = None) -> tuple[dict
             raise ShardError(f"{path}: {size} bytes of tensors do not fit the {into.numel()}-byte slot")
         raw = into[:size] if into is not None else torch.empty(size, dtype=torch.uint8)
         view, got = memoryview(raw.numpy()), 0
-        while got < size:                       # raw reads may return short; loop to the end
+        while got < size:  # raw reads may return short; loop to the end
             n = f.readinto(view[got:])
             if not n:
                 raise ShardError(f"{path}: truncated shard file")
@@ -82,7 +84,7 @@ def read_safetensors(path: Path, into: torch.Tensor | None = None) -> tuple[dict
     out = {}
     for name, meta in header.items():
         a, b = meta["data_offsets"]
-        out[name] = raw[a:b].view(_ST_DTYPES[meta["dtype"]]).view(meta["shape"])
+        out[name] = raw[a:b].view(SAFETENSORS[meta["dtype"]]).view(meta["shape"])
     return out, total
 
 
@@ -97,12 +99,12 @@ class Norms:
 class StoreStats:
     """Counters since the store opened (never reset; take differences per request)."""
 
-    window: int = 0               # layers held at once (= num_layers when resident)
-    bytes_read: int = 0           # shard bytes read from disk (or the page cache)
-    load_s: float = 0.0           # seconds the loads took (on the prefetch thread when streaming)
-    stall_s: float = 0.0          # seconds the forward pass waited for a layer to arrive
+    window: int = 0  # layers held at once (= num_layers when resident)
+    bytes_read: int = 0  # shard bytes read from disk (or the page cache)
+    load_s: float = 0.0  # seconds the loads took (on the prefetch thread when streaming)
+    stall_s: float = 0.0  # seconds the forward pass waited for a layer to arrive
     layers_loaded: int = 0
-    restarts: int = 0             # the window jumped (a forward pass was abandoned midway)
+    restarts: int = 0  # the window jumped (a forward pass was abandoned midway)
 
     def as_dict(self) -> dict:
         """The counters plus this process's memory: current and peak resident set size."""
@@ -130,30 +132,33 @@ def peak_rss_bytes() -> int:
 
 
 class ShardStore:
-    def __init__(self, shard_dir: Path, cfg: ModelConfig, share: NodeShare, window: int | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        shard_dir: Path,
+        cfg: ModelConfig,
+        share: NodeShare,
+        window: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.dir, self.cfg, self.share, self.device = Path(shard_dir), cfg, share, torch.device(device)
         L = cfg.num_layers
         self.window = L if window is None or window >= L else max(2, window)
         self.streaming = self.window < L
         self.stats = StoreStats(window=self.window)
-        # CUDA: layer files go disk -> pinned host buffer -> device on a side stream (engine/device.py).
-        self._uploader = None
-        if self.device.type == "cuda":
-            from tpi_node.engine.device import PinnedUploader
-            self._uploader = PinnedUploader(self.device)
+        # CUDA: layer files go disk -> pinned host buffer -> device on a side stream (weights/upload.py).
+        self._uploader = PinnedUploader(self.device) if self.device.type == "cuda" else None
         t, nb = read_safetensors(self.dir / "norms.safetensors")
         self.stats.bytes_read += nb
         t = {k: v.to(self.device) for k, v in t.items()}
         self.norms = Norms([t[f"input.{i}"] for i in range(L)], [t[f"post.{i}"] for i in range(L)], t["final"])
         self._loaded: dict[int, LayerWeights] = {}
-        self._slot_of: dict[int, torch.Tensor] = {}   # layer -> the slot its tensors live in
+        self._slot_of: dict[int, torch.Tensor] = {}  # layer -> the slot its tensors live in
         self._free_slots: list[torch.Tensor] = []
         self._cv = threading.Condition()
-        self._next = 0            # next layer the prefetcher will load
-        self._inflight: int | None = None       # the layer on its way in, and its window generation
+        self._next = 0  # next layer the prefetcher will load
+        self._inflight: int | None = None  # the layer on its way in, and its window generation
         self._inflight_gen = 0
-        self._gen = 0             # bumped when the window restarts at another layer
+        self._gen = 0  # bumped when the window restarts at another layer
         self._error: BaseException | None = None
         self._closed = False
         if self.streaming:
@@ -163,9 +168,10 @@ class ShardStore:
                 raise ShardError(f"cannot read the layer files in {self.dir}: {e}") from None
             # CPU: the weights are views into the slot, so it must survive as long as they do.
             # Another device: the slot is only a staging buffer for the copy.
-            pin = self._uploader is not None      # pinned: the copy to the GPU runs asynchronously
-            self._free_slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin)
-                                for _ in range(self.window)]
+            pin = self._uploader is not None  # pinned: the copy to the GPU runs asynchronously
+            self._free_slots = [
+                torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(self.window)
+            ]
             self._thread = threading.Thread(target=self._prefetch_loop, name="tpi-prefetch", daemon=True)
             self._thread.start()
         else:
@@ -184,13 +190,20 @@ class ShardStore:
             t, nb = read_safetensors(self.dir / layer_file(i), slot)
             t = {k: v.to(self.device) for k, v in t.items()}
         g = self.cfg.q_per_kv
-        w = LayerWeights(n_q=self.share.n_kv * g, n_kv=self.share.n_kv, wqkv=t.get("wqkv"), bqkv=t.get("bqkv"),
-                         wo=t.get("wo"), w13=t.get("w13"), w2=t.get("w2"))
+        w = LayerWeights(
+            n_q=self.share.n_kv * g,
+            n_kv=self.share.n_kv,
+            wqkv=t.get("wqkv"),
+            bqkv=t.get("bqkv"),
+            wo=t.get("wo"),
+            w13=t.get("w13"),
+            w2=t.get("w2"),
+        )
         has_matrix = w.wqkv is not None or w.w13 is not None
         if slot is None and self._uploader is None and has_matrix and can_prepack(self.device, _dtype_of(w)):
-            w = w.prepacked()     # resident on the CPU: reordered once for oneDNN (see layers.linear);
-                                  # streamed layers stay in their reused slots as they are
-        with self._cv:   # the prefetch thread and the forward pass both update stats
+            w = w.prepacked()  # resident on the CPU: reordered once for oneDNN (see layers.linear);
+            # streamed layers stay in their reused slots as they are
+        with self._cv:  # the prefetch thread and the forward pass both update stats
             self.stats.bytes_read += nb
             self.stats.load_s += time.perf_counter() - t0
             self.stats.layers_loaded += 1
@@ -216,7 +229,7 @@ class ShardStore:
                 return
             with self._cv:
                 self._inflight = None
-                if gen == self._gen and not self._closed:   # the window was not restarted meanwhile
+                if gen == self._gen and not self._closed:  # the window was not restarted meanwhile
                     self._loaded[i], self._slot_of[i] = w, slot
                 else:
                     self._free_slots.append(slot)
@@ -264,8 +277,10 @@ class ShardStore:
         if not self.streaming:
             return True
         with self._cv:
-            return self._cv.wait_for(lambda: self._closed or self._error is not None or (
-                self._inflight is None and not self._free_slots), timeout)
+            return self._cv.wait_for(
+                lambda: self._closed or self._error is not None or (self._inflight is None and not self._free_slots),
+                timeout,
+            )
 
     def in_memory(self) -> int:
         """Layers held now, the one being loaded included (never more than the window)."""
@@ -287,7 +302,7 @@ class ShardStore:
             self._free_slots.clear()
             self._cv.notify_all()
         if self.streaming and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)   # it finishes the load in flight, then sees _closed
+            self._thread.join(timeout=30)  # it finishes the load in flight, then sees _closed
 
 
 def _dtype_of(w: LayerWeights) -> torch.dtype:

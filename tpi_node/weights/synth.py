@@ -6,6 +6,7 @@ partitioning, streaming, the wire, the API - can be exercised at real shapes wit
 weights. Values are deterministic per (seed, tensor name), so the first layers of a 4-layer and
 a 32-layer synthesis are identical, and no more than one layer is ever held in memory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ from tpi_node.model.presets import get_preset
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 WEIGHT_STD = 0.02
 BIAS_STD = 0.02
-NORM_STD = 0.02   # norm weights are 1 + N(0, NORM_STD)
+NORM_STD = 0.02  # norm weights are 1 + N(0, NORM_STD)
 
 # The synthetic tokenizer: a few specials, then the 256 byte-level tokens (ids 5..260).
 SPECIAL_TOKENS = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -47,8 +48,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def _normal(name: str, shape: tuple[int, ...], seed: int, mean: float, std: float,
-            dtype: torch.dtype) -> torch.Tensor:
+def _normal(name: str, shape: tuple[int, ...], seed: int, mean: float, std: float, dtype: torch.dtype) -> torch.Tensor:
     t = torch.empty(shape, dtype=torch.float32)
     t.normal_(mean, std, generator=_generator(seed, name))
     return t.to(dtype)
@@ -78,9 +78,11 @@ def tensor_shapes(cfg: dict) -> list[list[tuple[str, tuple[int, ...], str]]]:
             (p + "mlp.down_proj.weight", (h, ffn), "weight"),
         ]
         if qkv_bias:
-            layer += [(p + "self_attn.q_proj.bias", (heads * hd,), "bias"),
-                      (p + "self_attn.k_proj.bias", (kv * hd,), "bias"),
-                      (p + "self_attn.v_proj.bias", (kv * hd,), "bias")]
+            layer += [
+                (p + "self_attn.q_proj.bias", (heads * hd,), "bias"),
+                (p + "self_attn.k_proj.bias", (kv * hd,), "bias"),
+                (p + "self_attn.v_proj.bias", (kv * hd,), "bias"),
+            ]
         if o_bias:
             layer.append((p + "self_attn.o_proj.bias", (h,), "bias"))
         shards.append(layer)
@@ -97,8 +99,9 @@ def _make(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype: torch.
     return _normal(name, shape, seed, 0.0, BIAS_STD if kind == "bias" else WEIGHT_STD, dtype)
 
 
-def synthesize(preset: str, out: str | Path, layers: int | None = None, dtype: str = "fp32",
-               seed: int = 0, progress: bool = True) -> Path:
+def synthesize(
+    preset: str, out: str | Path, layers: int | None = None, dtype: str = "fp32", seed: int = 0, progress: bool = True
+) -> Path:
     """Write a random checkpoint of `preset`'s shape into `out`; returns `out`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -108,12 +111,12 @@ def synthesize(preset: str, out: str | Path, layers: int | None = None, dtype: s
             raise ValueError(f"layers must be at least 1, got {layers}")
         cfg["num_hidden_layers"] = layers
     if cfg["vocab_size"] < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"preset {preset!r} has vocab_size {cfg['vocab_size']}, too small for "
-                         "the synthetic byte-level tokenizer")
+        raise ValueError(
+            f"preset {preset!r} has vocab_size {cfg['vocab_size']}, too small for the synthetic byte-level tokenizer"
+        )
     torch_dtype, dtype_name = DTYPES[dtype]
     # The synthetic tokenizer's ids replace the real model's special ids.
-    cfg.update(torch_dtype=dtype_name, bos_token_id=BOS_ID, eos_token_id=IM_END_ID,
-               pad_token_id=PAD_ID)
+    cfg.update(torch_dtype=dtype_name, bos_token_id=BOS_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("model*.safetensors*"):
@@ -125,31 +128,34 @@ def synthesize(preset: str, out: str | Path, layers: int | None = None, dtype: s
     total = 0
     for i, entries in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {name: _make(name, shape, kind, seed, torch_dtype)
-                   for name, shape, kind in entries}
+        tensors = {name: _make(name, shape, kind, seed, torch_dtype) for name, shape, kind in entries}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         total += size
         weight_map.update({name: fname for name in tensors})
         del tensors
         _say(progress, f"shard {i + 1}/{n} {fname} ({size / 1e6:.1f} MB, {total / 1e6:.1f} MB total)")
-    index = {"metadata": {"total_size": total, "tpi_synthetic_preset": preset, "seed": seed},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": total, "tpi_synthetic_preset": preset, "seed": seed}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": BOS_ID, "eos_token_id": [IM_END_ID, EOS_ID], "pad_token_id": PAD_ID},
-        indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": BOS_ID, "eos_token_id": [IM_END_ID, EOS_ID], "pad_token_id": PAD_ID}, indent=2)
+        + "\n"
+    )
     write_tokenizer(out, model_max_length=cfg["max_position_embeddings"])
-    _say(progress, f"done: {preset} x {cfg['num_hidden_layers']} layers, {dtype}, "
-                   f"{total / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s -> {out}")
+    _say(
+        progress,
+        f"done: {preset} x {cfg['num_hidden_layers']} layers, {dtype}, "
+        f"{total / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s -> {out}",
+    )
     return out
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's printable stand-in for every byte (what the ByteLevel pre-tokenizer produces).
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -1,15 +1,18 @@
-"""One engine sequence as the HTTP layer sees it, and running several of them together.
+"""One choice of a request as the HTTP layer sees it (one engine sequence), and running several
+of them together.
 
-A `Sequence` owns the engine's async iterator: `start()` pulls the first event eagerly so that
+A `ChoiceStream` owns the engine's async iterator: `start()` pulls the first event eagerly so that
 QueueFull / ClusterNotReady become an HTTP status before any byte of a stream is sent; `close()`
 closes the iterator (which cancels the sequence and frees its KV cache on every node) and is
 shielded so that it also completes while the request task is being cancelled by a disconnect.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Awaitable, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -25,20 +28,28 @@ class ClientDisconnected(Exception):
     pass
 
 
-class Sequence:
-    def __init__(self, engine: EngineClient, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str, index: int, metrics: ServerMetrics, arrival: float) -> None:
+class ChoiceStream:
+    def __init__(
+        self,
+        engine: EngineClient,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        index: int,
+        metrics: ServerMetrics,
+        arrival: float,
+    ) -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.request_id, self.index, self.metrics, self.arrival = request_id, index, metrics, arrival
-        self.events: list[TokenEvent] = []        # every token received so far
+        self.events: list[TokenEvent] = []  # every token received so far
         self.finish_reason: str | None = None
         self.first_t: float | None = None
         self.last_t: float | None = None
         self._it: AsyncIterator[TokenEvent] | None = None
-        self._pending: TokenEvent | None = None   # the first event, pulled by start()
+        self._pending: TokenEvent | None = None  # the first event, pulled by start()
         self._done = False
         self._closed = False
-        metrics.sequence_started()   # admitted: counts against the queue bound until close()
+        metrics.sequence_started()  # admitted: counts against the queue bound until close()
 
     @property
     def text(self) -> str:
@@ -75,7 +86,7 @@ class Sequence:
                 return
             ev = await self._next()
 
-    async def collect(self) -> "Sequence":
+    async def collect(self) -> ChoiceStream:
         async for _ in self.stream():
             pass
         return self
@@ -93,16 +104,17 @@ class Sequence:
                     pass
         self.metrics.sequence_finished()
         if self._it is not None:
-            self.metrics.observe_sequence(arrival=self.arrival, first=self.first_t,
-                                          last=self.last_t, tokens=len(self.events))
+            self.metrics.observe_sequence(
+                arrival=self.arrival, first=self.first_t, last=self.last_t, tokens=len(self.events)
+            )
 
 
-async def close_all(seqs: list[Sequence]) -> None:
+async def close_all(seqs: list[ChoiceStream]) -> None:
     for s in seqs:
         await s.close()
 
 
-async def start_all(seqs: list[Sequence]) -> None:
+async def start_all(seqs: list[ChoiceStream]) -> None:
     """Start every sequence; on any failure close them all and re-raise the first error."""
     try:
         if len(seqs) == 1:
@@ -114,7 +126,7 @@ async def start_all(seqs: list[Sequence]) -> None:
         raise
 
 
-async def merged(seqs: list[Sequence]) -> AsyncIterator[tuple[Sequence, TokenEvent | None]]:
+async def merged(seqs: list[ChoiceStream]) -> AsyncIterator[tuple[ChoiceStream, TokenEvent | None]]:
     """Interleave the events of several sequences as they come; (seq, None) marks a sequence's
     end. An error in any sequence is raised here (the caller closes all of them)."""
     if len(seqs) == 1:
@@ -124,7 +136,7 @@ async def merged(seqs: list[Sequence]) -> AsyncIterator[tuple[Sequence, TokenEve
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(seq: Sequence) -> None:
+    async def pump(seq: ChoiceStream) -> None:
         try:
             async for ev in seq.stream():
                 await queue.put((seq, ev))

@@ -1,17 +1,23 @@
-"""NodeRunner: the one forward loop every node runs over its own slice of every layer."""
+"""NodeRunner: the one forward loop every node runs over its own slice of every layer, and
+`open_runner`, which makes sure a rank's slices are in the shard cache and opens them."""
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tpi_node.comm.collective import Collective
+from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.kv_cache import KVCache
+from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
-from tpi_node.weights.plan import NodeShare
+from tpi_node.weights.plan import NodeShare, PartitionPlan
+from tpi_node.weights.slicer import shard_dir, write_node_shards
 from tpi_node.weights.store import ShardStore
 
 
@@ -30,20 +36,33 @@ class StepStats:
         return self.wall_s - self.comm_s - self.stall_s
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "tokens": self.tokens, "wall_s": self.wall_s, "comm_s": self.comm_s,
-                "stall_s": self.stall_s, "compute_s": self.compute_s}
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "wall_s": self.wall_s,
+            "comm_s": self.comm_s,
+            "stall_s": self.stall_s,
+            "compute_s": self.compute_s,
+        }
 
 
-PARALLEL_MIN_TOKENS = 32     # steps with fewer tokens compute on one thread (see _threads_for)
+PARALLEL_MIN_TOKENS = 32  # steps with fewer tokens compute on one thread (see _threads_for)
 
 
-class KVOutOfSync(RuntimeError):
-    pass
+class KVOutOfSync(TpiError):
+    """A step's layout disagrees with what this node has cached (the nodes went out of step)."""
 
 
 class NodeRunner:
-    def __init__(self, cfg: ModelConfig, store: ShardStore, share: NodeShare, coll: Collective,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        store: ShardStore,
+        share: NodeShare,
+        coll: Collective,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.cfg, self.store, self.share, self.coll = cfg, store, share, coll
         self.dtype, self.device = dtype, torch.device(device)
         self.kv = KVCache(cfg.num_layers, share.n_kv, cfg.head_dim, dtype, self.device)
@@ -60,19 +79,21 @@ class NodeRunner:
             torch.set_num_threads(want)
 
     def _check_layout(self, layout: BatchLayout) -> None:
-        if self.share.n_kv == 0:            # an FFN-only node keeps no cache to check
+        if self.share.n_kv == 0:  # an FFN-only node keeps no cache to check
             return
         for seq, past in zip(layout.seq_ids, layout.past_lens):
             have = self.kv.length(seq)
             if past == 0 and have:
-                self.kv.free([seq])             # a sequence restarted (e.g. replayed after a fault)
+                self.kv.free([seq])  # a sequence restarted (e.g. replayed after a fault)
             elif have != past:
                 raise KVOutOfSync(f"sequence {seq}: step says {past} cached tokens, this node has {have}")
 
     @torch.inference_mode()
-    def forward(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states."""
+    def forward(self, layout: BatchLayout, x: torch.Tensor, step_id: int = 0) -> torch.Tensor:
+        """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states.
+        `step_id` tags the step's collectives (every node of the step passes the same one)."""
         self._check_layout(layout)
+        self.coll.begin_step(step_id)
         self._threads_for(layout.num_tokens)
         if self.share.n_kv:
             self.kv.reserve(layout)
@@ -98,6 +119,35 @@ class NodeRunner:
     def free(self, seq_ids) -> None:
         self.kv.free(seq_ids)
 
+    def node_stats(self) -> dict:
+        """This node's counters for Driver.stats(): steps, weights streamed, KV cache, memory."""
+        kv = self.kv
+        return {
+            **self.stats.as_dict(),
+            **self.store.stats.as_dict(),
+            "kv_bytes": kv.nbytes(),
+            "kv_reserved_bytes": kv.reserved_bytes(),
+            "kv_sequences": len(kv.lens),
+        }
+
     def close(self) -> None:
         self.store.close()
         self.coll.close()
+
+
+def open_runner(
+    model_dir: Path,
+    cfg: ModelConfig,
+    plan: PartitionPlan,
+    rank: int,
+    coll: Collective,
+    dtype: str = "fp32",
+    window: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> NodeRunner:
+    """Make sure rank's slices are in the shard cache (slicing the checkpoint if not) and open them."""
+    out = shard_dir(plan.model_digest, plan, rank, dtype)
+    write_node_shards(model_dir, cfg, plan, rank, out, dtype, progress)
+    store = ShardStore(out, cfg, plan.share_of(rank), window=window, device=device)
+    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device)

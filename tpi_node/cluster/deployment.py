@@ -1,0 +1,81 @@
+"""A plan in force on the master: every worker rank's shard files sliced (with their manifest),
+the master's own runner open on its slice, and the Sessions the workers will connect to.
+
+    spec = ClusterSpec(model_dir, cfg, digest, dtype="fp32", wire="fp32", ...)
+    d = deploy(spec, plan, windows, shared, make_collective)     # slices what the cache lacks
+    d.manifests[rank]        # [ShardFile], what a worker's Join reply lists
+    d.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpi_node.cluster.sessions import Sessions
+from tpi_node.comm.collective import Collective
+from tpi_node.comm.loop import SharedLoop
+from tpi_node.engine.runner import NodeRunner, open_runner
+from tpi_node.model.config import ModelConfig
+from tpi_node.weights.plan import PartitionPlan
+from tpi_node.weights.slicer import ShardFile, manifest, shard_dir, write_node_shards
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What does not change while a master runs, whatever the plan."""
+
+    model_dir: Path
+    cfg: ModelConfig
+    model_digest: str
+    dtype: str  # of the shards and the computation
+    wire: str  # of the partial sums
+    device: str
+    peer_timeout_s: float
+    collective_init: str = ""  # tcp://:PORT of a gloo group (--collective gloo), "" for the star
+
+    @property
+    def model_name(self) -> str:
+        return self.model_dir.name
+
+    def config_json(self) -> str:
+        return (self.model_dir / "config.json").read_text()
+
+
+# The collective rank 0 computes with over a plan's sessions (chosen by commands/compose.py).
+MakeCollective = Callable[[PartitionPlan, Sessions], Collective]
+
+
+@dataclass
+class Deployment:
+    plan: PartitionPlan
+    windows: dict[int, int | None]
+    manifests: dict[int, list[ShardFile]]  # worker rank -> its shard files
+    sessions: Sessions
+    runner: NodeRunner
+
+    def shard_dir(self, spec: ClusterSpec, rank: int) -> Path:
+        return shard_dir(spec.model_digest, self.plan, rank, spec.dtype)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def deploy(
+    spec: ClusterSpec,
+    plan: PartitionPlan,
+    windows: dict[int, int | None],
+    shared: SharedLoop,
+    make_collective: MakeCollective,
+    progress: bool = True,
+) -> Deployment:
+    manifests = {}
+    for rank in range(1, plan.world_size):
+        out = shard_dir(spec.model_digest, plan, rank, spec.dtype)
+        sums = write_node_shards(spec.model_dir, spec.cfg, plan, rank, out, spec.dtype, progress=progress)
+        manifests[rank] = manifest(out, sums)
+    sessions = Sessions(shared, plan.world_size, tuple(s.node_id for s in plan.shares))
+    coll = make_collective(plan, sessions)
+    runner = open_runner(spec.model_dir, spec.cfg, plan, 0, coll, spec.dtype, windows[0], spec.device, progress)
+    return Deployment(plan, windows, manifests, sessions, runner)

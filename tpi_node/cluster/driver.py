@@ -1,0 +1,82 @@
+"""The engine's Driver over the cluster: every step goes to the workers first (a Step frame on
+each Session), then the master runs its own slice; the collective meets the workers' partials
+per layer. A failed step is aborted on every node; `recover` re-plans around a lost worker."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tpi_node.cluster.coordinator import Coordinator
+from tpi_node.cluster.deployment import Deployment
+from tpi_node.comm.codec import to_pb
+from tpi_node.comm.star import PeerLost
+from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.client import ClusterNotReady
+from tpi_node.proto import tpi_pb2 as pb
+
+log = logging.getLogger("tpi_node.driver")
+
+
+class ClusterDriver:
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+        self.step_id = 0
+        self.live: set[int] = set()  # sequences with KV cache on the nodes (empty = idle point)
+        self._at_step: Deployment | None = None  # the deployment the last step ran on
+        coordinator.start_admitter(lambda: not self.live)
+
+    def ready(self) -> bool:
+        """Ready, or a worker was lost and the survivors may take over: the next step recovers."""
+        return self.c.ready() or self.c.recoverable()
+
+    def step(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        if not c.ready():
+            missing = c.sessions.missing() if c.sessions is not None else []
+            raise ClusterNotReady(
+                f"the cluster is not ready (waiting for rank(s) {missing})" if missing else "the cluster is not ready"
+            )
+        with c.lock, c.shared.borrow():
+            d = self._at_step = c.deployment
+            self.live.update(layout.seq_ids)
+            self.step_id += 1
+            msg = pb.MasterMsg(step=pb.Step(step_id=self.step_id, layout=layout.to_pb()))
+            to_pb(x, out=msg.step.hidden)  # the compute dtype, lossless
+            try:
+                with d.sessions.step():
+                    c.shared.run(d.sessions.broadcast(msg))
+                    return d.runner.forward(layout, x, self.step_id)
+            except Exception as e:
+                d.runner.free(list(layout.seq_ids))
+                abort = pb.MasterMsg(abort=pb.Abort(step_id=self.step_id, reason=str(e)))
+                c.shared.run(d.sessions.send_all(abort))
+                lost = c.lost_node_ids() if isinstance(e, PeerLost) else []
+                if lost:
+                    raise PeerLost(f"lost node(s) {', '.join(lost)}: {e}") from None
+                raise
+
+    def free(self, seq_ids) -> None:
+        c = self.c
+        self.live.difference_update(seq_ids)
+        with c.lock, c.shared.borrow():
+            d = c.deployment
+            c.shared.run(d.sessions.send_all(pb.MasterMsg(free=pb.Free(seq_ids=list(seq_ids)))))
+            d.runner.free(seq_ids)
+
+    def recover(self, error: BaseException) -> bool:
+        """A worker was lost mid-step: re-plan over the survivors (cluster/coordinator.py); the
+        engine then replays every running sequence into the new caches. False: the survivors cannot."""
+        if self.c.spec.collective_init:
+            log.error("a gloo ring cannot re-plan around a lost node (use the star): failing the requests")
+            ok = False
+        else:
+            ok = self.c.recover(self._at_step)
+        if not ok:
+            self.live.clear()  # the engine fails every running sequence
+        return ok
+
+    def stats(self) -> dict:
+        d = self.c.deployment
+        return {} if d is None else {"master": d.runner.node_stats()}

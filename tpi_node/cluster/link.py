@@ -1,0 +1,111 @@
+"""A worker's link to the master: one gRPC channel (Challenge, Join, FetchShard) and the current
+Session stream, on an event loop this worker's one thread runs itself (no thread hand-off: the
+thread that computes runs the loop whenever it waits for a frame)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+import grpc
+
+from tpi_node.cluster.channels import dial
+from tpi_node.cluster.tls import TlsFiles
+from tpi_node.comm.loop import new_event_loop
+from tpi_node.comm.star import PeerLost, StarSpoke
+from tpi_node.proto import tpi_pb2 as pb
+from tpi_node.proto import tpi_pb2_grpc as rpc
+
+
+class MasterLink:
+    def __init__(self, address: str, timeout_s: float = 10.0, tls: TlsFiles | None = None) -> None:
+        self.address, self.tls = address, tls
+        self.loop = new_event_loop()
+        self.channel = self.call = None
+        self._read: asyncio.Future | None = None
+        self.run(self._open(timeout_s))
+
+    def run(self, coro: Awaitable):
+        return self.loop.run_until_complete(coro)
+
+    async def _open(self, timeout_s: float) -> None:
+        self.channel = dial(self.address, self.tls)
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError:
+            hint = (
+                "; does the master use TLS with this cluster's CA?"
+                if self.tls is not None
+                else "; if the master uses TLS, give --certs DIR"
+            )
+            raise PeerLost(f"cannot reach the master at {self.address} within {timeout_s:g} s{hint}") from None
+        self.stub = rpc.MasterStub(self.channel)
+
+    def open_session(self, hello: pb.Hello) -> None:
+        async def _open():  # the call is made on this link's loop (any thread may own the link)
+            self.call = self.stub.Session()
+            await self.send(pb.WorkerMsg(hello=hello))
+
+        self.run(_open())
+
+    def close_session(self) -> None:
+        """End the current Session stream (the channel stays open for a new Join)."""
+        if self._read is not None:
+            self._read.cancel()
+            self._read = None
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+
+    async def send(self, msg: pb.WorkerMsg) -> None:
+        try:
+            await self.call.write(msg)
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            raise PeerLost(f"lost the master at {self.address}: {rpc_reason(e)}") from None
+
+    async def recv(self, timeout: float | None) -> pb.MasterMsg | None:
+        """The next frame from the master, or None after `timeout` seconds (the read stays pending)."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(self.call.read())
+        if not self._read.done():
+            done, _ = await asyncio.wait((self._read,), timeout=timeout)
+            if not done:
+                return None
+        fut, self._read = self._read, None
+        try:
+            msg = fut.result()
+        except (grpc.RpcError, asyncio.CancelledError) as e:
+            raise PeerLost(f"lost the master at {self.address}: {rpc_reason(e)}") from None
+        if msg is grpc.aio.EOF:
+            raise PeerLost(f"the master at {self.address} closed the session")
+        return msg
+
+    def close(self) -> None:
+        async def _close():
+            if self._read is not None:
+                self._read.cancel()
+            if self.call is not None:
+                self.call.cancel()
+            if self.channel is not None:
+                await self.channel.close()
+
+        with contextlib.suppress(Exception):
+            self.run(_close())
+        self.loop.close()
+
+
+def rpc_reason(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e) or type(e).__name__
+
+
+def join_star(
+    address: str, rank: int, world_size: int, wire: str = "fp32", node_id: str = "", timeout_s: float = 60.0
+) -> StarSpoke:
+    """Dial a star session server (cluster/star_server.py) and say hello: the worker end used by
+    benchmarks and the collective's tests."""
+    link = MasterLink(address)
+    link.open_session(pb.Hello(node_id=node_id or f"rank-{rank}", rank=rank))
+    return StarSpoke(link, rank, world_size, wire, timeout_s)

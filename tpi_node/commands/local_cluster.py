@@ -1,0 +1,84 @@
+"""A cluster on this one machine: the master in this process, N-1 `tpi-node join` children
+(what `run` and `generate --nodes N` start)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tpi_node.cluster.membership import ClusterState
+from tpi_node.commands.compose import RunningMaster, start_master
+from tpi_node.engine.device import cpu_cores
+from tpi_node.errors import UserError
+from tpi_node.settings import MasterSettings
+
+
+def share_cores(processes: int) -> int:
+    """Threads per process when `processes` nodes share this machine: oversubscribed cores make
+    every node wait for the slowest at each allreduce."""
+    return max(1, cpu_cores() // processes)
+
+
+def share_cores_with_local_workers(nodes: int) -> None:
+    if nodes > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(share_cores(nodes))
+
+
+def spawn_workers(address: str, n: int, base_id: str, extra: list[str] | None = None) -> list[subprocess.Popen]:
+    """n `tpi-node join` child processes (ps shows what they are)."""
+    exe = Path(sys.executable).with_name("tpi-node")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tpi_node.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(share_cores(n + 1))}
+    return [
+        subprocess.Popen(cmd + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"] + (extra or []), env=env)
+        for i in range(1, n + 1)
+    ]
+
+
+def stop_children(children: list[subprocess.Popen]) -> None:
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+    for c in children:
+        try:
+            c.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            c.kill()
+
+
+def wait_ready(running: RunningMaster, children: list[subprocess.Popen], timeout_s: float = 600.0) -> None:
+    master = running.master
+    deadline = time.monotonic() + timeout_s
+    while not master.ready():
+        if master.membership.state is ClusterState.FAILED:
+            raise UserError(f"cannot form the cluster: {master.membership.reason}")
+        dead = [c for c in children if c.poll() is not None]
+        if dead:
+            raise UserError(f"a local worker exited with code {dead[0].returncode} before the cluster was ready")
+        if time.monotonic() > deadline:
+            raise UserError(f"the cluster was not ready within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+class LocalCluster:
+    """`generate --nodes N`: the master here, N-1 local workers, ready when constructed."""
+
+    def __init__(self, s: MasterSettings, nodes: int) -> None:
+        share_cores_with_local_workers(nodes)
+        self.running = start_master(s, nodes, 0)
+        self.children = spawn_workers(f"127.0.0.1:{self.running.port}", nodes - 1, "local")
+        try:
+            wait_ready(self.running, self.children)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.running.stop()
+        stop_children(self.children)

@@ -1,0 +1,15 @@
+"""`tpi-node prepare [NAME]`: convert a named model into the model cache and print its directory."""
+
+from __future__ import annotations
+
+from tpi_node.commands import Command
+from tpi_node.settings import PrepareSettings
+from tpi_node.weights.prepare import prepare_model
+
+
+def run(s: PrepareSettings) -> int:
+    print(prepare_model(s.name))
+    return 0
+
+
+COMMAND = Command("prepare", "convert a named model into the model cache and print its directory", PrepareSettings, run)

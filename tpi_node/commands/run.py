@@ -1,0 +1,31 @@
+"""`tpi-node run --nodes N`: a master plus N-1 local workers (each a `tpi-node join` process)."""
+
+from __future__ import annotations
+
+from tpi_node.commands import Command
+from tpi_node.commands.compose import start_master
+from tpi_node.commands.local_cluster import share_cores_with_local_workers, spawn_workers, stop_children
+from tpi_node.commands.serve import serve_http
+from tpi_node.settings import DEFAULT_RUN_NODES, RunSettings
+
+
+def run(s: RunSettings) -> int:
+    nodes = s.nodes or DEFAULT_RUN_NODES
+    share_cores_with_local_workers(nodes)
+    running = start_master(s, nodes, s.grpc_port or 0)
+    host = s.grpc_host or s.host
+    children = spawn_workers(
+        f"{host}:{running.port}",
+        nodes - 1,
+        running.master.membership.master_id,
+        ["--token", s.token] if s.token else None,
+    )
+    try:
+        serve_http(s, running)
+    finally:
+        running.stop()
+        stop_children(children)
+    return 0
+
+
+COMMAND = Command("run", "a master plus N-1 local workers (each a `tpi-node join` process)", RunSettings, run)

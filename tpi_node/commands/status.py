@@ -1,0 +1,100 @@
+"""`tpi-node status`: the cluster table of a running master (its /cluster.json)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from tpi_node.cluster.discovery import DiscoveryError, find_master
+from tpi_node.commands import Command
+from tpi_node.errors import UserError
+from tpi_node.settings import StatusSettings
+
+
+def fetch_state(url: str, timeout: float = 5.0) -> dict:
+    base = url if "://" in url else f"http://{url}"
+    base = base.rstrip("/")
+    last = None
+    for path in ("/cluster.json", "/health"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout) as r:
+                return json.loads(r.read(1 << 22))
+        except urllib.error.HTTPError as e:
+            if e.code == 503 and path == "/health":
+                raise UserError(f"the master at {base} is up but the cluster is not ready (503)") from None
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = str(getattr(e, "reason", e))
+            break
+    raise UserError(f"cannot read the cluster state from {base}: {last}")
+
+
+def _master_url(s: StatusSettings) -> str:
+    if s.status_master:
+        return s.status_master
+    try:
+        m = find_master(s.cluster, timeout=2.0)
+        return f"http://{m.address}:{m.http_port or 8000}"
+    except DiscoveryError:
+        return "http://127.0.0.1:8000"
+
+
+def _range(r) -> str:
+    if not isinstance(r, (list, tuple)) or len(r) != 2:
+        return "-"
+    return f"{r[0]}-{r[1] - 1}" if r[1] > r[0] else "none"
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "all"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_table(state: dict) -> str:
+    cols = ["NODE", "ROLE", "ADDRESS", "KV HEADS", "FFN COLS", "MEMORY", "WINDOW", "STATE", "HEARTBEAT", "TOK/S"]
+    rows = []
+    for n in state.get("nodes", []):
+        hb = n.get("last_heartbeat_s")
+        tps = n.get("tokens_per_s")
+        rows.append(
+            [
+                str(n.get("id", "?")),
+                str(n.get("role") or ("master" if n.get("rank") == 0 else "worker")),
+                str(n.get("address") or "-"),
+                _range(n.get("kv")),
+                _range(n.get("ffn")),
+                _bytes(n.get("memory_budget")),
+                "resident" if n.get("window") is None else f"{n['window']} layers",
+                str(n.get("state", "-")),
+                "-" if hb is None else f"{hb:.1f}s ago",
+                "-" if tps is None else f"{tps:.1f}",
+            ]
+        )
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+    plan = state.get("plan") or {}
+    t = state.get("throughput") or {}
+    head = (
+        f"cluster {state.get('cluster', 'default')}  model {state.get('model', '?')}  "
+        f"{'ready' if state.get('ready', state.get('status') == 'ok') else 'NOT READY'}  "
+        f"plan {str(plan.get('digest', '-'))[:16]}  "
+        f"{t.get('tokens_per_s', 0) or 0:.1f} tok/s  running {t.get('running', '-')}  waiting {t.get('waiting', '-')}"
+    )
+    tail = [state["gpu"]] if state.get("gpu") else []
+    return "\n".join([head, line(cols)] + [line(r) for r in rows] + tail)
+
+
+def run(s: StatusSettings) -> int:
+    state = fetch_state(_master_url(s))
+    print(json.dumps(state, indent=1) if s.json else format_table(state))
+    return 0
+
+
+COMMAND = Command("status", "print the cluster table of a running master", StatusSettings, run)
