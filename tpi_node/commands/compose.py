@@ -41,7 +41,7 @@ from tpi_node.engine.runner import open_runner
 from tpi_node.gpu.detect import detect_and_log
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.tokenizer import Tokenizer
-from tpi_node.settings import MasterSettings
+from tpi_node.settings import MasterSettings, TlsOptions
 from tpi_node.weights.checkpoint import model_digest
 from tpi_node.weights.plan import NodeCapacity, PartitionPlan, make_plan
 from tpi_node.weights.prepare import resolve_model
@@ -54,9 +54,9 @@ def say(msg: str) -> None:
 
 
 # ---- settings -> values --------------------------------------------------------------------------
-def tls_for(s, role: str) -> TlsFiles | None:
+def tls_for(s: TlsOptions, role: str, cert_name: str | None = None) -> TlsFiles | None:
     """TlsFiles from the TLS settings, or None (plaintext)."""
-    return tls_files(role, s.tls_cert, s.tls_key, s.tls_ca, s.certs, getattr(s, "cert_name", None))
+    return tls_files(role, s.tls_cert, s.tls_key, s.tls_ca, s.certs, cert_name)
 
 
 def node_id_for(s, role: str) -> str:

@@ -25,7 +25,7 @@ def run(s: JoinSettings) -> int:
     node = node_id_for(s, "worker")
     cap = capacity_for(node, info, s.memory_budget, None, s.speed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    tls = tls_for(s, "worker")
+    tls = tls_for(s, "worker", s.cert_name)
     master = master_address(s.master or _find_master(s))
     ad = _advertise(s, node, cap) if not s.master else None  # on the segment discovery uses
     spec = WorkerSpec(

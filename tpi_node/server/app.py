@@ -20,12 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tpi_node import __version__
 from tpi_node.engine.client import ClusterNotReady, EngineClient
+from tpi_node.engine.limits import DEFAULT_LIMITS
 from tpi_node.server.errors import APIError, error_response, install_error_handlers
 from tpi_node.server.metrics import ServerMetrics, StatsFn
 from tpi_node.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from tpi_node.server.serving import OpenAIServing
 
-DEFAULT_MAX_QUEUE = 256  # sequences admitted (waiting + running) before new requests get 429
+# sequences admitted (waiting + running) before new requests get 429: the engine's own queue bound
+DEFAULT_MAX_QUEUE = DEFAULT_LIMITS.max_queue
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 429, 503)}
 _COUNTED_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"}
