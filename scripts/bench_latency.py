@@ -55,6 +55,7 @@ def child_tpi(a) -> dict:
     from tpi_node.comm.collective import LocalCollective
     from tpi_node.comm.torch_dist import GlooCollective
     from tpi_node.engine.batch import BatchLayout
+    from tpi_node.engine.budget import blocks_for
     from tpi_node.engine.head import ModelHead
     from tpi_node.engine.runner import NodeRunner
     from tpi_node.model.config import ModelConfig
@@ -66,16 +67,16 @@ def child_tpi(a) -> dict:
     share = PartitionPlan.from_json(Path(a.plan).read_text()).share_of(a.rank)
     coll = GlooCollective(a.init, a.rank, a.world, timeout_s=600) if a.world > 1 else LocalCollective()
     store = ShardStore(Path(a.shards), cfg, share, window=a.window or None)
-    runner = NodeRunner(cfg, store, share, coll, torch.float32)
-    head = ModelHead(a.model, cfg) if a.rank == 0 else None
     ids, out, times = prompt_ids(a.prompt), [], []
+    runner = NodeRunner(cfg, store, share, coll, torch.float32, kv_blocks=blocks_for(len(ids) + a.new_tokens))
+    head = ModelHead(a.model, cfg) if a.rank == 0 else None
     t0 = time.perf_counter()
     past, new = 0, ids
     for _ in range(a.new_tokens):
         x = head.embed(new) if head else torch.empty(len(new), cfg.hidden_size)
         if a.world > 1:
             dist.broadcast(x, src=0)
-        h = runner.forward(BatchLayout((1,), (past,), (len(new),)), x)
+        h = runner.forward(BatchLayout.one(past, len(new)), x)
         past += len(new)
         if head:
             out.append(int(head.logits(h[-1:]).argmax()))
@@ -211,7 +212,7 @@ def main() -> None:
     cfg = ModelConfig.from_dir(model)
     ctx = a.prompt + a.new_tokens
     one = make_plan(cfg, [NodeCapacity("n0", 0)])
-    est = estimate(cfg, one.share_of(0), "fp32", kv_tokens=ctx, step_tokens=a.prompt, is_master=True)
+    est = estimate(cfg, one.share_of(0), "fp32", context=ctx, min_kv_tokens=ctx, is_master=True)
     budget = est.total(2)
     print(f"budget for everyone: {format_size(budget)} (1 node, W=2: {est.describe(2)})", flush=True)
     rows, ref_ids = [], None

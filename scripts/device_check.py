@@ -65,6 +65,7 @@ from tpi_node.weights.checkpoint import model_digest  # noqa: E402
 from tpi_node.weights.plan import NodeCapacity, make_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+KV_BLOCKS = 256  # 4096 tokens of KV cache per rank: the checks generate a few dozen
 PROMPT = "The history of the printing press begins"
 SYNTH = {  # name -> (preset, layers): the tiny one hits biases + 3 KV heads over 2 nodes
     "tiny": ("tiny-qwen2", None),
@@ -88,7 +89,7 @@ class GroupDriver:
             runner.coll.close()  # breaks the group's barrier: the other ranks stop waiting
             raise
 
-    def step(self, layout, x):
+    def step(self, layout, x, kv_epoch=0):
         futures = [self.pool.submit(self._rank, r, layout, x) for r in self.runners[1:]]
         errors, h = [], None
         try:
@@ -102,9 +103,14 @@ class GroupDriver:
             raise (real or errors)[0]
         return h
 
+    def kv_blocks(self) -> int:
+        return self.runners[0].kv.num_blocks
+
+    def kv_epoch(self) -> int:
+        return 0
+
     def free(self, seq_ids) -> None:
-        for r in self.runners:
-            r.free(seq_ids)
+        pass  # the engine's block pool holds what the sequences had
 
     def ready(self) -> bool:
         return True
@@ -143,7 +149,9 @@ def open_engine(
         group = InProcessGroup(len(devices))
         colls = [DeviceHop(group.member(i), wire_dtype=torch.float32) for i in range(len(devices))]
     runners = [
-        open_runner(model_dir, cfg, plan, i, colls[i], dtypes[i], window, device=devices[i], progress=False)
+        open_runner(
+            model_dir, cfg, plan, i, colls[i], dtypes[i], window, device=devices[i], progress=False, kv_blocks=KV_BLOCKS
+        )
         for i in range(len(devices))
     ]
     driver = LocalDriver(runners[0]) if len(runners) == 1 else GroupDriver(runners)

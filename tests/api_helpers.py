@@ -23,8 +23,8 @@ def tiny_model(_tmp_path_factory=None) -> Path:
     return Path(tiny_model_dir(MODEL))
 
 
-def local_engine(model_dir: Path, limits: EngineLimits | None = None) -> Engine:
-    return build_local_engine(model_dir, progress=False, limits=limits)
+def local_engine(model_dir: Path, limits: EngineLimits | None = None, **kwargs) -> Engine:
+    return build_local_engine(model_dir, progress=False, limits=limits, **kwargs)
 
 
 @contextlib.contextmanager
@@ -61,4 +61,4 @@ def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
 
 def engine_idle(engine) -> bool:
     s = engine.stats()
-    return s["waiting"] == 0 and s["running"] == 0 and all(n.get("kv_bytes", 0) == 0 for n in s["nodes"].values())
+    return s["waiting"] == 0 and s["running"] == 0 and s["kv"]["used"] == 0  # no sequence holds a KV block

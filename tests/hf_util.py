@@ -8,6 +8,7 @@ import torch
 
 from tpi_node.comm.collective import LocalCollective
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.blocks import BlockPool
 from tpi_node.engine.device import device_capacity, select_device
 from tpi_node.engine.head import ModelHead
 from tpi_node.engine.runner import open_runner
@@ -85,15 +86,25 @@ def make_hf_model(kind: str, out: Path, seed: int = 0):
 class OurModel:
     """Single-node runner + head over a model dir: logits for every new token of a step."""
 
-    def __init__(self, model_dir: Path, dtype: str = "fp32", window: int | None = None) -> None:
+    def __init__(self, model_dir: Path, dtype: str = "fp32", window: int | None = None, kv_blocks: int = 512) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         plan = make_plan(self.cfg, [device_capacity("test", select_device("cpu"))], model_digest(model_dir))
-        self.runner = open_runner(model_dir, self.cfg, plan, 0, LocalCollective(), dtype, window, progress=False)
+        self.runner = open_runner(
+            model_dir, self.cfg, plan, 0, LocalCollective(), dtype, window, progress=False, kv_blocks=kv_blocks
+        )
         self.head = ModelHead(model_dir, self.cfg)
+        self.pool = BlockPool(kv_blocks, prefix_cache=False)  # the engine's block tables, without the engine
 
     def step(self, seq_id: int, past: int, ids: list[int]) -> torch.Tensor:
-        layout = BatchLayout((seq_id,), (past,), (len(ids),))
+        if seq_id not in self.pool.tables:
+            assert past == 0 and self.pool.admit(seq_id, ids, need=len(ids)) == 0
+        assert self.pool.grow(seq_id, past + len(ids))
+        layout = BatchLayout((seq_id,), (past,), (len(ids),), (self.pool.table(seq_id),))
         return self.head.logits(self.runner.forward(layout, self.head.embed(ids)))  # [n, V]
+
+    def free(self, seq_ids) -> None:
+        for s in seq_ids:
+            self.pool.release(s)
 
     def greedy(self, ids: list[int], n: int, seq_id: int = 1) -> list[int]:
         out, logits = [], self.step(seq_id, 0, ids)
@@ -101,5 +112,5 @@ class OurModel:
             t = int(logits[-1].argmax())
             out.append(t)
             logits = self.step(seq_id, len(ids) + len(out) - 1, [t])
-        self.runner.free([seq_id])
+        self.free([seq_id])
         return out

@@ -29,7 +29,7 @@ from tpi_node.units import format_size
 from tpi_node.weights.plan import NodeCapacity, make_plan
 from tpi_node.weights.synth import synthesize
 
-BIG_LAYERS = presets._llama(1024, 8192, 16, 8, 8, 261, max_pos=128)  # vocab: specials + 256 bytes
+BIG_LAYERS = presets._llama(1024, 8192, 20, 8, 8, 261, max_pos=128)  # vocab: specials + 256 bytes
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 4
 

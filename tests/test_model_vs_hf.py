@@ -33,7 +33,7 @@ def test_prefill_and_cached_decode_logits_match(pair):
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0, -1:]
         assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()
-    ours.runner.free([7])
+    ours.free([7])
 
 
 def test_greedy_tokens_match_hf_generate(pair):
@@ -51,4 +51,4 @@ def test_chunked_prefill_equals_unchunked(pair):
     whole = ours.step(1, 0, ids)
     parts = [ours.step(2, 0, ids[:17]), ours.step(2, 17, ids[17:33]), ours.step(2, 33, ids[33:])]
     assert torch.allclose(torch.cat(parts), whole, atol=1e-5, rtol=0)
-    ours.runner.free([1, 2])
+    ours.free([1, 2])

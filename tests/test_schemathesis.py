@@ -26,8 +26,7 @@ MAX_CONTEXT = 40  # tokens; bounds every generation in this test
 
 @pytest.fixture(scope="module")
 def server():
-    engine = local_engine(tiny_model_dir("tiny-llama", layers=1))
-    engine.max_context = MAX_CONTEXT
+    engine = local_engine(tiny_model_dir("tiny-llama", layers=1), max_context=MAX_CONTEXT)  # --max-context
     try:
         with serve(engine) as u:
             yield u, engine.model_name

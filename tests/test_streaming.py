@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.hf_util import OurModel
-from tpi_node.engine.budget import choose_window, estimate
+from tpi_node.engine.budget import UNBUDGETED_KV_TOKENS, estimate, plan_memory
+from tpi_node.engine.limits import BLOCK_TOKENS
 from tpi_node.errors import UserError
 from tpi_node.model import presets
 from tpi_node.model.config import ModelConfig
@@ -172,25 +173,39 @@ def _cfg_70b(tmp_path, nodes: int):
     return cfg, plan
 
 
-def test_choose_window_resident_streaming_and_refusal(tmp_path):
+def _window(cfg, share, budget, **kw):
+    return plan_memory(cfg, share, budget, "bf16", **kw).window
+
+
+def test_the_budget_gives_weights_a_window_and_the_rest_to_kv_blocks(tmp_path):
     cfg, plan = _cfg_70b(tmp_path, 8)
     worker = plan.share_of(1)
     layer = worker.layer_params(cfg) * 2  # bf16 slice of one layer
-    assert choose_window(cfg, worker, None, "bf16") is None  # no budget: resident
-    assert choose_window(cfg, worker, 2**50, "bf16") is None  # everything fits: resident
+    assert _window(cfg, worker, 2**50) is None  # everything fits: resident
     est = estimate(cfg, worker, "bf16")
-    assert choose_window(cfg, worker, est.total(None) - 1, "bf16") == cfg.num_layers - 1
-    assert choose_window(cfg, worker, est.fixed + 5 * layer, "bf16") == 5
+    assert _window(cfg, worker, est.total(None) - 1) == cfg.num_layers - 1
+    assert _window(cfg, worker, est.fixed + 5 * layer) == 5
     smallest = est.total(2)
-    assert choose_window(cfg, worker, smallest, "bf16") == 2
+    assert _window(cfg, worker, smallest) == 2
     with pytest.raises(PlanError) as e:
-        choose_window(cfg, worker, smallest - 1, "bf16")
+        _window(cfg, worker, smallest - 1)
     msg = str(e.value)
     assert f"{-(-smallest // 2**20)} MiB" in msg and "\n" not in msg and "node n1" in msg
     # The master also holds embedding + lm_head (untied: 2 x 32000 x 8192 x 2 bytes), counted.
     master = estimate(cfg, plan.share_of(0), "bf16", is_master=True)
     assert master.head >= 2 * 32000 * 8192 * 2
     with pytest.raises(PlanError, match="the master"):
-        choose_window(cfg, plan.share_of(0), smallest, "bf16", is_master=True)
-    # The KV cache is counted: a longer context needs a bigger budget for the same window.
-    assert estimate(cfg, worker, "bf16", kv_tokens=32768).total(2) > smallest
+        _window(cfg, plan.share_of(0), smallest, is_master=True)
+    # The KV cache is counted: reserving a longer context needs a bigger budget for the same window.
+    assert estimate(cfg, worker, "bf16", min_kv_tokens=32768).total(2) > smallest
+    # What the window leaves becomes KV blocks, and the whole split stays within the budget.
+    budget = est.total(None) + 1000 * est.block_bytes * 2
+    mem = plan_memory(cfg, worker, budget, "bf16")
+    assert mem.window is None and mem.kv_blocks >= est.min_blocks + 1000
+    assert est.total(None, mem.kv_blocks) <= budget < est.total(None, mem.kv_blocks + 1)
+    # --kv-blocks first: the window is fitted around them (here: streaming instead of resident)
+    big = plan_memory(cfg, worker, budget, "bf16", kv_blocks=mem.kv_blocks + 200 * cfg.num_layers)
+    assert big.kv_blocks == mem.kv_blocks + 200 * cfg.num_layers and big.window is not None
+    # Without a budget (memory free at start) the pool is capped; a node without KV heads holds none.
+    free = plan_memory(cfg, worker, 2**50, "bf16", budgeted=False)
+    assert free.kv_blocks * BLOCK_TOKENS == UNBUDGETED_KV_TOKENS

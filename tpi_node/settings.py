@@ -147,6 +147,25 @@ class BudgetOptions:
 
 
 @dataclass(frozen=True)
+class KVOptions:
+    kv_blocks: int | None = setting(
+        None,
+        "KV cache blocks (16 tokens each) on every node, instead of what --memory-budget leaves",
+        type=positive_int,
+        metavar="N",
+    )
+    max_context: int | None = setting(
+        None,
+        "the longest sequence served, in tokens (default: the model's context, or what the KV cache holds)",
+        type=positive_int,
+        metavar="TOKENS",
+    )
+    no_prefix_cache: bool = setting(
+        False, "do not reuse the KV cache of a prompt prefix an earlier request computed", kind="switch"
+    )
+
+
+@dataclass(frozen=True)
 class DeviceOptions:
     device: str = setting(
         "auto", "where this node computes: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", metavar="DEVICE"
@@ -301,6 +320,7 @@ class MasterSettings(
     ModelOptions,
     DtypeOption,
     BudgetOptions,
+    KVOptions,
     DeviceOptions,
     NodeOptions,
     TlsOptions,
@@ -328,7 +348,15 @@ class JoinSettings(WorkerOptions, BudgetOptions, DeviceOptions, NodeOptions, Tls
 
 @dataclass(frozen=True)
 class GenerateSettings(
-    ModelOptions, PromptOptions, SeedOption, DtypeOption, BudgetOptions, DeviceOptions, NodesOption, ConfigFile
+    ModelOptions,
+    PromptOptions,
+    SeedOption,
+    DtypeOption,
+    BudgetOptions,
+    KVOptions,
+    DeviceOptions,
+    NodesOption,
+    ConfigFile,
 ):
     pass
 

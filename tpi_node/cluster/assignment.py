@@ -19,6 +19,8 @@ from tpi_node.weights.slicer import ShardFile
 class Assignment:
     rank: int
     plan: PartitionPlan
+    window: int | None  # layers of its slice the worker keeps in memory (None: all, resident)
+    kv_blocks: int  # blocks of its paged KV cache (the same count on every node)
     model_digest: str
     model_config_json: str  # the HF config.json of the model, verbatim
     files: tuple[ShardFile, ...]  # this rank's shard files
@@ -53,6 +55,8 @@ class Assignment:
             model_name=self.model_name,
             ticket=self.ticket,
             collective_init=self.collective_init,
+            window=self.window or 0,
+            kv_blocks=self.kv_blocks,
         )
 
     @classmethod
@@ -69,6 +73,8 @@ class Assignment:
         return cls(
             rank=reply.rank,
             plan=plan,
+            window=reply.window or None,
+            kv_blocks=reply.kv_blocks,
             model_digest=reply.model_digest,
             model_config_json=reply.model_config_json,
             files=tuple(ShardFile.from_pb(f) for f in reply.files),

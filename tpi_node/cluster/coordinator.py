@@ -25,6 +25,7 @@ from tpi_node.cluster.deployment import ClusterSpec, Deployment, MakeCollective,
 from tpi_node.cluster.membership import ClusterState, Member, Membership
 from tpi_node.cluster.sessions import Sessions
 from tpi_node.comm.loop import SharedLoop
+from tpi_node.engine.limits import BLOCK_TOKENS
 from tpi_node.errors import UserError
 from tpi_node.proto import tpi_pb2 as pb
 
@@ -36,10 +37,13 @@ IDLE_REPLAN_GRACE_S = 10.0  # a worker lost while idle: wait this long for it be
 
 
 def _describe(d: Deployment) -> str:
-    return ", ".join(
-        f"{s.node_id}: kv {s.kv_start}-{s.kv_end} ffn {s.ffn_start}-{s.ffn_end}"
-        + (f" window {d.windows[s.rank]}" if d.windows[s.rank] else "")
-        for s in d.plan.shares
+    return (
+        ", ".join(
+            f"{s.node_id}: kv {s.kv_start}-{s.kv_end} ffn {s.ffn_start}-{s.ffn_end}"
+            + (f" window {d.memory.windows[s.rank]}" if d.memory.windows[s.rank] else "")
+            for s in d.plan.shares
+        )
+        + f"; KV cache {d.memory.kv_blocks} blocks ({d.memory.kv_blocks * BLOCK_TOKENS} tokens) on every node"
     )
 
 
@@ -50,6 +54,7 @@ class Coordinator:
         self.spec, self.membership, self.shared = spec, membership, shared
         self.make_collective = make_collective
         self.deployment: Deployment | None = None
+        self.generations = 0  # deployments made (names each one's KV caches)
         self.lock = threading.Lock()  # one membership change, or one step, at a time
         self.formed = threading.Event()  # the first plan was formed, or could not be
         self.stopped = False
@@ -78,35 +83,30 @@ class Coordinator:
         m = self.membership
         m.state = ClusterState.FORMING
         try:
-            members, plan, windows = m.propose(m.members)
-            log.info(
-                "plan %s over %d nodes: %s",
-                plan.digest[:12],
-                plan.world_size,
-                ", ".join(
-                    f"{s.node_id}: kv {s.kv_start}-{s.kv_end} ffn {s.ffn_start}-{s.ffn_end}" for s in plan.shares
-                ),
-            )
+            members, plan, memory = m.propose(m.members)
             loop = asyncio.get_running_loop()
-            d = await loop.run_in_executor(
-                None, lambda: deploy(self.spec, plan, windows, self.shared, self.make_collective, True)
-            )
+            d = await loop.run_in_executor(None, lambda: self._deploy(plan, memory, progress=True))
+            log.info("plan %s over %d nodes: %s", plan.digest[:12], plan.world_size, _describe(d))
             self.deployment = d
-            m.install(members, plan, windows)
+            m.install(members, plan, memory)
         except (UserError, OSError) as e:
             m.fail(ClusterState.FAILED, str(e))
             log.error("cannot form the cluster: %s", e)
         self.formed.set()
 
+    def _deploy(self, plan, memory, progress: bool) -> Deployment:
+        self.generations += 1
+        return deploy(self.spec, plan, memory, self.shared, self.make_collective, progress, self.generations)
+
     # ---- re-planning ------------------------------------------------------------------------------------
     def _replan(self, members: list[Member], why: str) -> None:
         """Install a plan over `members` and make the current workers join again. Caller holds
         the lock. Raises PlanError (nothing changed) when the members cannot hold the model."""
-        members, plan, windows = self.membership.propose(members)
-        d = deploy(self.spec, plan, windows, self.shared, self.make_collective, progress=False)
+        members, plan, memory = self.membership.propose(members)
+        d = self._deploy(plan, memory, progress=False)
         log.warning("re-planning (%s): %d nodes, plan %s: %s", why, plan.world_size, plan.digest[:12], _describe(d))
         old, self.deployment = self.deployment, d
-        self.membership.install(members, plan, windows)
+        self.membership.install(members, plan, memory)
         if old is not None:
             old.close()
             old.sessions.shutdown_all(pb.REJOIN, f"the plan changed ({why}); join again")

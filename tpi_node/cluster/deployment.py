@@ -2,7 +2,7 @@
 the master's own runner open on its slice, and the Sessions the workers will connect to.
 
     spec = ClusterSpec(model_dir, cfg, digest, dtype="fp32", wire="fp32", ...)
-    d = deploy(spec, plan, windows, shared, make_collective)     # slices what the cache lacks
+    d = deploy(spec, plan, memory, shared, make_collective)      # slices what the cache lacks
     d.manifests[rank]        # [ShardFile], what a worker's Join reply lists
     d.close()
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tpi_node.cluster.membership import PlanMemory
 from tpi_node.cluster.sessions import Sessions
 from tpi_node.comm.collective import Collective
 from tpi_node.comm.loop import SharedLoop
@@ -34,6 +35,8 @@ class ClusterSpec:
     device: str
     peer_timeout_s: float
     collective_init: str = ""  # tcp://:PORT of a gloo group (--collective gloo), "" for the star
+    max_context: int | None = None  # --max-context: the longest sequence served
+    kv_blocks: int | None = None  # --kv-blocks: every node's KV cache size, instead of the budget's
 
     @property
     def model_name(self) -> str:
@@ -50,10 +53,16 @@ MakeCollective = Callable[[PartitionPlan, Sessions], Collective]
 @dataclass
 class Deployment:
     plan: PartitionPlan
-    windows: dict[int, int | None]
+    memory: PlanMemory  # each rank's window, every node's KV blocks
     manifests: dict[int, list[ShardFile]]  # worker rank -> its shard files
     sessions: Sessions
     runner: NodeRunner
+    generation: int  # counts the deployments of this master: a new one means new, empty KV caches
+
+    def kv_epoch(self) -> tuple[int, int]:
+        """Changes when any node's KV cache starts empty: a new plan, or a worker's session opened
+        again (a restarted worker rejoining the same plan)."""
+        return self.generation, self.sessions.attaches
 
     def shard_dir(self, spec: ClusterSpec, rank: int) -> Path:
         return shard_dir(spec.model_digest, self.plan, rank, spec.dtype)
@@ -65,10 +74,11 @@ class Deployment:
 def deploy(
     spec: ClusterSpec,
     plan: PartitionPlan,
-    windows: dict[int, int | None],
+    memory: PlanMemory,
     shared: SharedLoop,
     make_collective: MakeCollective,
     progress: bool = True,
+    generation: int = 0,
 ) -> Deployment:
     manifests = {}
     for rank in range(1, plan.world_size):
@@ -77,5 +87,16 @@ def deploy(
         manifests[rank] = manifest(out, sums)
     sessions = Sessions(shared, plan.world_size, tuple(s.node_id for s in plan.shares))
     coll = make_collective(plan, sessions)
-    runner = open_runner(spec.model_dir, spec.cfg, plan, 0, coll, spec.dtype, windows[0], spec.device, progress)
-    return Deployment(plan, windows, manifests, sessions, runner)
+    runner = open_runner(
+        spec.model_dir,
+        spec.cfg,
+        plan,
+        0,
+        coll,
+        spec.dtype,
+        memory.windows[0],
+        spec.device,
+        progress,
+        kv_blocks=memory.kv_blocks,
+    )
+    return Deployment(plan, memory, manifests, sessions, runner, generation)

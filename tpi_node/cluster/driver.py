@@ -14,6 +14,7 @@ from tpi_node.comm.codec import to_pb
 from tpi_node.comm.star import PeerLost
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.client import ClusterNotReady
+from tpi_node.engine.engine import KVStale
 from tpi_node.proto import tpi_pb2 as pb
 
 log = logging.getLogger("tpi_node.driver")
@@ -31,7 +32,15 @@ class ClusterDriver:
         """Ready, or a worker was lost and the survivors may take over: the next step recovers."""
         return self.c.ready() or self.c.recoverable()
 
-    def step(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
+    def kv_blocks(self) -> int:
+        d = self.c.deployment
+        return 0 if d is None else d.memory.kv_blocks  # 0 until the first plan is formed
+
+    def kv_epoch(self):
+        d = self.c.deployment
+        return None if d is None else d.kv_epoch()
+
+    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch) -> torch.Tensor:
         c = self.c
         if not c.ready():
             missing = c.sessions.missing() if c.sessions is not None else []
@@ -40,6 +49,8 @@ class ClusterDriver:
             )
         with c.lock, c.shared.borrow():
             d = self._at_step = c.deployment
+            if d.kv_epoch() != kv_epoch:  # a node's cache started empty since the engine planned
+                raise KVStale(f"KV epoch {d.kv_epoch()} is not the step's {kv_epoch}")
             self.live.update(layout.seq_ids)
             self.step_id += 1
             msg = pb.MasterMsg(step=pb.Step(step_id=self.step_id, layout=layout.to_pb()))
@@ -49,7 +60,6 @@ class ClusterDriver:
                     c.shared.run(d.sessions.broadcast(msg))
                     return d.runner.forward(layout, x, self.step_id)
             except Exception as e:
-                d.runner.free(list(layout.seq_ids))
                 abort = pb.MasterMsg(abort=pb.Abort(step_id=self.step_id, reason=str(e)))
                 c.shared.run(d.sessions.send_all(abort))
                 lost = c.lost_node_ids() if isinstance(e, PeerLost) else []
@@ -58,12 +68,9 @@ class ClusterDriver:
                 raise
 
     def free(self, seq_ids) -> None:
-        c = self.c
+        """The sequences ended: the engine's block pool took their blocks back; the nodes hold
+        nothing per sequence, so nothing goes on the wire."""
         self.live.difference_update(seq_ids)
-        with c.lock, c.shared.borrow():
-            d = c.deployment
-            c.shared.run(d.sessions.send_all(pb.MasterMsg(free=pb.Free(seq_ids=list(seq_ids)))))
-            d.runner.free(seq_ids)
 
     def recover(self, error: BaseException) -> bool:
         """A worker was lost mid-step: re-plan over the survivors (cluster/coordinator.py); the

@@ -54,7 +54,14 @@ class ClusterMaster(rpc.MasterServicer):
         self.auth = MasterAuth(token)
         self.shared = SharedLoop(background=True)
         self.membership = Membership(
-            spec.cfg, spec.model_digest, spec.dtype, Member(capacity, "master"), nodes, auto_admit
+            spec.cfg,
+            spec.model_digest,
+            spec.dtype,
+            Member(capacity, "master"),
+            nodes,
+            auto_admit,
+            context=spec.max_context,
+            kv_blocks=spec.kv_blocks,
         )
         self.coordinator = Coordinator(spec, self.membership, self.shared, make_collective)
         self.server: grpc.aio.Server | None = None
@@ -133,6 +140,8 @@ class ClusterMaster(rpc.MasterServicer):
         return Assignment(
             rank=rank,
             plan=d.plan,
+            window=d.memory.windows[rank],
+            kv_blocks=d.memory.kv_blocks,
             model_digest=self.spec.model_digest,
             model_config_json=self.spec.config_json(),
             files=tuple(d.manifests[rank]),

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
-from tpi_node.engine.budget import choose_window
+from tpi_node.engine.budget import plan_memory
 from tpi_node.model.config import ModelConfig
 from tpi_node.weights.plan import NodeCapacity, PartitionPlan, make_plan
 
@@ -44,6 +44,15 @@ class Member:
         return self.capacity.node_id
 
 
+@dataclass(frozen=True)
+class PlanMemory:
+    """How a plan's nodes split their memory: each rank's weight window (None: resident) and the
+    KV blocks of every node's paged cache (the least any node with KV heads can hold)."""
+
+    windows: dict[int, int | None]
+    kv_blocks: int
+
+
 @dataclass
 class PendingJoin:
     """A node not in the plan, waiting in its Join RPC for the next idle moment."""
@@ -54,16 +63,25 @@ class PendingJoin:
 
 class Membership:
     def __init__(
-        self, cfg: ModelConfig, model_digest: str, dtype: str, master: Member, expected: int, auto_admit: bool = False
+        self,
+        cfg: ModelConfig,
+        model_digest: str,
+        dtype: str,
+        master: Member,
+        expected: int,
+        auto_admit: bool = False,
+        context: int | None = None,
+        kv_blocks: int | None = None,
     ) -> None:
         self.cfg, self.model_digest, self.dtype = cfg, model_digest, dtype
         self.expected, self.auto_admit = expected, auto_admit
+        self.context, self.kv_blocks = context, kv_blocks  # --max-context, --kv-blocks
         self.members: list[Member] = [master]  # rank order once planned; master first
         self.join_order: list[str] = [master.node_id]  # every node ever seen, first join first
         self.pending: dict[str, PendingJoin] = {}
         self.lost: list[Member] = []  # members that left and may come back
         self.plan: PartitionPlan | None = None
-        self.windows: dict[int, int | None] = {}  # rank -> weight window (None: resident)
+        self.memory: PlanMemory | None = None  # the plan's windows and KV blocks
         self.state = ClusterState.WAITING
         self.reason: str | None = None  # why FAILED / UNSERVABLE
         self.lost_since: float | None = None  # when an idle cluster first noticed a lost worker
@@ -81,24 +99,34 @@ class Membership:
         log.info("node %s joined (%d of %d)", member.node_id, len(self.members), self.expected)
         return len(self.members) >= self.expected and self.state is ClusterState.WAITING
 
-    def propose(self, members: list[Member]) -> tuple[list[Member], PartitionPlan, dict[int, int | None]]:
-        """(members in rank order, their plan, each rank's window); PlanError when they cannot
-        hold the model, even streaming with the smallest window."""
+    def propose(self, members: list[Member]) -> tuple[list[Member], PartitionPlan, PlanMemory]:
+        """(members in rank order, their plan, how their memory splits); PlanError when they
+        cannot hold the model, even streaming with the smallest window and KV cache."""
         for m in members:
             self._remember(m.node_id)
         members = sorted(members, key=lambda m: self.join_order.index(m.node_id))
         caps = [m.capacity for m in members]
         plan = make_plan(self.cfg, caps, self.model_digest)
-        windows = {
-            s.rank: choose_window(self.cfg, s, caps[s.rank].memory_bytes or None, self.dtype, is_master=s.rank == 0)
+        nodes = {
+            s.rank: plan_memory(
+                self.cfg,
+                s,
+                caps[s.rank].memory_bytes,
+                self.dtype,
+                budgeted=caps[s.rank].budgeted,
+                is_master=s.rank == 0,
+                context=self.context,
+                kv_blocks=self.kv_blocks,
+            )
             for s in plan.shares
         }
-        return members, plan, windows
+        kv_blocks = min(n.kv_blocks for n in nodes.values() if n.kv_blocks is not None)
+        return members, plan, PlanMemory({r: n.window for r, n in nodes.items()}, kv_blocks)
 
-    def install(self, members: list[Member], plan: PartitionPlan, windows: dict[int, int | None]) -> None:
+    def install(self, members: list[Member], plan: PartitionPlan, memory: PlanMemory) -> None:
         """The plan is sliced and in force."""
         replanning = self.plan is not None
-        self.members, self.plan, self.windows = list(members), plan, dict(windows)
+        self.members, self.plan, self.memory = list(members), plan, memory
         in_plan = {m.node_id for m in members}
         self.lost = [m for m in self.lost if m.node_id not in in_plan]
         self.state, self.reason = ClusterState.READY, None

@@ -60,6 +60,7 @@ class Sessions:
         self.partials: StarHub | None = None  # where Partial frames go (None: another collective sums)
         self.in_step = False
         self.last_step_end = time.monotonic()
+        self.attaches = 0  # sessions opened so far: each one is a node whose KV cache starts empty
 
     # ---- HubLinks (comm/star.py) ----------------------------------------------------------------
     def missing(self) -> list[int]:
@@ -115,6 +116,7 @@ class Sessions:
         if old is not None and old is not peer:
             self._detach(old, "replaced by a new session")
         self.peers[peer.rank] = peer
+        self.attaches += 1
         if self.partials is not None:
             self.partials.link_opened(peer.rank)
 

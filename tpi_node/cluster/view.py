@@ -53,7 +53,7 @@ class ClusterView:
                         "kv": [s.kv_start, s.kv_end],
                         "ffn": [s.ffn_start, s.ffn_end],
                         "memory_budget": cap.memory_bytes if cap else None,
-                        "window": d.windows.get(s.rank),
+                        "window": d.memory.windows.get(s.rank),
                         "state": state,
                         "last_heartbeat_s": hb,
                         "tokens_per_s": tps if state == "ready" else None,

@@ -30,7 +30,6 @@ from tpi_node.comm.collective import Collective
 from tpi_node.comm.star import PeerLost, StepAborted
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
-from tpi_node.engine.budget import choose_window
 from tpi_node.engine.runner import NodeRunner
 from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
@@ -62,7 +61,6 @@ class WorkerSpec:
     tls: TlsFiles | None = None
     address: str = ""  # how it describes itself (shown in /health)
     expect_model: str = ""
-    window: int | None = None  # None: chosen from the memory budget
 
 
 def worker_dir(a: Assignment) -> Path:
@@ -131,12 +129,14 @@ def _join_and_serve(link: MasterLink, spec: WorkerSpec, request: pb.JoinRequest,
     t0 = time.monotonic()
     files, nbytes, kept = link.run(_fetch(link, a, out, spec.node_id))
     say(f"shards: fetched {files} files, {nbytes} bytes; {kept} files already cached ({time.monotonic() - t0:.1f} s)")
-    window = spec.window
-    if window is None and spec.capacity.memory_bytes:  # stream through a window when the share does not fit
-        window = choose_window(cfg, share, spec.capacity.memory_bytes, a.shard_dtype)
-    store = ShardStore(out, cfg, share, window=window, device=spec.device)
+    # the master split this node's memory from the capacity it reported (engine/budget.py)
+    store = ShardStore(out, cfg, share, window=a.window, device=spec.device)
     coll = make_collective(a, link, spec.master)
-    runner = NodeRunner(cfg, store, share, coll, torch_dtype(a.shard_dtype), spec.device)
+    runner = NodeRunner(cfg, store, share, coll, torch_dtype(a.shard_dtype), spec.device, a.kv_blocks)
+    say(
+        f"memory: {'resident' if a.window is None else f'window {a.window} layers'}, KV cache {a.kv_blocks} "
+        f"blocks ({runner.kv.nbytes() / 2**20:.0f} MiB)"
+    )
     link.open_session(pb.Hello(node_id=spec.node_id, plan_digest=a.plan.digest, rank=a.rank, ticket=a.ticket))
     say(f"ready; serving steps from {spec.master}")
     try:
@@ -196,8 +196,6 @@ def _serve(link: MasterLink, runner: NodeRunner, cfg: ModelConfig):
                 raise UserError(text) from None
             except PeerLost as e:
                 raise UserError(str(e)) from None
-        elif kind == "free":
-            runner.free(list(msg.free.seq_ids))
         elif kind == "shutdown" and msg.shutdown.code == pb.REJOIN:
             say(msg.shutdown.reason)
             return REJOIN
@@ -209,8 +207,4 @@ def _serve(link: MasterLink, runner: NodeRunner, cfg: ModelConfig):
 def _step(runner: NodeRunner, cfg: ModelConfig, step: pb.Step) -> None:
     layout = BatchLayout.from_pb(step.layout)
     x = from_pb(step.hidden, (layout.num_tokens, cfg.hidden_size), what="step hidden states")
-    try:
-        runner.forward(layout, x, step.step_id)  # [T, H]; the master keeps the result
-    except StepAborted:
-        runner.free(list(layout.seq_ids))
-        raise
+    runner.forward(layout, x, step.step_id)  # [T, H]; the master keeps the result

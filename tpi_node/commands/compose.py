@@ -31,11 +31,11 @@ from tpi_node.comm.collective import Collective, LocalCollective
 from tpi_node.comm.star import StarHub, StarSpoke
 from tpi_node.comm.torch_dist import GlooCollective
 from tpi_node.dtypes import torch_dtype
-from tpi_node.engine.budget import choose_window
+from tpi_node.engine.budget import plan_memory
 from tpi_node.engine.device import DeviceInfo, default_dtype, device_capacity, select_device
 from tpi_node.engine.engine import Engine
 from tpi_node.engine.head import ModelHead
-from tpi_node.engine.limits import EngineLimits
+from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.local import LocalDriver
 from tpi_node.engine.runner import open_runner
 from tpi_node.gpu.detect import detect_and_log
@@ -122,20 +122,57 @@ def build_local_engine(
     progress: bool = True,
     memory_budget: int | None = None,
     device: str = "cpu",
+    *,
+    kv_blocks: int | None = None,
+    max_context: int | None = None,
+    prefix_cache: bool = True,
 ) -> Engine:
-    """A single-node engine over a model name (prepared on first use) or a model directory."""
+    """A single-node engine over a model name (prepared on first use) or a model directory. Its
+    memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window."""
     model_dir = resolve_model(str(model), progress=progress)
     cfg = ModelConfig.from_dir(model_dir)
     info = select_device(device)
-    plan = make_plan(cfg, [device_capacity("local", info, dtype=dtype)], model_digest(model_dir))
-    if memory_budget is not None and window is None:
-        window = choose_window(cfg, plan.share_of(0), memory_budget, dtype, is_master=True)
-    runner = open_runner(model_dir, cfg, plan, 0, LocalCollective(), dtype, window, str(info.device), progress)
+    cap = device_capacity("local", info, memory_budget, dtype)
+    plan = make_plan(cfg, [cap], model_digest(model_dir))
+    mem = plan_memory(
+        cfg,
+        plan.share_of(0),
+        cap.memory_bytes,
+        dtype,
+        budgeted=cap.budgeted,
+        is_master=True,
+        context=max_context,
+        kv_blocks=kv_blocks,
+        limits=limits or DEFAULT_LIMITS,
+    )
+    window = mem.window if window is None else window
+    runner = open_runner(
+        model_dir, cfg, plan, 0, LocalCollective(), dtype, window, str(info.device), progress, kv_blocks=mem.kv_blocks
+    )
+    # the reorder for oneDNN holds two copies of the lm_head for a moment: not under a budget
     head = ModelHead(
         model_dir, cfg, torch_dtype(dtype), info.device, prepacked=memory_budget is None and window is None
     )
     name = Path(model).name if Path(str(model)).exists() else str(model)
-    return Engine(cfg, head, Tokenizer.from_dir(model_dir), LocalDriver(runner), name, limits)
+    say_memory("local", window, mem.kv_blocks, progress)
+    return Engine(
+        cfg,
+        head,
+        Tokenizer.from_dir(model_dir),
+        LocalDriver(runner),
+        name,
+        limits,
+        prefix_cache=prefix_cache,
+        max_context=max_context,
+    )
+
+
+def say_memory(who: str, window: int | None, kv_blocks: int, progress: bool = True) -> None:
+    if progress:
+        say(
+            f"{who}: weights {'resident' if window is None else f'streamed through a window of {window} layers'}, "
+            f"KV cache {kv_blocks} blocks ({kv_blocks * BLOCK_TOKENS} tokens)"
+        )
 
 
 @dataclass
@@ -160,7 +197,18 @@ def start_master(s: MasterSettings, nodes: int, grpc_port: int) -> RunningMaster
     cap = capacity_for(me, info, s.memory_budget, dtype, s.speed)
     # workers reach a gloo group's port at the address they dial the master by (empty host)
     gloo = f"tcp://:{_free_port()}" if s.collective == "gloo" else ""
-    spec = ClusterSpec(model_dir, cfg, model_digest(model_dir), dtype, s.wire, str(info.device), s.peer_timeout, gloo)
+    spec = ClusterSpec(
+        model_dir,
+        cfg,
+        model_digest(model_dir),
+        dtype,
+        s.wire,
+        str(info.device),
+        s.peer_timeout,
+        gloo,
+        max_context=s.max_context,
+        kv_blocks=s.kv_blocks,
+    )
     master = ClusterMaster(
         spec,
         cap,
@@ -175,5 +223,13 @@ def start_master(s: MasterSettings, nodes: int, grpc_port: int) -> RunningMaster
     port = master.start(f"{host}:{grpc_port}")
     say(f"master {cap.node_id}: workers join at {host}:{port} (waiting for {nodes - 1} more node(s))")
     head = ModelHead(model_dir, cfg, torch_dtype(dtype), info.device, prepacked=not s.memory_budget)
-    engine = Engine(cfg, head, Tokenizer.from_dir(model_dir), ClusterDriver(master.coordinator), Path(s.model).name)
+    engine = Engine(
+        cfg,
+        head,
+        Tokenizer.from_dir(model_dir),
+        ClusterDriver(master.coordinator),
+        Path(s.model).name,
+        prefix_cache=not s.no_prefix_cache,
+        max_context=s.max_context,
+    )
     return RunningMaster(master, engine, port, gpu)

@@ -35,7 +35,13 @@ def run(s: GenerateSettings) -> int:
     else:
         say(f"computing on {info.summary()}")
         engine = build_local_engine(
-            model_dir, dtype=default_dtype(info, s.dtype), memory_budget=s.memory_budget, device=str(info.device)
+            model_dir,
+            dtype=default_dtype(info, s.dtype),
+            memory_budget=s.memory_budget,
+            device=str(info.device),
+            kv_blocks=s.kv_blocks,
+            max_context=s.max_context,
+            prefix_cache=not s.no_prefix_cache,
         )
         close = engine.shutdown
     try:

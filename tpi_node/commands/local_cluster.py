@@ -41,7 +41,22 @@ def spawn_workers(address: str, n: int, base_id: str, extra: list[str] | None = 
     ]
 
 
-def stop_children(children: list[subprocess.Popen]) -> None:
+def worker_flags(s: MasterSettings) -> list[str]:
+    """The settings the master's local workers take from it: every node it starts gets the same
+    --memory-budget (and the cluster token)."""
+    flags = ["--memory-budget", str(s.memory_budget)] if s.memory_budget else []
+    return flags + (["--token", s.token] if s.token else [])
+
+
+def stop_children(children: list[subprocess.Popen], grace_s: float = 3.0) -> None:
+    """After the master stopped (its workers were told MASTER_STOPPING and exit by themselves):
+    SIGTERM whoever is still there after `grace_s`, SIGKILL after 5 s more."""
+    deadline = time.monotonic() + grace_s
+    for c in children:
+        try:
+            c.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
     for c in children:
         if c.poll() is None:
             c.send_signal(signal.SIGTERM)
@@ -72,7 +87,7 @@ class LocalCluster:
     def __init__(self, s: MasterSettings, nodes: int) -> None:
         share_cores_with_local_workers(nodes)
         self.running = start_master(s, nodes, 0)
-        self.children = spawn_workers(f"127.0.0.1:{self.running.port}", nodes - 1, "local")
+        self.children = spawn_workers(f"127.0.0.1:{self.running.port}", nodes - 1, "local", worker_flags(s))
         try:
             wait_ready(self.running, self.children)
         except BaseException:

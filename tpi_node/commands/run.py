@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from tpi_node.commands import Command
 from tpi_node.commands.compose import start_master
-from tpi_node.commands.local_cluster import share_cores_with_local_workers, spawn_workers, stop_children
+from tpi_node.commands.local_cluster import (
+    share_cores_with_local_workers,
+    spawn_workers,
+    stop_children,
+    worker_flags,
+)
 from tpi_node.commands.serve import serve_http
 from tpi_node.settings import DEFAULT_RUN_NODES, RunSettings
 
@@ -18,7 +23,7 @@ def run(s: RunSettings) -> int:
         f"{host}:{running.port}",
         nodes - 1,
         running.master.membership.master_id,
-        ["--token", s.token] if s.token else None,
+        worker_flags(s),
     )
     try:
         serve_http(s, running)

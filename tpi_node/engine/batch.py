@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpi_node.engine.limits import BLOCK_TOKENS
 from tpi_node.proto import tpi_pb2 as pb
 
 
@@ -20,14 +21,25 @@ class BatchLayout:
     seq_ids: tuple[int, ...]
     past_lens: tuple[int, ...]
     new_lens: tuple[int, ...]
+    # each sequence's block table: the KV cache blocks of its tokens, in position order
+    # (engine/kv_cache.py); the master's block pool fills them in (engine/blocks.py)
+    block_tables: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.seq_ids) == len(self.past_lens) == len(self.new_lens)):
             raise ValueError("batch layout lists differ in length")
+        if self.block_tables and len(self.block_tables) != len(self.seq_ids):
+            raise ValueError("batch layout has a block table count unlike its sequence count")
         if len(set(self.seq_ids)) != len(self.seq_ids):
             raise ValueError("a sequence appears twice in one step")
         if any(n < 1 for n in self.new_lens) or any(p < 0 for p in self.past_lens):
             raise ValueError("bad lengths in batch layout")
+
+    @classmethod
+    def one(cls, past: int, new: int, seq_id: int = 1) -> BatchLayout:
+        """One sequence whose tokens sit in KV blocks 0, 1, 2, ... (tools and tests that drive a
+        runner or a driver directly, outside the engine's block pool)."""
+        return cls((seq_id,), (past,), (new,), (tuple(range(-(-(past + new) // BLOCK_TOKENS))),))
 
     @property
     def num_tokens(self) -> int:
@@ -46,9 +58,21 @@ class BatchLayout:
         return rows
 
     def to_pb(self) -> pb.BatchLayout:
-        return pb.BatchLayout(seq_ids=self.seq_ids, past_lens=self.past_lens, new_lens=self.new_lens)
+        return pb.BatchLayout(
+            seq_ids=self.seq_ids,
+            past_lens=self.past_lens,
+            new_lens=self.new_lens,
+            block_ids=[b for t in self.block_tables for b in t],
+            table_lens=[len(t) for t in self.block_tables],
+        )
 
     @classmethod
     def from_pb(cls, msg: pb.BatchLayout) -> BatchLayout:
         """Validated like any layout (ValueError on a malformed one)."""
-        return cls(tuple(msg.seq_ids), tuple(msg.past_lens), tuple(msg.new_lens))
+        if sum(msg.table_lens) != len(msg.block_ids) or any(n < 0 for n in msg.table_lens):
+            raise ValueError("batch layout: block table lengths do not add up to its block ids")
+        ids, tables, at = list(msg.block_ids), [], 0
+        for n in msg.table_lens:
+            tables.append(tuple(ids[at : at + n]))
+            at += n
+        return cls(tuple(msg.seq_ids), tuple(msg.past_lens), tuple(msg.new_lens), tuple(tables))

@@ -61,6 +61,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
     finish_reason: str | None = None  # "stop" | "length" | None
+    cached_tokens: int | None = None  # first event only: prompt tokens taken from the prefix cache
 
 
 class EngineClient(Protocol):

@@ -245,6 +245,7 @@ def device_capacity(
         node_id=node_id,
         memory_bytes=mem,
         cores=cpu_cores(),
+        budgeted=memory_budget is not None,
         disk_bytes=psutil.disk_usage(os.path.expanduser("~")).free,
         speed=speed,
     )

@@ -2,7 +2,8 @@
 
 Every step batches the decode token of every running sequence and prefill chunks of new ones
 (bounded by `max_step_tokens`) into ONE forward of the cluster (`driver.step`), so a step costs
-two allreduces per layer whatever the batch. Sequences join and leave between steps.
+two allreduces per layer whatever the batch. Sequences join and leave between steps; the
+Scheduler (engine/scheduler.py) decides which, within the KV blocks every node holds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,8 +22,10 @@ import torch
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.client import ClusterNotReady, EngineError, ErrorKind, QueueFull, TokenEvent
 from tpi_node.engine.head import ModelHead
-from tpi_node.engine.limits import DEFAULT_LIMITS, EngineLimits
+from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
+from tpi_node.engine.scheduler import Scheduler, Work
 from tpi_node.engine.sequence import AsyncSink, Sequence
+from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
@@ -35,11 +38,26 @@ log = logging.getLogger("tpi_node.engine")
 class Driver(Protocol):
     """Runs one step over every node of the plan and returns the final-normed hidden states."""
 
-    def step(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor: ...
-    def free(self, seq_ids: list[int]) -> None: ...
+    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch: Hashable) -> torch.Tensor:
+        """KVStale (nothing computed) when the nodes' KV caches are not those of `kv_epoch`."""
+
+    def kv_blocks(self) -> int:
+        """Blocks of every node's paged KV cache (the same count on every node)."""
+
+    def kv_epoch(self) -> Hashable:
+        """Changes whenever a node's KV cache starts empty (a re-plan, a node back): what the
+        engine's block pool says is cached must then be forgotten."""
+
+    def free(self, seq_ids: list[int]) -> None:
+        """These sequences ended: they hold nothing on the nodes any more (idle bookkeeping)."""
+
     def ready(self) -> bool: ...
     def recover(self, error: BaseException) -> bool: ...
     def stats(self) -> dict: ...
+
+
+class KVStale(TpiError):
+    """A step was refused: a node's KV cache changed since the engine planned it."""
 
 
 @dataclass
@@ -51,6 +69,7 @@ class EngineCounters:
     finished: int = 0
     failed: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of them, found in the prefix cache
     completion_tokens: int = 0
     steps: int = 0
 
@@ -64,16 +83,19 @@ class Engine:
         driver: Driver,
         model_name: str,
         limits: EngineLimits | None = None,
+        *,
+        prefix_cache: bool = True,
+        max_context: int | None = None,
     ) -> None:
         self.cfg, self.head, self.tokenizer, self.driver = cfg, head, tokenizer, driver
         self.model_name = model_name
-        self.max_context = cfg.max_position
+        self.context_limit = min(cfg.max_position, max_context or cfg.max_position)  # --max-context
         self.limits = limits or DEFAULT_LIMITS
         self.counters = EngineCounters()
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._ids = itertools.count(1)
-        self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []
+        self._kv_epoch = driver.kv_epoch()
+        self.scheduler = Scheduler(self.limits, driver.kv_blocks(), prefix_cache)
         self._cancelled: set[int] = set()
         self._cv = threading.Condition()
         self._stop = False
@@ -81,6 +103,12 @@ class Engine:
         self._thread.start()
 
     # ---- front ------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """The longest sequence served: the model's context, --max-context, and what every
+        node's KV cache holds, whichever is least."""
+        return min(self.context_limit, self.driver.kv_blocks() * BLOCK_TOKENS)
+
     def ready(self) -> bool:
         return not self._stop and self.driver.ready()
 
@@ -91,7 +119,8 @@ class Engine:
             raise EngineError("the prompt is empty", ErrorKind.INVALID_PROMPT)
         if len(prompt_ids) >= self.max_context:
             raise EngineError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_context}",
+                f"the prompt has {len(prompt_ids)} tokens; the longest sequence served is {self.max_context} tokens "
+                "(the model's context, --max-context, or the KV cache --memory-budget leaves)",
                 ErrorKind.CONTEXT_LENGTH,
             )
         seq = Sequence(
@@ -107,9 +136,9 @@ class Engine:
             node_counters=snapshot(self.driver.stats()),
         )
         with self._cv:
-            if len(self._waiting) >= self.limits.max_queue:
+            if len(self.scheduler.waiting) >= self.limits.max_queue:
                 raise QueueFull()
-            self._waiting.append(seq)
+            self.scheduler.add(seq)
             self.counters.requests += 1
             self._cv.notify()
         return seq
@@ -156,7 +185,18 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            waiting, running = len(self._waiting), len(self._running)
+            sch = self.scheduler
+            pool, waiting, running, preemptions = sch.pool, len(sch.waiting), len(sch.running), sch.preemptions
+            kv = {
+                "blocks": pool.num_blocks,
+                "used": pool.used(),
+                "free": len(pool.free),
+                "cached": len(pool.cached),
+                "block_tokens": pool.capacity_tokens // max(1, pool.num_blocks),
+                "prefix_hit_rate": pool.stats.hit_rate,
+                "evictions": pool.stats.evictions,
+                "preemptions": preemptions,
+            }
         c = self.counters
         return {
             "waiting": waiting,
@@ -165,8 +205,10 @@ class Engine:
             "finished": c.finished,
             "failed": c.failed,
             "prompt_tokens": c.prompt_tokens,
+            "cached_prompt_tokens": c.cached_prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "steps": c.steps,
+            "kv": kv,
             "nodes": self.driver.stats(),
         }
 
@@ -178,64 +220,77 @@ class Engine:
 
     # ---- step thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        sch = self.scheduler
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running and not self._cancelled:
+                while not self._stop and not sch.waiting and not sch.running and not self._cancelled:
                     self._cv.wait()
                 if self._stop:
                     self._fail_all(EngineError("the server is shutting down", ErrorKind.SHUTDOWN))
                     return
                 self._reap_cancelled()
-                while self._waiting and len(self._running) < self.limits.max_running:
-                    self._running.append(self._waiting.pop(0))
-                batch = list(self._running)
-            if batch:
-                self._step(batch)
+                self._follow_kv_epoch()
+                epoch = self._kv_epoch
+                work = self.scheduler.schedule()
+                layout = BatchLayout(
+                    tuple(s.seq_id for s, _ in work),
+                    tuple(s.cached for s, _ in work),
+                    tuple(len(c) for _, c in work),
+                    self.scheduler.tables(work),
+                )
+            if work:
+                self._step(work, layout, epoch)
+            elif sch.waiting and not sch.running:  # the head of the queue can never be admitted
+                with self._cv:
+                    self._fail_too_long()
+
+    def _follow_kv_epoch(self) -> None:
+        """Caller holds _cv. A node's KV cache started empty: forget the pool and replay."""
+        epoch = self.driver.kv_epoch()
+        if epoch != self._kv_epoch:
+            self._kv_epoch = epoch
+            self.scheduler.reset(self.driver.kv_blocks())
+            self._fail_too_long()
+
+    def _fail_too_long(self) -> None:
+        """Caller holds _cv. Sequences longer than the KV cache now holds (after a re-plan to fewer
+        or smaller nodes) can never run: fail them, each with the limit."""
+        cap = self.scheduler.pool.capacity_tokens
+        for s in [s for s in self.scheduler.waiting if len(s.tokens) > cap]:
+            self.scheduler.remove(s)
+            s.sink.put(
+                EngineError(
+                    f"the sequence has {len(s.tokens)} tokens; the cluster's KV cache now holds {cap}",
+                    ErrorKind.CONTEXT_LENGTH,
+                )
+            )
+            self.counters.failed += 1
 
     def _reap_cancelled(self) -> None:
-        gone = [s for s in self._running + self._waiting if s.seq_id in self._cancelled]
+        """Caller holds _cv."""
+        sch = self.scheduler
+        gone = [s for s in list(sch.running) + list(sch.waiting) if s.seq_id in self._cancelled]
         self._cancelled.clear()
         for s in gone:
             s.cancelled = True
-            if s in self._running:
-                self._running.remove(s)
-            else:
-                self._waiting.remove(s)
-        if any(s.cached for s in gone):
-            self._free([s.seq_id for s in gone if s.cached])
+            sch.remove(s)
+        if gone:
+            self.driver.free([s.seq_id for s in gone])
 
-    def _free(self, ids: list[int]) -> None:
-        try:
-            self.driver.free(ids)
-        except Exception as e:  # a node that is gone has nothing left to free
-            log.warning("freeing sequences %s failed: %s", ids, e)
-
-    def _plan_step(self, batch: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Decode tokens first (latency), then prefill chunks within the step's token budget."""
-        budget, work = self.limits.max_step_tokens, []
-        for s in sorted(batch, key=lambda s: len(s.tokens) - s.cached > 1):
-            if budget <= 0:
-                break
-            chunk = s.next_chunk(min(budget, self.limits.prefill_chunk))
-            work.append((s, chunk))
-            budget -= len(chunk)
-        return work
-
-    def _step(self, batch: list[Sequence]) -> None:
-        work = self._plan_step(batch)
-        layout = BatchLayout(
-            tuple(s.seq_id for s, _ in work), tuple(s.cached for s, _ in work), tuple(len(c) for _, c in work)
-        )
+    def _step(self, work: Work, layout: BatchLayout, epoch) -> None:
         try:
             x = self.head.embed([t for _, c in work for t in c])
-            hidden = self.driver.step(layout, x)
+            hidden = self.driver.step(layout, x, epoch)
+        except KVStale:
+            return  # the next round follows the new epoch and replays
         except Exception as e:
             self._on_step_error(e)
             return
         self.counters.steps += 1
+        with self._cv:
+            self.scheduler.computed(work)
         rows, sampled = layout.last_rows(), []
-        for (s, chunk), row in zip(work, rows):
-            s.cached += len(chunk)
+        for (s, _), row in zip(work, rows):
             if s.cached == len(s.tokens):  # the sequence's last known token went through
                 sampled.append((s, row))
         if sampled:
@@ -246,9 +301,11 @@ class Engine:
     def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
         res = s.sampler(logits, s.generated)
         now = time.monotonic()
-        if s.t_first is None:
+        first = s.t_first is None
+        if first:
             s.t_first = now
             self.counters.prompt_tokens += s.num_prompt
+            self.counters.cached_prompt_tokens += s.cached_prompt or 0
         s.tokens.append(res.token_id)
         self.counters.completion_tokens += 1
         p, finish, text = s.params, None, ""
@@ -264,7 +321,16 @@ class Engine:
                 text += tail + s.stopper.flush()
         if finish:  # free its KV cache on every node first: a client that saw the end finds it gone
             self._finish(s)
-        s.emit(TokenEvent(res.token_id, text, res.logprob, res.top_logprobs, finish))
+        s.emit(
+            TokenEvent(
+                res.token_id,
+                text,
+                res.logprob,
+                res.top_logprobs,
+                finish,
+                cached_tokens=(s.cached_prompt or 0) if first else None,
+            )
+        )
 
     def _finish(self, s: Sequence) -> None:
         s.finished = True
@@ -272,9 +338,8 @@ class Engine:
         n = len(s.generated)
         self.counters.finished += 1
         with self._cv:
-            if s in self._running:
-                self._running.remove(s)
-        self._free([s.seq_id])
+            self.scheduler.remove(s)
+        self.driver.free([s.seq_id])
         log.info(
             "request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)",
             s.request_id or s.seq_id,
@@ -296,25 +361,24 @@ class Engine:
             log.error("recovery failed: %s", e2)
             recovered = False
         with self._cv:
-            if recovered:
-                for s in self._running:
-                    s.cached = 0  # replay prompt + generated; sampling resumes after the last
+            if recovered:  # new caches on every node: replay prompt + generated, sampling resumes
+                self._kv_epoch = self.driver.kv_epoch()
+                self.scheduler.reset(self.driver.kv_blocks())
+                self._fail_too_long()
                 return
             err = (
                 e
                 if isinstance(e, EngineError)
                 else EngineError(f"the cluster failed during generation: {e}", ErrorKind.CLUSTER_FAILED)
             )
-            for s in self._running:
+            failed = list(self.scheduler.running)
+            for s in failed:
                 s.sink.put(err)
                 self.counters.failed += 1
-            ids = [s.seq_id for s in self._running if s.cached]
-            self._running.clear()
-        if ids:
-            self._free(ids)
+                self.scheduler.remove(s)
+        self.driver.free([s.seq_id for s in failed])
 
     def _fail_all(self, err: EngineError) -> None:
-        for s in self._running + self._waiting:
+        for s in list(self.scheduler.running) + list(self.scheduler.waiting):
             s.sink.put(err)
-        self._running.clear()
-        self._waiting.clear()
+            self.scheduler.remove(s)

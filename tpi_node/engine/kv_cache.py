@@ -1,129 +1,124 @@
-"""KV cache of the heads a node holds.
+"""The paged KV cache of the heads a node holds.
 
-Every sequence owns a slot; per layer, keys and values live in one tensor [slots, n_kv, cap, hd]
-(grown by doubling, slots reused after a sequence ends). One tensor per layer lets a decode step
-attend for all its sequences in ONE kernel call (a length mask hides each slot's unused tail)
-instead of one call per sequence.
+Per layer, keys and values live in two pools [num_blocks * BLOCK_TOKENS, n_kv, hd], allocated once
+(their size is the memory budget's, engine/budget.py): no rectangle of slots, no doubling copy.
+Which blocks hold a sequence's tokens is decided by the master (engine/blocks.py) and comes with
+every step as the sequence's block table; token p of a sequence sits at slot
+table[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS. A node keeps no per-sequence state.
+
+    kv.begin(layout)                  # once per step: slots of the new tokens, gather indices
+    cache = kv.layer(i)               # what attention_partial sees
+    cache.store(k, v)                 # the step's new keys/values, all sequences at once
+    ks, vs, mask = cache.decode_kv()  # every one-token sequence of the step: [B, n_kv, L, hd]
+    ks, vs = cache.sequence_kv(j)     # a prefill chunk's sequence: [n_kv, past + n, hd]
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.limits import BLOCK_TOKENS
 
 
-class KVCache:
-    def __init__(self, num_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype, device="cpu") -> None:
-        self.num_layers, self.n_kv, self.head_dim = num_layers, n_kv, head_dim
+@dataclass
+class StepIndex:
+    """Where one step's tokens go and what each sequence attends to (the same for every layer)."""
+
+    slots: torch.Tensor  # [T] pool slot of every new token
+    decode: list[int]  # indices (in the layout) of the one-token sequences
+    decode_slots: torch.Tensor | None  # [B, L] slots of each decode sequence's tokens (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a slot holds a real token
+    seq_slots: dict[int, torch.Tensor]  # layout index -> [past + n] slots of a prefill sequence
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, num_blocks: int) -> None:
+        self.num_layers, self.n_kv, self.head_dim, self.num_blocks = num_layers, n_kv, head_dim, num_blocks
         self.dtype, self.device = dtype, torch.device(device)
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.slots = 0  # slot capacity of the tensors
-        self.cap = 0  # token capacity per slot
-        self.slot_of: dict[int, int] = {}
-        self.lens: dict[int, int] = {}
-        self._free_slots: list[int] = []
-        self._decode_key: tuple | None = None  # the step decode_index was built for
-        self._decode_index = None
+        # One slot past the blocks stays zero: the padding of a decode batch's shorter sequences
+        # reads it (masked out; a never-written slot could hold NaN, and 0 x NaN is NaN).
+        self.null_slot = num_blocks * BLOCK_TOKENS
+        shape = (self.null_slot + 1, n_kv, head_dim)
+        # torch.empty: a CPU page is taken only when a block is first written (the budget counts all)
+        self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        for t in self.k + self.v:
+            t[self.null_slot].zero_()
+        self.index: StepIndex | None = None
 
-    def length(self, seq_id: int) -> int:
-        return self.lens.get(seq_id, 0)
+    def nbytes(self) -> int:
+        """Bytes of the pools (what the budget reserved for this node's KV)."""
+        return 2 * self.num_layers * self.num_blocks * BLOCK_TOKENS * self.n_kv * self.head_dim * self.dtype.itemsize
 
-    def reserve(self, layout: BatchLayout) -> None:
-        """Make room for a step: a slot for every new sequence, capacity for the longest one."""
-        self._decode_key = None  # slots may move between steps (a replayed sequence)
-        for seq in layout.seq_ids:
-            if seq not in self.slot_of:
-                self.slot_of[seq] = self._free_slots.pop() if self._free_slots else len(self.slot_of)
-                self.lens[seq] = 0
-        need_slots = max(self.slot_of.values()) + 1
-        need_cap = max(p + n for p, n in zip(layout.past_lens, layout.new_lens))
-        if need_slots > self.slots or need_cap > self.cap:
-            self._grow(
-                max(need_slots, self.slots, 2 * self.slots if need_slots > self.slots else 0),
-                max(self.cap, 64, 2 * self.cap if need_cap > self.cap else 0, need_cap),
-            )
-
-    def _grow(self, slots: int, cap: int) -> None:
-        for i in range(self.num_layers):
-            for store in (self.k, self.v):
-                old = store[i]
-                if old is None:
-                    continue
-                new = torch.zeros(slots, self.n_kv, cap, self.head_dim, dtype=self.dtype, device=self.device)
-                new[: old.shape[0], :, : old.shape[2]] = old
-                store[i] = new
-        self.slots, self.cap = slots, cap
-
-    def _layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[i] is None:
-            shape = (self.slots, self.n_kv, self.cap, self.head_dim)
-            self.k[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return self.k[i], self.v[i]
-
-    def decode_index(self, seq_ids, pasts: list[int]):
-        """(slots [B], positions [B], mask [B, 1, 1, L]) of a decode step; the same for every
-        layer of the step, so built once per step rather than once per layer."""
-        key = (tuple(seq_ids), tuple(pasts))
-        if self._decode_key != key:
-            slots = torch.tensor([self.slot_of[s] for s in seq_ids], device=self.device)
-            pos = torch.tensor(pasts, device=self.device)
-            mask = torch.arange(max(pasts) + 1, device=self.device)[None, :] <= pos[:, None]  # [B, L]
-            self._decode_key, self._decode_index = key, (slots, pos, mask[:, None, None, :])
-        return self._decode_index
-
-    def commit(self, layout: BatchLayout) -> None:
-        """After a step went through every layer: the new tokens are cached."""
-        for seq, p, n in zip(layout.seq_ids, layout.past_lens, layout.new_lens):
-            self.lens[seq] = p + n
+    def begin(self, layout: BatchLayout) -> None:
+        """Index the step's block tables once; ValueError when a table does not cover its tokens."""
+        dev, tables = self.device, layout.block_tables
+        if len(tables) != len(layout.seq_ids):
+            raise ValueError(f"the step has {len(tables)} block tables for {len(layout.seq_ids)} sequences")
+        for seq, table, past, n in zip(layout.seq_ids, tables, layout.past_lens, layout.new_lens):
+            if len(table) * BLOCK_TOKENS < past + n:
+                raise ValueError(
+                    f"sequence {seq}: its block table holds {len(table) * BLOCK_TOKENS} tokens, "
+                    f"the step needs {past + n}"
+                )
+            if table and (min(table) < 0 or max(table) >= self.num_blocks):
+                raise ValueError(f"sequence {seq}: block ids outside 0..{self.num_blocks - 1}")
+        width = max(len(t) for t in tables)
+        table = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], device=dev)  # [S, width]
+        # the new tokens: sequence s's positions past_s .. past_s + n_s - 1, all sequences at once
+        owner = torch.repeat_interleave(
+            torch.arange(len(tables), device=dev), torch.tensor(layout.new_lens, device=dev)
+        )  # [T]
+        pos = layout.positions().to(dev)
+        slots = _slot(table[owner, pos // BLOCK_TOKENS], pos)
+        decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
+        decode_slots = decode_mask = None
+        if decode:
+            lens = torch.tensor([layout.past_lens[j] + 1 for j in decode], device=dev)  # [B]
+            at = torch.arange(int(lens.max()), device=dev)  # [L]
+            real = at[None, :] < lens[:, None]  # [B, L]
+            # [B, L]; past a sequence's end the padding reads the zero slot (and is masked out)
+            decode_slots = torch.where(real, _slot(table[decode][:, at // BLOCK_TOKENS], at), self.null_slot)
+            decode_mask = real[:, None, None, :]
+        seq_slots = {}
+        for j, (p, n) in enumerate(zip(layout.past_lens, layout.new_lens)):
+            if n > 1:
+                at = torch.arange(p + n, device=dev)
+                seq_slots[j] = _slot(table[j, at // BLOCK_TOKENS], at)
+        self.index = StepIndex(slots, decode, decode_slots, decode_mask, seq_slots)
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self, i)
 
-    def free(self, seq_ids) -> None:
-        for s in seq_ids:
-            slot = self.slot_of.pop(s, None)
-            self.lens.pop(s, None)
-            if slot is not None:
-                self._free_slots.append(slot)
 
-    def nbytes(self) -> int:
-        """Bytes holding cached tokens of live sequences."""
-        per_token = 2 * self.num_layers * self.n_kv * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
-        return sum(self.lens.values()) * per_token
-
-    def reserved_bytes(self) -> int:
-        """Bytes allocated (slots are reused after a sequence ends, so this only grows)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+def _slot(blocks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Pool slot of each position: `blocks` holds the block id of every position's block (same shape)."""
+    return blocks * BLOCK_TOKENS + pos % BLOCK_TOKENS
 
 
 class LayerKV:
-    """What attention_partial sees of the cache: one layer."""
+    """What attention_partial sees of the cache: one layer, indexed for the current step."""
 
-    __slots__ = ("cache", "i")
+    __slots__ = ("k", "v", "index")
 
-    def __init__(self, cache: KVCache, i: int) -> None:
-        self.cache, self.i = cache, i
+    def __init__(self, cache: PagedKVCache, i: int) -> None:
+        self.k, self.v, self.index = cache.k[i], cache.v[i], cache.index
 
-    def extend(self, seq_id: int, past: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [n, n_kv, hd] of one sequence -> all its keys/values [n_kv, past+n, hd] (views)."""
-        K, V = self.cache._layer(self.i)
-        s, n = self.cache.slot_of[seq_id], k.shape[0]
-        K[s, :, past : past + n] = k.transpose(0, 1)
-        V[s, :, past : past + n] = v.transpose(0, 1)
-        return K[s, :, : past + n], V[s, :, : past + n]
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, n_kv, hd] of every new token of the step."""
+        self.k[self.index.slots] = k
+        self.v[self.index.slots] = v
 
-    def extend_decode(self, seq_ids, pasts: list[int], k: torch.Tensor, v: torch.Tensor):
-        """One new token for each of B sequences. k, v: [B, n_kv, hd].
+    def decode_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys/values [B, n_kv, L, hd] of the decode sequences (L = the longest), and the mask
+        [B, 1, 1, L]. One gather for the whole batch, so attention is one call."""
+        idx = self.index.decode_slots
+        return self.k[idx].transpose(1, 2), self.v[idx].transpose(1, 2), self.index.decode_mask
 
-        Returns keys/values [B, n_kv, L, hd] (L = the longest length) and a mask [B, 1, 1, L]
-        that is True where a slot holds a real token of its sequence.
-        """
-        K, V = self.cache._layer(self.i)
-        slots, pos, mask = self.cache.decode_index(seq_ids, pasts)
-        K[slots, :, pos] = k
-        V[slots, :, pos] = v
-        L = mask.shape[-1]
-        return K[slots, :, :L], V[slots, :, :L], mask
+    def sequence_kv(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys/values [n_kv, past + n, hd] of the prefill sequence at layout index j."""
+        idx = self.index.seq_slots[j]
+        return self.k[idx].transpose(0, 1), self.v[idx].transpose(0, 1)

@@ -15,3 +15,6 @@ class EngineLimits:
 
 
 DEFAULT_LIMITS = EngineLimits()
+
+# Tokens per block of the paged KV cache (engine/kv_cache.py, engine/blocks.py).
+BLOCK_TOKENS = 16

@@ -13,12 +13,18 @@ class LocalDriver:
         self.runner = runner
         self.step_id = 0
 
-    def step(self, layout: BatchLayout, x: torch.Tensor) -> torch.Tensor:
+    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch=0) -> torch.Tensor:
         self.step_id += 1
         return self.runner.forward(layout, x, self.step_id)
 
+    def kv_blocks(self) -> int:
+        return self.runner.kv.num_blocks
+
+    def kv_epoch(self) -> int:
+        return 0  # one node, one cache, for as long as it runs
+
     def free(self, seq_ids) -> None:
-        self.runner.free(seq_ids)
+        pass  # the engine's block pool holds everything a sequence had
 
     def ready(self) -> bool:
         return True

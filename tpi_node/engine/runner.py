@@ -12,8 +12,7 @@ import torch
 from tpi_node.comm.collective import Collective
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
-from tpi_node.engine.kv_cache import KVCache
-from tpi_node.errors import TpiError
+from tpi_node.engine.kv_cache import PagedKVCache
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
 from tpi_node.weights.plan import NodeShare, PartitionPlan
@@ -49,10 +48,6 @@ class StepStats:
 PARALLEL_MIN_TOKENS = 32  # steps with fewer tokens compute on one thread (see _threads_for)
 
 
-class KVOutOfSync(TpiError):
-    """A step's layout disagrees with what this node has cached (the nodes went out of step)."""
-
-
 class NodeRunner:
     def __init__(
         self,
@@ -62,10 +57,14 @@ class NodeRunner:
         coll: Collective,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        kv_blocks: int = 0,
     ) -> None:
         self.cfg, self.store, self.share, self.coll = cfg, store, share, coll
         self.dtype, self.device = dtype, torch.device(device)
-        self.kv = KVCache(cfg.num_layers, share.n_kv, cfg.head_dim, dtype, self.device)
+        # the paged KV cache of this node's heads; an FFN-only node holds none
+        self.kv = PagedKVCache(
+            cfg.num_layers, share.n_kv, cfg.head_dim, dtype, self.device, kv_blocks if share.n_kv else 0
+        )
         self.rope = Rope(cfg, self.device)
         self.stats = StepStats()
         self.max_threads = torch.get_num_threads()
@@ -78,25 +77,14 @@ class NodeRunner:
         if self.device.type == "cpu" and torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
-    def _check_layout(self, layout: BatchLayout) -> None:
-        if self.share.n_kv == 0:  # an FFN-only node keeps no cache to check
-            return
-        for seq, past in zip(layout.seq_ids, layout.past_lens):
-            have = self.kv.length(seq)
-            if past == 0 and have:
-                self.kv.free([seq])  # a sequence restarted (e.g. replayed after a fault)
-            elif have != past:
-                raise KVOutOfSync(f"sequence {seq}: step says {past} cached tokens, this node has {have}")
-
     @torch.inference_mode()
     def forward(self, layout: BatchLayout, x: torch.Tensor, step_id: int = 0) -> torch.Tensor:
         """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states.
         `step_id` tags the step's collectives (every node of the step passes the same one)."""
-        self._check_layout(layout)
         self.coll.begin_step(step_id)
         self._threads_for(layout.num_tokens)
         if self.share.n_kv:
-            self.kv.reserve(layout)
+            self.kv.begin(layout)  # ValueError when the block tables do not cover the step
         t0, comm0, stall0 = time.perf_counter(), self.coll.stats.seconds, self.store.stats.stall_s
         cfg, norms, eps = self.cfg, self.store.norms, self.cfg.rms_eps
         x = x.to(self.device, self.dtype)
@@ -108,7 +96,6 @@ class NodeRunner:
                 x, h = self.coll.allreduce_add_norm(a, x, norms.post[i], eps)
                 nxt = norms.input[i + 1] if i + 1 < cfg.num_layers else norms.final
                 x, h = self.coll.allreduce_add_norm(mlp_partial(h, w), x, nxt, eps)
-        self.kv.commit(layout)
         s = self.stats
         s.steps, s.tokens = s.steps + 1, s.tokens + layout.num_tokens
         s.wall_s += time.perf_counter() - t0
@@ -116,19 +103,9 @@ class NodeRunner:
         s.stall_s += self.store.stats.stall_s - stall0
         return h
 
-    def free(self, seq_ids) -> None:
-        self.kv.free(seq_ids)
-
     def node_stats(self) -> dict:
-        """This node's counters for Driver.stats(): steps, weights streamed, KV cache, memory."""
-        kv = self.kv
-        return {
-            **self.stats.as_dict(),
-            **self.store.stats.as_dict(),
-            "kv_bytes": kv.nbytes(),
-            "kv_reserved_bytes": kv.reserved_bytes(),
-            "kv_sequences": len(kv.lens),
-        }
+        """This node's counters for Driver.stats(): steps, weights streamed, KV pool, memory."""
+        return {**self.stats.as_dict(), **self.store.stats.as_dict(), "kv_pool_bytes": self.kv.nbytes()}
 
     def close(self) -> None:
         self.store.close()
@@ -145,9 +122,11 @@ def open_runner(
     window: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    kv_blocks: int = 0,
 ) -> NodeRunner:
-    """Make sure rank's slices are in the shard cache (slicing the checkpoint if not) and open them."""
+    """Make sure rank's slices are in the shard cache (slicing the checkpoint if not) and open
+    them, with a paged KV cache of `kv_blocks` blocks."""
     out = shard_dir(plan.model_digest, plan, rank, dtype)
     write_node_shards(model_dir, cfg, plan, rank, out, dtype, progress)
     store = ShardStore(out, cfg, plan.share_of(rank), window=window, device=device)
-    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device)
+    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device, kv_blocks)

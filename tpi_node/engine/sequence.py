@@ -38,6 +38,7 @@ class Sequence:
     stopper: StopMatcher
     sink: AsyncSink
     cached: int = 0  # tokens already in every node's KV cache
+    cached_prompt: int | None = None  # prompt tokens the prefix cache held at first admission
     finished: bool = False
     cancelled: bool = False
     t_arrive: float = field(default_factory=time.monotonic)

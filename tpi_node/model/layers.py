@@ -123,8 +123,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int) -> torch.Tensor:
     """h: [T, H] normed hidden states of every token in the step -> partial [T, H].
 
-    `cache` (engine/kv_cache.py LayerKV) stores this layer's new keys/values and hands back what
-    each sequence attends to. `rope_cs` = (cos, sin) [T, hd].
+    `cache` (engine/kv_cache.py LayerKV, indexed for this step) stores this layer's new keys and
+    values and hands back what each sequence attends to. `rope_cs` = (cos, sin) [T, hd].
     Each sequence attends only to its own cache; prompts arrive in bounded chunks (the engine's
     prefill chunk), so no prompt-length-squared matrix is ever built.
     """
@@ -138,6 +138,7 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     v = qkv[:, nq + nkv :].view(T, w.n_kv, head_dim)
     cos, sin = rope_cs
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cache.store(k, v)  # every new token of every sequence, one write
 
     g = w.n_q // w.n_kv  # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
@@ -149,9 +150,7 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
         # every one-token sequence in ONE call: the g query heads of a KV head become g rows
         # against that head's keys (no GQA expansion); the mask hides each slot's unused tail
         rows = torch.tensor([starts[j] for j in decode], device=h.device)
-        ks, vs, mask = cache.extend_decode(
-            [layout.seq_ids[j] for j in decode], [layout.past_lens[j] for j in decode], k[rows], v[rows]
-        )
+        ks, vs, mask = cache.decode_kv()  # [B, nkv, L, hd], [B, 1, 1, L]
         qs = q[rows].view(len(decode), w.n_kv, g, head_dim)  # [B, nkv, g, hd]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # [B, nkv, g, hd]
         out[rows] = o.reshape(len(decode), w.n_q, head_dim)
@@ -159,7 +158,7 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
         if n == 1:
             continue
         start, past = starts[j], layout.past_lens[j]
-        ks, vs = cache.extend(layout.seq_ids[j], past, k[start : start + n], v[start : start + n])  # [nkv, past+n, hd]
+        ks, vs = cache.sequence_kv(j)  # [nkv, past+n, hd]
         qs = q[start : start + n].transpose(0, 1)[None]  # [1, nq, n, hd]
         if g > 1:
             ks, vs = ks.repeat_interleave(g, dim=0), vs.repeat_interleave(g, dim=0)

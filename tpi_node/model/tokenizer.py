@@ -272,14 +272,27 @@ class StopMatcher:
         text = self._held + delta
         hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
-            at, self.matched = min(hits, key=lambda h: h[0])
-            self._held, self.stopped = "", True
-            return text[:at], True
+            at, matched = min(hits, key=lambda h: h[0])
+            # a longer stop string may still begin before `at` (its end not generated yet): wait
+            pending = self._partial_start(text, at)
+            if pending is None:
+                self.matched, self._held, self.stopped = matched, "", True
+                return text[:at], True
+            self._held = text[pending:]
+            return text[:pending], False
         keep = self._hold_len(text)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 
+    def _partial_start(self, text: str, before: int) -> int | None:
+        """The first j < before where text[j:] is a proper prefix of a stop string, if any."""
+        for j in range(before):
+            if any(len(s) > len(text) - j and s.startswith(text[j:]) for s in self.stops):
+                return j
+        return None
+
     def flush(self) -> str:
-        """The sequence ended without a stop: release the held-back tail."""
+        """The sequence ended: release the held-back tail, up to a stop string it holds."""
         text, self._held = ("" if self.stopped else self._held), ""
-        return text
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        return text[: min(hits)] if hits else text

@@ -52,6 +52,11 @@ class ChoiceStream:
         metrics.sequence_started()  # admitted: counts against the queue bound until close()
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine took from the prefix cache (told with the first token)."""
+        return (self.events[0].cached_tokens or 0) if self.events else 0
+
+    @property
     def text(self) -> str:
         return "".join(e.text for e in self.events)
 

@@ -12,7 +12,8 @@ only the engine knows comes from a stats callback read at scrape time, shaped li
       },
     }
 
-Any key may be missing; a callback that raises is logged and skipped (the scrape still works).
+plus "kv" (blocks used / free / cached, prefix hit rate, preemptions, evictions) and
+"cached_prompt_tokens". Any key may be missing; a callback that raises is logged and skipped (the scrape still works).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class _EngineStatsCollector(Collector):
             yield GaugeMetricFamily(
                 "tpi_running_sequences", "sequences in the running batch", value=float(s["running"])
             )
+        yield from _kv_metrics(s.get("kv"), s.get("cached_prompt_tokens"))
         nodes = s.get("nodes") or {}
         for key, name in _NODE_TIMES:
             fam = CounterMetricFamily(f"tpi_node_{name}_seconds", f"seconds each node spent in {name}", labels=["node"])
@@ -60,6 +62,35 @@ class _EngineStatsCollector(Collector):
                 if key in times:
                     fam.add_metric([str(node_id)], float(times[key]))
             yield fam
+
+
+def _kv_metrics(kv: dict | None, cached_prompt_tokens: int | None) -> Iterable:
+    """The paged KV cache (engine/blocks.py): blocks by state, prefix cache hits, preemptions."""
+    if not kv:
+        return
+    blocks = GaugeMetricFamily("tpi_kv_blocks", "KV cache blocks on every node, by state", labels=["state"])
+    in_use = kv["used"]
+    for state, n in (("used", in_use), ("free", kv["free"]), ("cached", kv["cached"])):
+        blocks.add_metric([state], float(n))
+    yield blocks
+    yield GaugeMetricFamily("tpi_kv_block_tokens", "tokens per KV cache block", value=float(kv["block_tokens"]))
+    yield GaugeMetricFamily(
+        "tpi_prefix_cache_hit_rate",
+        "prompt tokens found in the prefix cache / prompt tokens",
+        value=float(kv["prefix_hit_rate"]),
+    )
+    yield CounterMetricFamily(
+        "tpi_kv_preemptions",
+        "sequences preempted (freed, recomputed later) for KV blocks",
+        value=float(kv["preemptions"]),
+    )
+    yield CounterMetricFamily(
+        "tpi_kv_evictions", "cached KV blocks reused for other tokens", value=float(kv["evictions"])
+    )
+    if cached_prompt_tokens is not None:
+        yield CounterMetricFamily(
+            "tpi_prompt_tokens_cached", "prompt tokens taken from the prefix cache", value=float(cached_prompt_tokens)
+        )
 
 
 class ServerMetrics:

@@ -176,7 +176,7 @@ class OpenAIServing:
             )
             for s in seqs
         ]
-        use = R.usage(len(prompt), sum(len(s.events) for s in seqs))
+        use = _usage(len(prompt), seqs, req.n or 1)
         return JSONResponse(R.chat_response(rid, self.model_name, created, choices, use))
 
     def _chat_stream(
@@ -190,6 +190,7 @@ class OpenAIServing:
             ),
             end=lambda s: R.chat_delta(s.index, {}, finish_reason=s.finish_reason),
             every_token=k is not None,
+            choices_per_prompt=len(seqs),
         )
         return _sse_stream(_chunks(shape, seqs, prompt_len if include_usage else None), seqs)
 
@@ -218,7 +219,7 @@ class OpenAIServing:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 self._completion_stream(
-                    seqs, rid, created, prompt_tokens, req.logprobs, usage, [echoes[s.index // n] for s in seqs]
+                    seqs, rid, created, prompt_tokens, req.logprobs, usage, [echoes[s.index // n] for s in seqs], n
                 ),
                 media_type="text/event-stream",
                 headers=_SSE_HEADERS,
@@ -228,7 +229,7 @@ class OpenAIServing:
             echo = echoes[s.index // n]
             lp = R.completion_logprobs(self.enc, s.events, len(echo)) if req.logprobs is not None else None
             choices.append(R.completion_choice(s.index, echo + s.text, s.finish_reason, lp))
-        use = R.usage(prompt_tokens, sum(len(s.events) for s in seqs))
+        use = _usage(prompt_tokens, seqs, n)
         return JSONResponse(R.completion_response(rid, self.model_name, created, choices, use))
 
     def _completion_stream(
@@ -240,6 +241,7 @@ class OpenAIServing:
         k: int | None,
         include_usage: bool,
         echoes: list[str],
+        n: int,
     ) -> AsyncIterator[str]:
         offsets = {s.index: len(e) for s, e in zip(seqs, echoes)}  # text_offset of the next token
         echo_of = {s.index: e for s, e in zip(seqs, echoes)}
@@ -255,6 +257,7 @@ class OpenAIServing:
             delta=delta,
             end=lambda s: R.completion_choice(s.index, "", s.finish_reason, None),
             every_token=k is not None,
+            choices_per_prompt=n,
         )
         return _sse_stream(_chunks(shape, seqs, prompt_tokens if include_usage else None), seqs)
 
@@ -268,6 +271,14 @@ class _StreamShape:
     delta: Callable[[ChoiceStream, TokenEvent], dict]  # a choice's chunk for one token
     end: Callable[[ChoiceStream], dict]  # a choice's last chunk (finish_reason)
     every_token: bool  # a chunk even for a token with no text yet (logprobs asked)
+    choices_per_prompt: int  # n
+
+
+def _usage(prompt_tokens: int, seqs: list[ChoiceStream], n: int) -> dict:
+    """Usage of a request: every choice's tokens; the prompt's cached tokens as the first choice
+    of each prompt found them (its other choices share the prompt, counted once)."""
+    cached = sum(s.cached_tokens for s in seqs if s.index % n == 0)
+    return R.usage(prompt_tokens, sum(len(s.events) for s in seqs), cached)
 
 
 async def _chunks(shape: _StreamShape, seqs: list[ChoiceStream], usage_prompt: int | None) -> AsyncIterator[str]:
@@ -283,7 +294,7 @@ async def _chunks(shape: _StreamShape, seqs: list[ChoiceStream], usage_prompt: i
             yield R.sse(shape.chunk([shape.delta(seq, ev)]))
     if usage_prompt is not None:
         last = shape.chunk([])
-        last["usage"] = R.usage(usage_prompt, sum(len(s.events) for s in seqs))
+        last["usage"] = _usage(usage_prompt, seqs, shape.choices_per_prompt)
         yield R.sse(last)
 
 

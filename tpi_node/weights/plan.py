@@ -32,9 +32,12 @@ class NodeCapacity:
     cores: int = 1
     disk_bytes: int = 0
     speed: float | None = None  # measured, relative (higher = faster); None when unknown
+    budgeted: bool = False  # memory_bytes is a --memory-budget (else: the memory free at start)
 
     def to_pb(self) -> pb.Capacity:
-        msg = pb.Capacity(memory_bytes=self.memory_bytes, cores=self.cores, disk_bytes=self.disk_bytes)
+        msg = pb.Capacity(
+            memory_bytes=self.memory_bytes, cores=self.cores, disk_bytes=self.disk_bytes, budgeted=self.budgeted
+        )
         if self.speed is not None:
             msg.speed = self.speed
         return msg
@@ -42,7 +45,7 @@ class NodeCapacity:
     @classmethod
     def from_pb(cls, node_id: str, msg: pb.Capacity) -> NodeCapacity:
         speed = msg.speed if msg.HasField("speed") else None
-        return cls(node_id, int(msg.memory_bytes), max(1, int(msg.cores)), int(msg.disk_bytes), speed)
+        return cls(node_id, int(msg.memory_bytes), max(1, int(msg.cores)), int(msg.disk_bytes), speed, msg.budgeted)
 
 
 @dataclass(frozen=True)
