@@ -269,3 +269,31 @@ def test_a_stopping_master_tells_its_workers_and_they_exit_0(tiny_model_dir, hom
         assert workers[0].wait(timeout=20) == 0
     log = (home / "w1.log").read_text()
     assert "the master ended the session: the test is over" in log and "Traceback" not in log
+
+
+def test_prefix_cache_at_three_nodes_gives_the_single_node_text_without_it(smollm2_dir, home):
+    """The master's block tables drive every node's cache: a request whose prefix an earlier,
+    different request computed, and one that diverges inside a block, get the greedy tokens of
+    a single node without any prefix cache."""
+    from tests.test_paged_kv import SYSTEM
+
+    ref = build_local_engine(smollm2_dir, progress=False, prefix_cache=False)
+    tok = ref.tokenizer
+    first, other = tok.encode(SYSTEM + "What is the capital of France?"), tok.encode(SYSTEM + "Who wrote Hamlet?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
+    diverge = first[:shared] + tok.encode(" Name the largest ocean.", add_special_tokens=False)
+    prompts = [first, other, diverge]
+    try:
+        want = [[e.token_id for e in ref.generate_sync(p, GREEDY)] for p in prompts]
+    finally:
+        ref.shutdown()
+    with cluster(smollm2_dir, 3, home) as (master, engine, _, _):
+        got, hits = [], []
+        for p in prompts:
+            events = list(engine.generate_sync(p, GREEDY))
+            got.append([e.token_id for e in events])
+            hits.append(events[0].cached_tokens)
+        assert got == want
+        block = 16
+        assert hits == [0, shared // block * block, shared // block * block]
+        assert engine.stats()["kv"]["used"] == 0
