@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -130,3 +131,34 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+class AnonPeak:
+    """The peak anonymous memory (RssAnon: heap, tensors, KV blocks; what the kernel cannot
+    reclaim without swap) of one process, sampled every `every` seconds while in the block.
+    RSS as a whole (VmHWM) also counts the file pages of shared libraries and mapped shards,
+    which the kernel reclaims under a cgroup limit and which other processes share."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid, self.every, self.peak, self.samples = pid, every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while not self._stop.is_set():
+            try:
+                line = next(ln for ln in status.read_text().splitlines() if ln.startswith("RssAnon:"))
+            except (OSError, StopIteration):  # the process is gone
+                return
+            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self.samples += 1
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

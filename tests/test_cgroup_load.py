@@ -2,8 +2,9 @@
 --memory-budget plus a stated margin serves 16 concurrent requests of 1,000-token prompts and 200
 new tokens each. The budget leaves KV blocks for a few of them at a time: the rest wait in the
 queue or are preempted and recomputed, and every one completes; the process is never killed and
-its peak RSS stays within the limit. The control: the same load on a server whose KV cache ignores
-the budget (--kv-blocks for all 16 at once) in the same cgroup is OOM-killed.
+its anonymous memory (sampled all through the load) stays within the budget itself. The control:
+the same load on a server whose KV cache ignores the budget (--kv-blocks for all 16 at once) in
+the same cgroup is OOM-killed.
 
 The model: 4 llama layers of hidden 1024 and 16 KV heads (32 KiB of fp32 KV per token, ~110 MB of
 weights), so the KV cache is what the load grows: 16 x 1,200 tokens need ~600 MB of it.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroup_util import CgroupUnavailable, MemoryCgroup
+from tests.cgroup_util import AnonPeak, CgroupUnavailable, MemoryCgroup
 from tests.cluster_procs import Node, free_port, wait_health
 from tpi_node.engine.budget import estimate
 from tpi_node.engine.limits import BLOCK_TOKENS
@@ -71,7 +72,7 @@ def test_16_long_requests_stay_within_the_budget_and_the_same_load_without_it_is
     cfg = ModelConfig.from_dir(model)
     share = make_plan(cfg, [NodeCapacity("m", 0, 1)]).share_of(0)
     est = estimate(cfg, share, "fp32", is_master=True)
-    budget = est.total(None, -(-KV_FOR_A_FEW // BLOCK_TOKENS))  # resident weights + KV for ~4 sequences
+    budget = est.total(None, -(-KV_FOR_A_FEW // BLOCK_TOKENS))  # resident weights + KV for ~6 sequences
     need_all = est.total(None, -(-REQUESTS * (PROMPT_TOKENS + NEW_TOKENS) // BLOCK_TOKENS))
     limit = budget + MARGIN
     assert need_all > limit + 256 * 2**20, "the load must not fit the limit without the budget"
@@ -87,7 +88,8 @@ def test_16_long_requests_stay_within_the_budget_and_the_same_load_without_it_is
         try:
             wait_health(url, 1, 120, [node])
             t0 = time.perf_counter()
-            results = _load(url, model.name)
+            with AnonPeak(node.proc.pid) as anon:
+                results = _load(url, model.name)
             took = time.perf_counter() - t0
             assert results == [(NEW_TOKENS, "length")] * REQUESTS, results
             stats = httpx.get(f"{url}/cluster.json").json()
@@ -96,12 +98,16 @@ def test_16_long_requests_stay_within_the_budget_and_the_same_load_without_it_is
             metrics = httpx.get(f"{url}/metrics").text
         finally:
             node.stop()
-        assert peak_rss <= limit and peak_cg <= limit
+        # The cgroup cannot exceed its limit (the kernel reclaims page cache, or kills): what
+        # counts is that it never had to kill, and that the memory it cannot reclaim stayed
+        # within the budget. VmHWM also counts shared libraries' file pages, so it is only shown.
+        assert anon.samples > 10 and 0 < anon.peak <= budget, (format_size(anon.peak), format_size(budget))
         waited = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("tpi_kv_preemptions_total")))
         print(
             f"\nbudget {format_size(budget)} + margin {format_size(MARGIN)} = limit {format_size(limit)} "
             f"(the whole load needs {format_size(need_all)}): {REQUESTS} x {PROMPT_TOKENS}+{NEW_TOKENS} tokens "
-            f"in {took:.1f} s, peak rss {format_size(peak_rss)}, cgroup peak {format_size(peak_cg)}, "
+            f"in {took:.1f} s, peak anon {format_size(anon.peak)}, peak rss {format_size(peak_rss)} "
+            f"(file pages included), cgroup peak {format_size(peak_cg)}, "
             f"{waited:.0f} preemptions; throughput {stats['throughput']['completion_tokens']} tokens"
         )
 
