@@ -41,6 +41,7 @@ def test_generated_requests_never_get_a_server_error(server):
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/chat/completions",
         "POST /v1/completions",
+        "POST /v1/responses",
         "GET /v1/models",
         "GET /health",
     }
@@ -67,7 +68,9 @@ def test_generated_requests_never_get_a_server_error(server):
                 response = case.call(base_url=url, timeout=30)
                 seen.append((op.path, response.status_code))
                 ctype = str(response.headers.get("content-type", ""))  # str or [str]
-                in_band = "text/event-stream" in ctype and 'data: {"error"' in response.text
+                in_band = "text/event-stream" in ctype and any(
+                    mark in response.text for mark in ('data: {"error"', '"type": "response.failed"')
+                )
                 if response.status_code >= 500 or in_band:
                     failures.append(
                         f"{case.method} {case.path} body={case.body!r} -> {response.status_code} {response.text[:200]}"

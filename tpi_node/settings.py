@@ -165,6 +165,19 @@ class KVOptions:
     )
 
 
+SPECULATIVE_MODES = ("auto", "off", "lookup")  # engine/speculative.py
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    speculative: str = setting(
+        "auto",
+        "speculative decoding: lookup drafts tokens from the prompt and the text so far and the cluster checks "
+        "them in one step (auto: lookup; off: one token per step)",
+        choices=SPECULATIVE_MODES,
+    )
+
+
 @dataclass(frozen=True)
 class DeviceOptions:
     device: str = setting(
@@ -321,6 +334,7 @@ class MasterSettings(
     DtypeOption,
     BudgetOptions,
     KVOptions,
+    DecodeOptions,
     DeviceOptions,
     NodeOptions,
     TlsOptions,
@@ -354,6 +368,7 @@ class GenerateSettings(
     DtypeOption,
     BudgetOptions,
     KVOptions,
+    DecodeOptions,
     DeviceOptions,
     NodesOption,
     ConfigFile,

@@ -75,14 +75,16 @@ class BlockPool:
         return tuple(self.tables[seq_id].blocks)
 
     # ---- a sequence's life --------------------------------------------------------------------
-    def admit(self, seq_id: int, prompt: list[int], need: int) -> int | None:
+    def admit(self, seq_id: int, prompt: list[int], need: int, reuse: bool = True) -> int | None:
         """Blocks for a new sequence's first `need` tokens, reusing the cached prefix of `prompt`.
         -> how many leading tokens are cached already (a multiple of BLOCK_TOKENS, always fewer
         than len(prompt): the last prompt token is computed again for its logits); None when the
-        blocks cannot be had now (nothing changes)."""
+        blocks cannot be had now (nothing changes). `reuse=False`: no prefix is taken from the
+        cache (the sequence needs every row computed: prompt logprobs, embeddings); its own full
+        blocks are still keyed for others as they are computed."""
         hits: list[int] = []
         keys: list[bytes] = []
-        if self.prefix_cache:
+        if self.prefix_cache and reuse:
             prev = b""
             for start in range(0, len(prompt) - 1 - (len(prompt) - 1) % BLOCK_TOKENS, BLOCK_TOKENS):
                 key = block_key(prev, prompt[start : start + BLOCK_TOKENS])

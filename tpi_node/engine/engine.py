@@ -9,6 +9,7 @@ Scheduler (engine/scheduler.py) decides which, within the KV blocks every node h
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -27,6 +28,7 @@ from tpi_node.engine.scheduler import Scheduler, Work
 from tpi_node.engine.sequence import AsyncSink, Sequence
 from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.grammar import GrammarCompiler, GrammarError
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
@@ -94,6 +96,9 @@ class Engine:
         self.counters = EngineCounters()
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._ids = itertools.count(1)
+        self.grammars = GrammarCompiler(tokenizer.to_json(), head.vocab_size, sorted(self.eos_ids))
+        # token masks of constrained sequences are computed here while the cluster runs the step
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tpi-grammar")
         self._kv_epoch = driver.kv_epoch()
         self.scheduler = Scheduler(self.limits, driver.kv_blocks(), prefix_cache)
         self._cancelled: set[int] = set()
@@ -109,10 +114,17 @@ class Engine:
         node's KV cache holds, whichever is least."""
         return min(self.context_limit, self.driver.kv_blocks() * BLOCK_TOKENS)
 
+    @property
+    def hidden_size(self) -> int:
+        """The length of an embedding (Engine.embed)."""
+        return self.cfg.hidden_size
+
     def ready(self) -> bool:
         return not self._stop and self.driver.ready()
 
-    def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink) -> Sequence:
+    def _submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink, pooling: bool = False
+    ) -> Sequence:
         if not self.ready():
             raise ClusterNotReady()
         if not prompt_ids:
@@ -123,6 +135,12 @@ class Engine:
                 "(the model's context, --max-context, or the KV cache --memory-budget leaves)",
                 ErrorKind.CONTEXT_LENGTH,
             )
+        constraint = None
+        if params.grammar is not None:
+            try:
+                constraint = self.grammars.compile(params.grammar)
+            except GrammarError as exc:
+                raise EngineError(str(exc), ErrorKind.INVALID_GRAMMAR) from None
         seq = Sequence(
             next(self._ids),
             request_id,
@@ -134,6 +152,8 @@ class Engine:
             StopMatcher(params.stop),
             sink,
             node_counters=snapshot(self.driver.stats()),
+            constraint=constraint,
+            pooling=pooling,
         )
         with self._cv:
             if len(self.scheduler.waiting) >= self.limits.max_queue:
@@ -167,6 +187,29 @@ class Engine:
         finally:
             if not done:
                 self.cancel(seq.seq_id)
+
+    async def embed(self, prompts: list[list[int]], request_id: str = "") -> list[list[float]]:
+        """One embedding per prompt: the MEAN over the prompt's positions of the final-normed
+        hidden states (what `driver.step` returns, after the model's last RMSNorm), then scaled
+        to unit L2 norm. Each prompt is one prefill-only sequence, all submitted at once so they
+        share steps with each other and with generation (continuous batching); none takes its
+        prefix from the prefix cache (every row is needed), and their blocks go back at the end."""
+        loop, seqs = asyncio.get_running_loop(), []
+        try:
+            for i, ids in enumerate(prompts):
+                sink = AsyncSink(loop)
+                seqs.append(self._submit(ids, SamplingParams(max_tokens=0), f"{request_id}-{i}", sink, pooling=True))
+            out = []
+            for s in seqs:  # each sink gets one item: its embedding's event, or the error
+                item = await s.sink.q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                out.append(item.embedding)
+            return out
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.cancel(s.seq_id)
 
     def generate_sync(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """`generate` for a thread without an event loop (the CLI, tests): the same stream, run
@@ -217,6 +260,7 @@ class Engine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self._mask_pool.shutdown(wait=False)
 
     # ---- step thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -278,6 +322,7 @@ class Engine:
             self.driver.free([s.seq_id for s in gone])
 
     def _step(self, work: Work, layout: BatchLayout, epoch) -> None:
+        masks = self._start_masks(work)
         try:
             x = self.head.embed([t for _, c in work for t in c])
             hidden = self.driver.step(layout, x, epoch)
@@ -286,20 +331,96 @@ class Engine:
         except Exception as e:
             self._on_step_error(e)
             return
+        allowed = masks.result() if masks is not None else {}
         self.counters.steps += 1
         with self._cv:
             self.scheduler.computed(work)
+        self._every_row(work, layout, hidden)
         rows, sampled = layout.last_rows(), []
         for (s, _), row in zip(work, rows):
             if s.cached == len(s.tokens):  # the sequence's last known token went through
-                sampled.append((s, row))
+                if s.prefill_only:
+                    self._end_prefill(s)
+                else:
+                    sampled.append((s, row))
         if sampled:
             logits = self.head.logits(hidden[[r for _, r in sampled]])  # [B, V]
             for (s, _), lg in zip(sampled, logits):
-                self._advance(s, lg)
+                mask = allowed.get(s.seq_id)
+                self._advance(s, lg if mask is None else lg.masked_fill(~mask, float("-inf")))
+
+    def _start_masks(self, work: Work) -> concurrent.futures.Future | None:
+        """The grammar masks of the constrained sequences this step samples, computed on the
+        grammar thread while the cluster runs the step (whose torch kernels and gRPC waits leave
+        the interpreter free)."""
+        due = [s for s, c in work if s.constraint is not None and s.cached + len(c) == len(s.tokens)]
+        if not due:
+            return None
+
+        def masks() -> dict[int, torch.Tensor]:
+            out = {s.seq_id: s.constraint.allowed() for s in due}
+            return {k: m for k, m in out.items() if m.any()}  # a matcher in error allows nothing: leave it free
+
+        return self._mask_pool.submit(masks)
+
+    def _every_row(self, work: Work, layout: BatchLayout, hidden: torch.Tensor) -> None:
+        """The sequences that need every row of their chunks: pool an embedding's hidden states,
+        record the logprob of each next prompt token. Both are kept by position, so a chunk
+        computed again (after a preemption) adds nothing twice."""
+        at = 0
+        for (s, chunk), past in zip(work, layout.past_lens):
+            rows, at = hidden[at : at + len(chunk)], at + len(chunk)  # positions past .. past+len-1
+            if s.pooling and past + len(chunk) > s.pooled_upto:
+                part = rows[max(0, s.pooled_upto - past) :].double().sum(0)  # [H]
+                s.pooled = part if s.pooled is None else s.pooled + part
+                s.pooled_upto = past + len(chunk)
+            if s.prompt_lps is not None:
+                self._prompt_logprobs(s, past, rows)
+
+    def _prompt_logprobs(self, s: Sequence, past: int, rows: torch.Tensor, block: int = 256) -> None:
+        """Row j (position past+j) gives the logprob of prompt token past+j+1 (log_softmax of the
+        raw logits, as the sampler reports), and the top k there."""
+        lps, k = s.prompt_lps, s.params.prompt_logprobs or 0
+        n = min(len(rows), s.num_prompt - 1 - past)  # rows whose next token is a prompt token
+        first = 0
+        while first < n and lps[past + 1 + first] is not None:  # done before a preemption
+            first += 1
+        for a in range(first, n, block):  # [block, V] float32 logits at a time
+            b = min(n, a + block)
+            logprobs = torch.log_softmax(self.head.logits(rows[a:b]), dim=-1)
+            target = torch.tensor(s.tokens[past + 1 + a : past + 1 + b], device=logprobs.device)
+            chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+            if k:
+                vals, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+            for j in range(b - a):
+                lps[past + 1 + a + j] = (chosen[j], tops[j] if k else None)
+
+    def _end_prefill(self, s: Sequence) -> None:
+        """A prefill-only sequence's prompt went through: one event without a token, then done."""
+        s.t_first = time.monotonic()
+        self.counters.prompt_tokens += s.num_prompt
+        self.counters.cached_prompt_tokens += s.cached_prompt or 0
+        embedding = None
+        if s.pooling:
+            mean = s.pooled / s.num_prompt
+            embedding = (mean / mean.norm().clamp_min(1e-12)).float().tolist()
+        self._finish(s)
+        s.emit(
+            TokenEvent(
+                None,
+                "",
+                finish_reason="length",
+                cached_tokens=s.cached_prompt or 0,
+                embedding=embedding,
+            )
+        )
 
     def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
+        """logits [V] of s's next token (-inf where its grammar forbids a token)."""
         res = s.sampler(logits, s.generated)
+        if s.constraint is not None and not s.constraint.accept(res.token_id):
+            log.error("request %s: the grammar refused token %d: %s", s.request_id, res.token_id, s.constraint.error)
         now = time.monotonic()
         first = s.t_first is None
         if first:
@@ -315,6 +436,10 @@ class Engine:
             text, stopped = s.stopper.feed(s.decoder.push(res.token_id))
             if stopped:
                 finish = "stop"
+            elif s.constraint is not None and s.constraint.finished:  # the grammar is complete
+                finish = "stop"
+                tail, _ = s.stopper.feed(s.decoder.flush())
+                text += tail + s.stopper.flush()
             elif len(s.generated) >= p.max_tokens or len(s.tokens) >= self.max_context:
                 finish = "length"
                 tail, _ = s.stopper.feed(s.decoder.flush())

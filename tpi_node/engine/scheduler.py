@@ -76,7 +76,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.limits.max_running:
             s = self.waiting[0]
-            hit = self.pool.admit(s.seq_id, s.tokens, need=len(s.tokens))
+            hit = self.pool.admit(s.seq_id, s.tokens, need=len(s.tokens), reuse=not s.every_row)
             if hit is None:
                 return
             self.waiting.popleft()

@@ -7,7 +7,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from tpi_node.engine.client import TokenEvent
+from tpi_node.model.grammar import TokenConstraint
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher
@@ -44,14 +47,38 @@ class Sequence:
     t_arrive: float = field(default_factory=time.monotonic)
     t_first: float | None = None
     node_counters: dict = field(default_factory=dict)  # every node's counters when it arrived
+    constraint: TokenConstraint | None = None  # the grammar its output follows, if any
+    pooling: bool = False  # an embedding: pool the prompt's final hidden states, sample nothing
+    pooled: torch.Tensor | None = None  # [H] float32 sum of the hidden states of positions < pooled_upto
+    pooled_upto: int = 0
+    # prompt logprobs by position ([0] stays None), filled as prefill chunks go through; handed to
+    # the first event and then None. Filled by position, so a recomputed chunk does not add twice.
+    prompt_lps: list | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_lps = [None] * self.num_prompt
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.num_prompt :]
+
+    @property
+    def prefill_only(self) -> bool:
+        """Ends when its prompt is computed, with one event that carries no token."""
+        return self.pooling or self.params.max_tokens == 0
+
+    @property
+    def every_row(self) -> bool:
+        """It still needs the hidden state of every prompt position, so it may not take its prefix
+        from the prefix cache (whose rows are not computed again)."""
+        return self.pooling or self.prompt_lps is not None
 
     def next_chunk(self, budget: int) -> list[int]:
         """The tokens this sequence feeds into the next step (a prefill chunk, or one to decode)."""
         return self.tokens[self.cached : self.cached + budget]
 
     def emit(self, event: TokenEvent) -> None:
+        if self.prompt_lps is not None:  # the first event carries the prompt's logprobs
+            event.prompt_logprobs, self.prompt_lps = self.prompt_lps, None
         self.sink.put(event)

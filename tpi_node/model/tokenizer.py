@@ -154,6 +154,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what the grammar matcher is built from)."""
+        return self._tk.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)
 
@@ -170,6 +174,10 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         return bool(self._chat_source)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_source
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render messages with the model's own template. Content may be a string or a list

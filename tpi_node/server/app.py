@@ -21,16 +21,34 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tpi_node import __version__
 from tpi_node.engine.client import ClusterNotReady, EngineClient
 from tpi_node.engine.limits import DEFAULT_LIMITS
+from tpi_node.server.embeddings import EmbeddingServing
 from tpi_node.server.errors import APIError, error_response, install_error_handlers
 from tpi_node.server.metrics import ServerMetrics, StatsFn
-from tpi_node.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from tpi_node.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ResponsesRequest,
+)
+from tpi_node.server.responses_api import create_response
 from tpi_node.server.serving import OpenAIServing
 
 # sequences admitted (waiting + running) before new requests get 429: the engine's own queue bound
 DEFAULT_MAX_QUEUE = DEFAULT_LIMITS.max_queue
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 429, 503)}
-_COUNTED_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"}
+_COUNTED_PATHS = {
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/health",
+    "/metrics",
+}
 
 
 class _CountRequests:
@@ -86,6 +104,7 @@ def create_app(
     app = FastAPI(title="tpi-node", version=__version__, description="OpenAI-compatible API of a tpi-node cluster")
     metrics = ServerMetrics(stats if stats is not None else getattr(engine, "stats", None))
     serving = OpenAIServing(engine, tokenizer, model_name, metrics, max_queue)
+    embeddings = EmbeddingServing(engine, serving.enc, model_name, metrics, max_queue)
     created = int(time.time())
     install_error_handlers(app)
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -113,6 +132,14 @@ def create_app(
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.completions(body, request)
+
+    @v1.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(serving, body, request)
+
+    @v1.post("/embeddings")
+    async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await embeddings.create(body, request)
 
     app.include_router(v1)
 

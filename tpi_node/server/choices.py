@@ -42,6 +42,7 @@ class ChoiceStream:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.request_id, self.index, self.metrics, self.arrival = request_id, index, metrics, arrival
         self.events: list[TokenEvent] = []  # every token received so far
+        self.first: TokenEvent | None = None  # the first event (cached tokens, prompt logprobs)
         self.finish_reason: str | None = None
         self.first_t: float | None = None
         self.last_t: float | None = None
@@ -54,7 +55,12 @@ class ChoiceStream:
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens the engine took from the prefix cache (told with the first token)."""
-        return (self.events[0].cached_tokens or 0) if self.events else 0
+        return (self.first.cached_tokens or 0) if self.first is not None else 0
+
+    @property
+    def prompt_logprobs(self):
+        """One entry per prompt token (None for the first), when the params asked for them."""
+        return self.first.prompt_logprobs if self.first is not None else None
 
     @property
     def text(self) -> str:
@@ -65,7 +71,10 @@ class ChoiceStream:
         if self.first_t is None:
             self.first_t = now
         self.last_t = now
-        self.events.append(ev)
+        if self.first is None:
+            self.first = ev
+        if ev.token_id is not None:  # a prefill-only sequence's one event carries no token
+            self.events.append(ev)
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
         return ev
@@ -83,10 +92,12 @@ class ChoiceStream:
         self._pending = await self._next()
 
     async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Events from the first one on; ends after the event carrying finish_reason."""
+        """Token events from the first one on; ends after the event carrying finish_reason (an
+        event without a token, that of a prefill-only sequence, is not yielded)."""
         ev, self._pending = self._pending, None
         while ev is not None:
-            yield ev
+            if ev.token_id is not None:
+                yield ev
             if ev.finish_reason:
                 return
             ev = await self._next()

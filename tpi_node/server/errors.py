@@ -20,6 +20,7 @@ log = logging.getLogger("tpi_node.server")
 # The HTTP status of each kind of engine error (the one place the engine meets HTTP).
 STATUS_OF_KIND = {
     ErrorKind.INVALID_PROMPT: 400,
+    ErrorKind.INVALID_GRAMMAR: 400,
     ErrorKind.CONTEXT_LENGTH: 400,
     ErrorKind.NOT_READY: 503,
     ErrorKind.QUEUE_FULL: 429,

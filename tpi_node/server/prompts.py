@@ -9,8 +9,10 @@ from __future__ import annotations
 import inspect
 import re
 
+from tpi_node.model.tokenizer import IncrementalDecoder
 from tpi_node.server.errors import APIError
 from tpi_node.server.protocol import ChatCompletionRequest, ChatMessage
+from tpi_node.server.tools import render_messages, template_family
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte-fallback tokens
 
@@ -47,7 +49,14 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 texts.append(part.text)
             content = "".join(texts)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        msg = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError.bad_request("a tool message needs tool_call_id", param=f"messages.{i}.tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
 
 
@@ -61,6 +70,8 @@ class PromptEncoder:
         self._piece_cache: dict[int, tuple[str, list[int]]] = {}
         to_id = getattr(tokenizer, "token_to_id", None)
         self._byte_level = bool(to_id and to_id("Ġ") is not None)  # "Ġ" spells byte 0x20
+        # the tool-call syntax the model's chat template teaches, and whether it renders tools
+        self.tool_family, self._template_takes_tools = template_family(getattr(tokenizer, "chat_template", None))
 
     def _encode(self, text: str, specials: bool) -> list[int]:
         try:
@@ -71,9 +82,9 @@ class PromptEncoder:
             raise APIError.bad_request(f"cannot tokenize the prompt: {exc}") from exc
 
     def chat(self, req: ChatCompletionRequest) -> list[int]:
-        messages = message_dicts(req.messages)
+        messages, variables = render_messages(message_dicts(req.messages), req, self._template_takes_tools)
         try:
-            rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True, **variables)
         except APIError:
             raise
         except Exception as exc:  # jinja templates raise on conversations they refuse
@@ -128,3 +139,12 @@ class PromptEncoder:
             if len(self._piece_cache) < 65536:
                 self._piece_cache[token_id] = hit
         return hit
+
+    def text_offsets(self, ids: list[int]) -> list[int]:
+        """Where each token's text starts in decode(ids) (an echoed prompt's text_offset),
+        decoded incrementally so a long prompt costs linear time."""
+        decoder, offsets, at = IncrementalDecoder(self.tok), [], 0
+        for t in ids:
+            offsets.append(at)
+            at += len(decoder.push(t))
+        return offsets

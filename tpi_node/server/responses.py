@@ -67,6 +67,21 @@ def completion_logprobs(enc: PromptEncoder, events: list[TokenEvent], offset: in
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs(enc: PromptEncoder, ids: list[int], lps: list) -> dict:
+    """An echoed prompt's part of the completion logprobs: its tokens, each one's logprob given
+    those before it (null for the first: nothing precedes it), the top ones there, text_offset."""
+    tokens, values, tops = [], [], []
+    for tid, lp in zip(ids, lps):
+        tokens.append(enc.piece(tid)[0])
+        values.append(None if lp is None else _lp(lp[0]))
+        tops.append(None if lp is None else {enc.piece(t)[0]: _lp(v) for t, v in lp[1] or []})
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": enc.text_offsets(ids)}
+
+
+def joined_logprobs(first: dict, then: dict) -> dict:
+    return {k: first[k] + then[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
 def _envelope(obj: str, rid: str, model: str, created: int, choices: list[dict], **extra) -> dict:
     """The fields every response and stream chunk of the API share."""
     return {
@@ -84,13 +99,13 @@ def chat_response(rid: str, model: str, created: int, choices: list[dict], use: 
     return _envelope("chat.completion", rid, model, created, choices, usage=use)
 
 
-def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
+def chat_choice(
+    index: int, text: str | None, finish_reason: str, logprobs: dict | None, tool_calls: list[dict] | None = None
+) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
 from tpi_node.engine.client import ClusterNotReady, EngineClient, EngineError, QueueFull, TokenEvent
+from tpi_node.model.grammar import GrammarSpec, closed_objects
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.server import responses as R
 from tpi_node.server.choices import ChoiceStream, ClientDisconnected, close_all, merged, start_all, unless_disconnected
@@ -33,6 +34,7 @@ from tpi_node.server.protocol import (
     CompletionRequest,
     _SamplingFields,
 )
+from tpi_node.server.tools import ToolStream, ToolUse, parse_tool_calls
 
 log = logging.getLogger("tpi_node.server")
 
@@ -155,9 +157,14 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError.bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
+        try:
+            use = ToolUse.of(req)
+        except ValueError as exc:
+            raise APIError.bad_request(str(exc), param="tool_choice") from None
         prompt = self.enc.chat(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = self._params(req, len(prompt), max_tokens, k, "messages")
+        params = dataclasses.replace(params, grammar=self._output_grammar(req, use))
         rid, created = R.new_id("chatcmpl"), R.now()
         seqs = self._sequences([prompt], [params], req.n or 1, rid, arrival)
         self.metrics.prompt_tokens.inc(len(prompt))
@@ -166,29 +173,71 @@ class OpenAIServing:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._chat_stream(seqs, rid, created, len(prompt), k, usage),
+                self._chat_stream(seqs, rid, created, len(prompt), k, usage, use),
                 media_type="text/event-stream",
                 headers=_SSE_HEADERS,
             )
-        choices = [
-            R.chat_choice(
-                s.index, s.text, s.finish_reason, R.chat_logprobs(self.enc, s.events) if k is not None else None
+        choices = []
+        for s in seqs:
+            lp = R.chat_logprobs(self.enc, s.events) if k is not None else None
+            content, calls = parse_tool_calls(s.text, use.names) if use is not None else (s.text, [])
+            if calls:
+                choices.append(R.chat_choice(s.index, content, "tool_calls", lp, calls))
+            else:
+                choices.append(R.chat_choice(s.index, s.text, s.finish_reason, lp))
+        usage = _usage(len(prompt), seqs, req.n or 1)
+        return JSONResponse(R.chat_response(rid, self.model_name, created, choices, usage))
+
+    def _output_grammar(self, req: ChatCompletionRequest, use: ToolUse | None) -> GrammarSpec | None:
+        """What the output must follow: a forced tool call's syntax, else the response format."""
+        if use is not None and use.forced is not None:
+            return use.grammar(self.enc.tool_family)
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return GrammarSpec.json_schema({"type": "object"})
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError.bad_request(
+                "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema"
             )
-            for s in seqs
-        ]
-        use = _usage(len(prompt), seqs, req.n or 1)
-        return JSONResponse(R.chat_response(rid, self.model_name, created, choices, use))
+        schema = fmt.json_schema.schema_
+        return GrammarSpec.json_schema(closed_objects(schema) if fmt.json_schema.strict else schema)
 
     def _chat_stream(
-        self, seqs: list[ChoiceStream], rid: str, created: int, prompt_len: int, k: int | None, include_usage: bool
+        self,
+        seqs: list[ChoiceStream],
+        rid: str,
+        created: int,
+        prompt_len: int,
+        k: int | None,
+        include_usage: bool,
+        use: ToolUse | None,
     ) -> AsyncIterator[str]:
+        tools = {s.index: ToolStream(use) for s in seqs} if use is not None else {}
+
+        def delta(s: ChoiceStream, ev: TokenEvent) -> dict | None:
+            text = tools[s.index].feed(ev.text) if tools else ev.text
+            if not text and k is None:
+                return None
+            return R.chat_delta(s.index, {"content": text}, R.chat_logprobs(self.enc, [ev]) if k is not None else None)
+
+        def end(s: ChoiceStream) -> list[dict]:
+            if not tools:
+                return [R.chat_delta(s.index, {}, finish_reason=s.finish_reason)]
+            rest, calls = tools[s.index].finish()
+            out = [R.chat_delta(s.index, {"content": rest})] if rest else []
+            for i, c in enumerate(calls):  # OpenAI's shape: the call's head, then its arguments
+                head = {"index": i, "id": c["id"], "type": "function", "function": {**c["function"], "arguments": ""}}
+                args = {"index": i, "function": {"arguments": c["function"]["arguments"]}}
+                out += [R.chat_delta(s.index, {"tool_calls": [head]}), R.chat_delta(s.index, {"tool_calls": [args]})]
+            return out + [R.chat_delta(s.index, {}, finish_reason="tool_calls" if calls else s.finish_reason)]
+
         shape = _StreamShape(
             chunk=lambda choices: R.chat_chunk(rid, self.model_name, created, choices, include_usage),
             head=lambda s: R.chat_delta(s.index, {"role": "assistant", "content": ""}),
-            delta=lambda s, ev: R.chat_delta(
-                s.index, {"content": ev.text}, R.chat_logprobs(self.enc, [ev]) if k is not None else None
-            ),
-            end=lambda s: R.chat_delta(s.index, {}, finish_reason=s.finish_reason),
+            delta=delta,
+            end=end,
             every_token=k is not None,
             choices_per_prompt=len(seqs),
         )
@@ -204,10 +253,10 @@ class OpenAIServing:
             raise APIError.bad_request("best_of must equal n (ranking is not supported)", param="best_of")
         if req.suffix:
             raise APIError.bad_request("suffix is not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError.bad_request("echo together with logprobs is not supported", param="echo")
         prompts = self.enc.completion(req.prompt)
+        echo_k = req.logprobs if req.echo else None  # echo + logprobs: the prompt tokens' logprobs first
         params = [self._params(req, len(ids), req.max_tokens, req.logprobs, "prompt") for ids in prompts]
+        params = [dataclasses.replace(p, prompt_logprobs=echo_k) for p in params]
         rid, created = R.new_id("cmpl"), R.now()
         seqs = self._sequences(prompts, params, n, rid, arrival)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -215,12 +264,18 @@ class OpenAIServing:
         echoes = [self.enc.decode(p) if req.echo else "" for p in prompts]
         if not await self._run(request, seqs, bool(req.stream)):
             return Response(status_code=499)
+
+        def echo_logprobs(s: ChoiceStream) -> dict | None:  # known once the sequence started
+            if echo_k is None:
+                return None
+            ids = prompts[s.index // n]
+            return R.prompt_logprobs(self.enc, ids, s.prompt_logprobs or [None] * len(ids))
+
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
+            echo_of = [(echoes[s.index // n], echo_logprobs(s)) for s in seqs]
             return StreamingResponse(
-                self._completion_stream(
-                    seqs, rid, created, prompt_tokens, req.logprobs, usage, [echoes[s.index // n] for s in seqs], n
-                ),
+                self._completion_stream(seqs, rid, created, prompt_tokens, req.logprobs, usage, echo_of, n),
                 media_type="text/event-stream",
                 headers=_SSE_HEADERS,
             )
@@ -228,6 +283,8 @@ class OpenAIServing:
         for s in seqs:
             echo = echoes[s.index // n]
             lp = R.completion_logprobs(self.enc, s.events, len(echo)) if req.logprobs is not None else None
+            if echo_k is not None:
+                lp = R.joined_logprobs(echo_logprobs(s), lp)
             choices.append(R.completion_choice(s.index, echo + s.text, s.finish_reason, lp))
         use = _usage(prompt_tokens, seqs, n)
         return JSONResponse(R.completion_response(rid, self.model_name, created, choices, use))
@@ -240,10 +297,12 @@ class OpenAIServing:
         prompt_tokens: int,
         k: int | None,
         include_usage: bool,
-        echoes: list[str],
+        echoes: list[tuple[str, dict | None]],
         n: int,
     ) -> AsyncIterator[str]:
-        offsets = {s.index: len(e) for s, e in zip(seqs, echoes)}  # text_offset of the next token
+        """`echoes`: each choice's echoed prompt and, with logprobs, the prompt's logprobs (sent
+        in the choice's first chunk)."""
+        offsets = {s.index: len(e) for s, (e, _) in zip(seqs, echoes)}  # text_offset of the next token
         echo_of = {s.index: e for s, e in zip(seqs, echoes)}
 
         def delta(s: ChoiceStream, ev: TokenEvent) -> dict:
@@ -251,11 +310,15 @@ class OpenAIServing:
             offsets[s.index] += len(ev.text)
             return R.completion_choice(s.index, ev.text, None, lp)
 
+        def head(s: ChoiceStream) -> dict | None:
+            text, lp = echo_of[s.index]
+            return R.completion_choice(s.index, text, None, lp) if text or lp else None
+
         shape = _StreamShape(
             chunk=lambda choices: R.completion_chunk(rid, self.model_name, created, choices, include_usage),
-            head=lambda s: R.completion_choice(s.index, echo_of[s.index], None, None) if echo_of[s.index] else None,
+            head=head,
             delta=delta,
-            end=lambda s: R.completion_choice(s.index, "", s.finish_reason, None),
+            end=lambda s: [R.completion_choice(s.index, "", s.finish_reason, None)],
             every_token=k is not None,
             choices_per_prompt=n,
         )
@@ -268,8 +331,8 @@ class _StreamShape:
 
     chunk: Callable[[list[dict]], dict]  # the envelope around a chunk's choices
     head: Callable[[ChoiceStream], dict | None]  # a choice's first chunk (role, echo), if any
-    delta: Callable[[ChoiceStream, TokenEvent], dict]  # a choice's chunk for one token
-    end: Callable[[ChoiceStream], dict]  # a choice's last chunk (finish_reason)
+    delta: Callable[[ChoiceStream, TokenEvent], dict | None]  # a choice's chunk for one token (None: none)
+    end: Callable[[ChoiceStream], list[dict]]  # a choice's last chunks (tool calls, finish_reason)
     every_token: bool  # a chunk even for a token with no text yet (logprobs asked)
     choices_per_prompt: int  # n
 
@@ -289,9 +352,12 @@ async def _chunks(shape: _StreamShape, seqs: list[ChoiceStream], usage_prompt: i
             yield R.sse(shape.chunk([head]))
     async for seq, ev in merged(seqs):
         if ev is None:
-            yield R.sse(shape.chunk([shape.end(seq)]))
+            for last in shape.end(seq):
+                yield R.sse(shape.chunk([last]))
         elif ev.text or shape.every_token:
-            yield R.sse(shape.chunk([shape.delta(seq, ev)]))
+            d = shape.delta(seq, ev)
+            if d is not None:
+                yield R.sse(shape.chunk([d]))
     if usage_prompt is not None:
         last = shape.chunk([])
         last["usage"] = _usage(usage_prompt, seqs, shape.choices_per_prompt)
