@@ -55,6 +55,7 @@ def cluster(
     peer_timeout: float = 5.0,
     master_speed: float = 2.0,
     collective: str = "star",
+    speculative: str = "auto",
 ):
     """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
     s = MasterSettings(
@@ -66,6 +67,7 @@ def cluster(
         node_id="master",
         speed=master_speed,
         collective=collective,
+        speculative=speculative,
     )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port

@@ -126,6 +126,7 @@ def build_local_engine(
     kv_blocks: int | None = None,
     max_context: int | None = None,
     prefix_cache: bool = True,
+    speculative: str = "auto",
 ) -> Engine:
     """A single-node engine over a model name (prepared on first use) or a model directory. Its
     memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window."""
@@ -164,6 +165,7 @@ def build_local_engine(
         limits,
         prefix_cache=prefix_cache,
         max_context=max_context,
+        speculative=speculative,
     )
 
 
@@ -231,5 +233,6 @@ def start_master(s: MasterSettings, nodes: int, grpc_port: int) -> RunningMaster
         Path(s.model).name,
         prefix_cache=not s.no_prefix_cache,
         max_context=s.max_context,
+        speculative=s.speculative,
     )
     return RunningMaster(master, engine, port, gpu)

@@ -42,6 +42,7 @@ def run(s: GenerateSettings) -> int:
             kv_blocks=s.kv_blocks,
             max_context=s.max_context,
             prefix_cache=not s.no_prefix_cache,
+            speculative=s.speculative,
         )
         close = engine.shutdown
     try:

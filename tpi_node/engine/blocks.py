@@ -129,20 +129,30 @@ class BlockPool:
             if key not in self.by_key and block not in self.key_of:
                 self.by_key[key], self.key_of[block] = block, key
 
+    def trim(self, seq_id: int, tokens: int) -> None:
+        """The sequence holds `tokens` tokens: blocks past them (rejected drafts' KV) go back."""
+        t = self.tables[seq_id]
+        while len(t.blocks) > max(_blocks_for(tokens), len(t.keys)):
+            self._drop(t.blocks.pop())
+
     def release(self, seq_id: int) -> None:
         """The sequence ended (or is preempted): its blocks go back; keyed ones stay findable."""
         t = self.tables.pop(seq_id, None)
         if t is None:
             return
         for b in reversed(t.blocks):  # the tail first: a later prompt needs the head more
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                if b in self.key_of:
-                    self.cached[b] = self.key_of[b]
-                else:
-                    self.free.append(b)
+            self._drop(b)
 
     # ---- blocks -------------------------------------------------------------------------------
+    def _drop(self, b: int) -> None:
+        """One holder less; an unheld block stays findable when keyed, else it is free."""
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            if b in self.key_of:
+                self.cached[b] = self.key_of[b]
+            else:
+                self.free.append(b)
+
     def _take(self, b: int) -> None:
         if self.refs[b] == 0:
             self.cached.pop(b, None)

@@ -26,6 +26,7 @@ from tpi_node.engine.head import ModelHead
 from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.scheduler import Scheduler, Work
 from tpi_node.engine.sequence import AsyncSink, Sequence
+from tpi_node.engine.speculative import PromptLookup
 from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.grammar import GrammarCompiler, GrammarError
@@ -74,6 +75,8 @@ class EngineCounters:
     cached_prompt_tokens: int = 0  # of them, found in the prefix cache
     completion_tokens: int = 0
     steps: int = 0
+    drafts_proposed: int = 0  # speculative decoding: draft tokens checked
+    drafts_accepted: int = 0  # of them, those the model's own sampling agreed with
 
 
 class Engine:
@@ -88,8 +91,11 @@ class Engine:
         *,
         prefix_cache: bool = True,
         max_context: int | None = None,
+        speculative: str = "auto",
     ) -> None:
+        """speculative: auto | lookup (drafts by prompt lookup, engine/speculative.py) | off."""
         self.cfg, self.head, self.tokenizer, self.driver = cfg, head, tokenizer, driver
+        self.speculative = speculative != "off"
         self.model_name = model_name
         self.context_limit = min(cfg.max_position, max_context or cfg.max_position)  # --max-context
         self.limits = limits or DEFAULT_LIMITS
@@ -154,6 +160,8 @@ class Engine:
             node_counters=snapshot(self.driver.stats()),
             constraint=constraint,
             pooling=pooling,
+            drafter=PromptLookup() if self.speculative else None,
+            max_len=self.max_context,
         )
         with self._cv:
             if len(self.scheduler.waiting) >= self.limits.max_queue:
@@ -251,6 +259,7 @@ class Engine:
             "cached_prompt_tokens": c.cached_prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "steps": c.steps,
+            "speculative": {"proposed": c.drafts_proposed, "accepted": c.drafts_accepted},
             "kv": kv,
             "nodes": self.driver.stats(),
         }
@@ -341,13 +350,38 @@ class Engine:
             if s.cached == len(s.tokens):  # the sequence's last known token went through
                 if s.prefill_only:
                     self._end_prefill(s)
-                else:
-                    sampled.append((s, row))
+                else:  # the rows of its last token and of each draft after it
+                    sampled.append((s, list(range(row - len(s.draft), row + 1))))
         if sampled:
-            logits = self.head.logits(hidden[[r for _, r in sampled]])  # [B, V]
-            for (s, _), lg in zip(sampled, logits):
+            logits = self.head.logits(hidden[[r for _, rs in sampled for r in rs]])  # [sum of rows, V]
+            at = 0
+            for s, rs in sampled:
+                lg, at = logits[at : at + len(rs)], at + len(rs)
                 mask = allowed.get(s.seq_id)
-                self._advance(s, lg if mask is None else lg.masked_fill(~mask, float("-inf")))
+                if mask is not None:
+                    lg = lg.masked_fill(~mask, float("-inf"))
+                self._verify(s, lg)
+
+    def _verify(self, s: Sequence, logits: torch.Tensor) -> None:
+        """logits [1 + drafts, V]: sample row after row, as plain decoding would, while each
+        sampled token is the draft whose KV the next row saw; the first that differs ends the step
+        (it is still the model's own sample: one draw per token, so seeded text is unchanged)."""
+        draft, accepted = s.draft, 0
+        for i in range(len(logits)):
+            self._advance(s, logits[i])
+            if s.finished or i == len(draft) or s.tokens[-1] != draft[i]:
+                break
+            accepted += 1
+        if draft:
+            s.drafter.record(len(draft), accepted)
+            s.drafts_proposed += len(draft)
+            s.drafts_accepted += accepted
+            self.counters.drafts_proposed += len(draft)
+            self.counters.drafts_accepted += accepted
+            if not s.finished:
+                with self._cv:
+                    self.scheduler.accepted(s, accepted)
+        s.draft = []
 
     def _start_masks(self, work: Work) -> concurrent.futures.Future | None:
         """The grammar masks of the constrained sequences this step samples, computed on the
@@ -466,12 +500,13 @@ class Engine:
             self.scheduler.remove(s)
         self.driver.free([s.seq_id])
         log.info(
-            "request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)",
+            "request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)%s",
             s.request_id or s.seq_id,
             s.num_prompt,
             n,
             elapsed,
             (s.t_first or 0) - s.t_arrive,
+            f", {s.drafts_accepted} of {s.drafts_proposed} draft tokens accepted" if s.drafts_proposed else "",
         )
         if log.isEnabledFor(logging.INFO):
             log.info(request_line(s.request_id or s.seq_id, s.node_counters, snapshot(self.driver.stats())))

@@ -67,10 +67,18 @@ class Scheduler:
         return tuple(self.pool.table(s.seq_id) for s, _ in work)
 
     def computed(self, work: Work) -> None:
-        """The step went through every layer: its tokens are in every node's cache."""
+        """The step went through every layer: its tokens are in every node's cache (its drafts
+        only once they are accepted)."""
         for s, chunk in work:
-            s.cached += len(chunk)
+            s.cached += len(chunk) - len(s.draft)
             self.pool.computed(s.seq_id, s.tokens, s.cached)
+
+    def accepted(self, s: Sequence, n: int) -> None:
+        """n of s's drafts were accepted (they are the tokens after its cached ones now): their KV
+        counts; the blocks that only held rejected drafts go back."""
+        s.cached += n
+        self.pool.computed(s.seq_id, s.tokens, s.cached)
+        self.pool.trim(s.seq_id, len(s.tokens))
 
     # ---- admission and preemption ----------------------------------------------------------------
     def _admit(self) -> None:

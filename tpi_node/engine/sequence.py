@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpi_node.engine.client import TokenEvent
+from tpi_node.engine.speculative import PromptLookup
 from tpi_node.model.grammar import TokenConstraint
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
@@ -54,6 +55,11 @@ class Sequence:
     # prompt logprobs by position ([0] stays None), filled as prefill chunks go through; handed to
     # the first event and then None. Filled by position, so a recomputed chunk does not add twice.
     prompt_lps: list | None = None
+    drafter: PromptLookup | None = None  # speculative decoding (None: one token per step)
+    max_len: int = 1 << 62  # the longest it may grow (the engine's context): drafts stay within
+    draft: list[int] = field(default_factory=list)  # the draft tokens in this step's chunk
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -75,8 +81,18 @@ class Sequence:
         return self.pooling or self.prompt_lps is not None
 
     def next_chunk(self, budget: int) -> list[int]:
-        """The tokens this sequence feeds into the next step (a prefill chunk, or one to decode)."""
-        return self.tokens[self.cached : self.cached + budget]
+        """The tokens this sequence feeds into the next step: a prefill chunk, or the token to
+        decode followed by the drafts to check (engine/speculative.py), within `budget`, its
+        max_tokens and max_len."""
+        chunk = self.tokens[self.cached : self.cached + budget]
+        self.draft = []
+        if self.drafter is not None and self.cached == len(self.tokens) - 1 and self.constraint is None:
+            room = min(
+                budget - 1, self.params.max_tokens - len(self.generated) - 1, self.max_len - len(self.tokens) - 1
+            )
+            if room > 0 and not self.prefill_only:
+                self.draft = self.drafter.propose(self.tokens)[:room]
+        return chunk + self.draft
 
     def emit(self, event: TokenEvent) -> None:
         if self.prompt_lps is not None:  # the first event carries the prompt's logprobs

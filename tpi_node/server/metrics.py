@@ -55,6 +55,7 @@ class _EngineStatsCollector(Collector):
                 "tpi_running_sequences", "sequences in the running batch", value=float(s["running"])
             )
         yield from _kv_metrics(s.get("kv"), s.get("cached_prompt_tokens"))
+        yield from _step_metrics(s)
         nodes = s.get("nodes") or {}
         for key, name in _NODE_TIMES:
             fam = CounterMetricFamily(f"tpi_node_{name}_seconds", f"seconds each node spent in {name}", labels=["node"])
@@ -62,6 +63,25 @@ class _EngineStatsCollector(Collector):
                 if key in times:
                     fam.add_metric([str(node_id)], float(times[key]))
             yield fam
+
+
+def _step_metrics(s: dict) -> Iterable:
+    """Speculative decoding (engine/speculative.py) and what a step yields: draft tokens proposed
+    and accepted, steps run (each one round of allreduces through every layer)."""
+    spec = s.get("speculative")
+    if spec:
+        for what in ("proposed", "accepted"):
+            yield CounterMetricFamily(
+                f"tpi_draft_tokens_{what}", f"speculative draft tokens {what}", value=float(spec[what])
+            )
+    if "steps" in s:
+        yield CounterMetricFamily("tpi_engine_steps", "forward steps run through the cluster", value=float(s["steps"]))
+        if s.get("completion_tokens"):
+            yield GaugeMetricFamily(
+                "tpi_steps_per_output_token",
+                "forward steps (round trips through every layer) per generated token, since start",
+                value=float(s["steps"]) / float(s["completion_tokens"]),
+            )
 
 
 def _kv_metrics(kv: dict | None, cached_prompt_tokens: int | None) -> Iterable:
