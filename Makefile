@@ -34,10 +34,11 @@ $(PROTO_OUT)/tpi_pb2.py: protos/tpi.proto $(VENV)/.installed-run
 install: $(VENV)/.installed-run $(PROTO_OUT)/tpi_pb2.py
 install-test: $(VENV)/.installed-test $(PROTO_OUT)/tpi_pb2.py
 
-# Prepare the embedded default model, then serve it from a local 3-node cluster on :8000.
+# Prepare the embedded default model, then serve it from a local cluster on :8000 (3 nodes, or one
+# per core when the machine has fewer cores).
 run: install
 	$(VENV)/bin/tpi-node prepare
-	$(VENV)/bin/tpi-node run --nodes 3 --host 127.0.0.1 --port 8000
+	$(VENV)/bin/tpi-node run --host 127.0.0.1 --port 8000
 
 test: lint
 	$(VENV)/bin/tpi-node prepare

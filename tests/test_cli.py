@@ -55,3 +55,9 @@ def test_generate_prints_only_the_text(smollm2_dir):
     assert "Paris" in r.stdout
     assert "[tpi-node]" not in r.stdout and "INFO" not in r.stdout  # logs go to stderr
     assert "tokens/s" in r.stderr
+
+
+def test_run_starts_no_more_local_nodes_than_cores_but_always_a_cluster():
+    from tpi_node.commands.run import default_nodes
+
+    assert [default_nodes(c) for c in (1, 2, 3, 64)] == [2, 2, 3, 3]

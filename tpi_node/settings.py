@@ -32,7 +32,7 @@ ENV_PREFIX = "TPI_"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
-DEFAULT_RUN_NODES = 3
+DEFAULT_RUN_NODES = 3  # run's local cluster, at most one node per core (and at least 2)
 
 
 # ---- converters (argparse `type=`; they also convert values from the environment and YAML) ----
@@ -249,7 +249,10 @@ class MinNodesOption:
 @dataclass(frozen=True)
 class NodesOption:
     nodes: int | None = setting(
-        None, f"local cluster size, master included (default: run {DEFAULT_RUN_NODES}, generate 1)", type=positive_int
+        None,
+        f"local cluster size, master included (default: run {DEFAULT_RUN_NODES} or one per core if fewer, "
+        "at least 2; generate 1)",
+        type=positive_int,
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from tpi_node.commands import Command
-from tpi_node.commands.compose import start_master
+from tpi_node.commands.compose import say, start_master
 from tpi_node.commands.local_cluster import (
     share_cores_with_local_workers,
     spawn_workers,
@@ -14,8 +16,16 @@ from tpi_node.commands.serve import serve_http
 from tpi_node.settings import DEFAULT_RUN_NODES, RunSettings
 
 
+def default_nodes(cores: int | None = None) -> int:
+    """Local nodes share this machine's cores: no more nodes than cores (a node waiting for a core
+    makes every allreduce wait), but a cluster all the same."""
+    return max(2, min(DEFAULT_RUN_NODES, cores or os.cpu_count() or 1))
+
+
 def run(s: RunSettings) -> int:
-    nodes = s.nodes or DEFAULT_RUN_NODES
+    nodes = s.nodes or default_nodes()
+    if not s.nodes:
+        say(f"run: {nodes} local nodes, one per core of this machine at most (--nodes N to choose)")
     share_cores_with_local_workers(nodes)
     running = start_master(s, nodes, s.grpc_port or 0)
     host = s.grpc_host or s.host
