@@ -7,8 +7,8 @@
    (tokens - 1) / (time of the last token - time of the first). The grammar's mask is computed on
    the engine's grammar thread while the step runs (engine/engine.py), so the goal is <= 10% slower.
 2. The matchers alone: microseconds per token to compute the next-token mask along a fixed valid
-   JSON text, for llguidance (what tpi-node uses) and, when installed, outlines-core
-   (`pip install outlines-core` to compare); plus the time to compile the schema.
+   JSON text, for llguidance (what tpi-node uses) and, when installed, outlines-core and xgrammar
+   (`pip install outlines-core xgrammar` to compare); plus the time to compile the schema.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def bench_matchers(model) -> None:
             except Exception:
                 break  # outlines-core's regex forbids this spelling (whitespace): stop the walk
         rows.append(("outlines-core", oc_compile_ms, statistics.median(per) * 1e6, max(per) * 1e6))
+    rows.append(("xgrammar", *_xgrammar(model, ids)))
     print(f"\nmatchers alone: the schema above, {len(ids)} tokens of a valid answer, vocabulary {tok.vocab_size}")
     print(f"{'library':<15}{'compile ms':>11}{'mask us (median)':>18}{'mask us (max)':>15}")
     for name, comp, med, worst in rows:
@@ -134,6 +135,29 @@ def bench_matchers(model) -> None:
             print(f"{name:<15}{'not installed':>11}")
         else:
             print(f"{name:<15}{comp:>11.1f}{med:>18.1f}{worst:>15.1f}")
+
+
+def _xgrammar(model, ids: list[int]) -> tuple:
+    """xgrammar, when installed (`pip install xgrammar`; its tokenizer comes from transformers)."""
+    try:
+        import xgrammar as xgr
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None, None, None
+    import json
+
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(str(model)))
+    compiler = xgr.GrammarCompiler(info)
+    t0 = time.perf_counter()
+    grammar = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    matcher, mask, per = xgr.GrammarMatcher(grammar), xgr.allocate_token_bitmask(1, info.vocab_size), []
+    for t in ids:
+        t1 = time.perf_counter()
+        matcher.fill_next_token_bitmask(mask)
+        per.append(time.perf_counter() - t1)
+        assert matcher.accept_token(t), "the valid text was refused"
+    return compile_ms, statistics.median(per) * 1e6, max(per) * 1e6
 
 
 def main() -> None:
