@@ -29,7 +29,8 @@ def run_cluster(model_dir: Path, nodes: int, tokens: int, home: Path) -> dict:
     from tpi_node.settings import MasterSettings
 
     os.environ["TPI_HOME"] = str(home / "master")
-    s = MasterSettings(model=str(model_dir), dtype="fp32", device="cpu", node_id="master", speed=1.0)
+    # one token per step (no speculative drafts): this measures what one step costs
+    s = MasterSettings(model=str(model_dir), dtype="fp32", device="cpu", node_id="master", speed=1.0, speculative="off")
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port
     workers = [
