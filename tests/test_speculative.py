@@ -148,3 +148,27 @@ def test_trim_gives_back_the_blocks_of_rejected_drafts_only():
     assert len(pool.table(1)) == 3 and pool.available() == 5
     pool.release(1)
     assert pool.available() == 8 and len(pool.cached) == 2  # its two full blocks stay findable
+
+
+def test_drafts_are_dropped_rather_than_preempt_another_sequence():
+    from tpi_node.engine.limits import EngineLimits
+    from tpi_node.engine.scheduler import Scheduler
+    from tpi_node.engine.sequence import Sequence
+
+    def seq(i: int, tokens: list[int]) -> Sequence:
+        params = SamplingParams(max_tokens=64, temperature=0.0)
+        s = Sequence(i, str(i), list(tokens), len(tokens), params, None, None, None, None, drafter=PromptLookup())
+        return s
+
+    sch = Scheduler(EngineLimits(), num_blocks=4)
+    repetitive = [5, 6, 7, 8] * 7 + [5, 6, 7]  # 31 tokens: 2 blocks, and drafts to propose
+    a, b = seq(1, repetitive), seq(2, list(range(100, 131)))  # b: 31 tokens, 2 blocks
+    sch.add(a)
+    sch.add(b)
+    work = sch.schedule()  # both prefill: all 4 blocks are taken
+    sch.computed(work)
+    a.tokens.append(8)  # each sampled a token; a's drafts would need a third block
+    b.tokens.append(131)
+    work = sch.schedule()
+    assert [(s.seq_id, len(c)) for s, c in work] == [(1, 1), (2, 1)]  # a decodes its one token
+    assert a.draft == [] and sch.preemptions == 0 and len(sch.running) == 2

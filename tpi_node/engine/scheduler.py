@@ -57,6 +57,8 @@ class Scheduler:
             if s not in self.running:  # preempted for an earlier one of this step
                 continue
             chunk = s.next_chunk(min(budget, self.limits.prefill_chunk))
+            if s.draft and not self.pool.grow(s.seq_id, s.cached + len(chunk)):
+                chunk, s.draft = chunk[: len(chunk) - len(s.draft)], []  # drafts never preempt anyone
             if not self._make_room(s, s.cached + len(chunk), work):
                 continue
             work.append((s, chunk))
