@@ -13,21 +13,19 @@ base64-encoded. `dimensions` is accepted only when it equals the hidden size (no
 from __future__ import annotations
 
 import base64
-import logging
 import struct
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from tpi_node.engine.client import ClusterNotReady, EngineClient, QueueFull
+from tpi_node.engine.client import EngineClient, QueueFull
 from tpi_node.server import responses as R
 from tpi_node.server.choices import ClientDisconnected, unless_disconnected
 from tpi_node.server.errors import APIError
 from tpi_node.server.metrics import ServerMetrics
 from tpi_node.server.prompts import PromptEncoder
 from tpi_node.server.protocol import MAX_EMBEDDING_INPUTS, EmbeddingRequest
-
-log = logging.getLogger("tpi_node.server")
+from tpi_node.server.serving import admit
 
 
 def encode_base64(vector: list[float]) -> str:
@@ -43,18 +41,7 @@ class EmbeddingServing:
 
     def _inputs(self, req: EmbeddingRequest) -> list[list[int]]:
         """Checks in the order of the other endpoints: model (404), readiness (503), input (400)."""
-        extra = req.unknown_fields()
-        if extra:
-            log.info("embeddings: ignoring unknown fields %s", ", ".join(extra))
-        if req.model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if not self.engine.ready():
-            raise ClusterNotReady()
+        admit(req, "embeddings", self.model_name, self.engine)
         size = int(self.engine.hidden_size)
         if req.dimensions is not None and req.dimensions != size:
             raise APIError.bad_request(

@@ -22,14 +22,12 @@ are a 400. `truncation: "auto"` is accepted but does nothing (an input too long 
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from tpi_node.engine.client import ClusterNotReady
 from tpi_node.server.errors import APIError
 from tpi_node.server.protocol import (
     ChatCompletionRequest,
@@ -38,9 +36,7 @@ from tpi_node.server.protocol import (
     ResponsesToolChoice,
 )
 from tpi_node.server.responses_output import Echo, ResponseEvents, from_chat, new_id, response_stream
-from tpi_node.server.serving import OpenAIServing
-
-log = logging.getLogger("tpi_node.server")
+from tpi_node.server.serving import OpenAIServing, admit
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TEXT_PARTS = ("input_text", "output_text")
@@ -235,18 +231,7 @@ def _refuse_state(req: ResponsesRequest) -> None:
 async def create_response(serving: OpenAIServing, req: ResponsesRequest, request: Request) -> Response:
     """POST /v1/responses. Order of checks as on the other routes: model (404) -> readiness (503)
     -> request (400) -> queue (429) -> engine."""
-    extra = req.unknown_fields()
-    if extra:
-        log.info("responses: ignoring unknown fields %s", ", ".join(extra))
-    if req.model != serving.model_name:
-        raise APIError(
-            404,
-            f"the model {req.model!r} does not exist; this server serves {serving.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-    if not serving.engine.ready():
-        raise ClusterNotReady()
+    admit(req, "responses", serving.model_name, serving.engine)
     _refuse_state(req)
     chat = chat_request(req)
     try:

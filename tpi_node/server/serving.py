@@ -49,6 +49,23 @@ def _seed_for(seed: int | None, i: int) -> int | None:
     return (seed + i - SEED_MIN) % span + SEED_MIN
 
 
+def admit(req, endpoint: str, model_name: str, engine: EngineClient) -> None:
+    """The first checks of every endpoint, in order: unknown fields logged, the model (404), the
+    cluster's readiness (503)."""
+    extra = req.unknown_fields()
+    if extra:
+        log.info("%s: ignoring unknown fields %s", endpoint, ", ".join(extra))
+    if req.model != model_name:
+        raise APIError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if not engine.ready():
+        raise ClusterNotReady()
+
+
 class OpenAIServing:
     def __init__(
         self, engine: EngineClient, tokenizer, model_name: str, metrics: ServerMetrics, max_queue: int
@@ -60,18 +77,7 @@ class OpenAIServing:
     # -- checks shared by both endpoints ---------------------------------------------------
 
     def _admit(self, req: _SamplingFields, endpoint: str) -> None:
-        extra = req.unknown_fields()
-        if extra:
-            log.info("%s: ignoring unknown fields %s", endpoint, ", ".join(extra))
-        if req.model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if not self.engine.ready():
-            raise ClusterNotReady()
+        admit(req, endpoint, self.model_name, self.engine)
         if req.stream_options is not None and not req.stream:
             raise APIError.bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
