@@ -78,3 +78,40 @@ def node_id(home: Path | None = None, role: str = "node") -> str:
         except OSError as e:  # read-only home: still a valid id, just not a stable one
             log.warning("cannot store the node id in %s (%s); it will change on restart", path, e)
     return nid
+
+
+_CLAIMS: list = []  # the lock files of the ids this process holds (open for its whole life)
+
+
+def claim(nid: str, home: Path | None = None) -> str:
+    """`nid`, or `nid-2`, `nid-3`, ...: the first id no other tpi-node process of this machine (and
+    home) holds. Two `tpi-node join` started on one machine would otherwise present the same id,
+    and the master would take the second for the first rejoining. Held by a flock, which the
+    kernel drops when the process ends (a restarted node gets its id back)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no claim, the master still refuses a duplicate
+        return nid
+    locks = (home or tpi_home()) / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return nid
+    for i in range(1, 100):
+        cand = nid if i == 1 else f"{nid}-{i}"
+        f = open(locks / f"{cand}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _CLAIMS.append(f)
+        if i > 1:
+            log.warning(
+                "node id %s is held by another tpi-node process on this machine: this one is %s "
+                "(--node-id or its own TPI_HOME to choose)",
+                nid,
+                cand,
+            )
+        return cand
+    return nid

@@ -67,6 +67,7 @@ class ClusterMaster(rpc.MasterServicer):
         self.server: grpc.aio.Server | None = None
         self.bound_port = 0
         self._formed: asyncio.Event | None = None  # made on the loop at start()
+        self._joining: dict[str, str] = {}  # node id -> address of a Join waiting for the plan
         self._form_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -122,14 +123,26 @@ class ClusterMaster(rpc.MasterServicer):
         m = self.membership
         member = Member(NodeCapacity.from_pb(request.node_id, request.capacity), request.address or context.peer())
         refuse = self._refusal(request)
-        if refuse is None and not self._formed.is_set():
-            m.add(member)
-            async with self._form_lock:
-                if len(m.members) >= m.expected and m.state is ClusterState.WAITING:
-                    await self._form()
-        if refuse is None:
-            await self._formed.wait()
-            refuse = m.reason if m.state is ClusterState.FAILED else None
+        if refuse is None and request.node_id in self._joining:
+            refuse = (
+                f"node id {request.node_id} is already taken by a node waiting to join from "
+                f"{self._joining[request.node_id]}; give every node its own id (--node-id, or its own TPI_HOME)"
+            )
+        waits = refuse is None and not self._formed.is_set()
+        if waits:
+            self._joining[request.node_id] = member.address
+        try:
+            if waits:
+                m.add(member)
+                async with self._form_lock:
+                    if len(m.members) >= m.expected and m.state is ClusterState.WAITING:
+                        await self._form()
+            if refuse is None:
+                await self._formed.wait()
+                refuse = m.reason if m.state is ClusterState.FAILED else None
+        finally:
+            if waits:
+                self._joining.pop(request.node_id, None)
         if refuse is None:
             refuse = await self._admit(member)
         if refuse is not None:

@@ -22,6 +22,7 @@ from tpi_node.cluster.assignment import Assignment
 from tpi_node.cluster.auth import resolve_token
 from tpi_node.cluster.deployment import ClusterSpec, MakeCollective
 from tpi_node.cluster.driver import ClusterDriver
+from tpi_node.cluster.identity import claim
 from tpi_node.cluster.identity import node_id as machine_node_id
 from tpi_node.cluster.link import MasterLink
 from tpi_node.cluster.master import ClusterMaster
@@ -60,7 +61,9 @@ def tls_for(s: TlsOptions, role: str, cert_name: str | None = None) -> TlsFiles 
 
 
 def node_id_for(s, role: str) -> str:
-    return s.node_id or machine_node_id(role=role)
+    """--node-id, else this machine's id for the role (claimed: a second process of the same
+    machine and home gets a derived one, and says so)."""
+    return s.node_id or claim(machine_node_id(role=role))
 
 
 def capacity_for(

@@ -1,0 +1,64 @@
+"""Two nodes that would present one id: never a silent wait. Two `tpi-node join` started on one
+machine with one home claim distinct ids (the second says so) and the cluster forms; two nodes
+given the same --node-id get a refusal that names the id, on both sides, at once."""
+
+from __future__ import annotations
+
+import time
+
+from tests.cluster_procs import Node, free_port, wait_health
+from tpi_node.cluster.identity import claim
+
+
+def test_a_claimed_id_is_not_given_twice_and_comes_back_when_released(tmp_path):
+    import tpi_node.cluster.identity as identity
+
+    assert claim("box-1234abcd", tmp_path) == "box-1234abcd"
+    assert claim("box-1234abcd", tmp_path) == "box-1234abcd-2"  # a second holder on this machine
+    assert claim("box-1234abcd", tmp_path) == "box-1234abcd-3"
+    for f in identity._CLAIMS[-3:]:  # the processes end: the kernel drops their locks
+        f.close()
+    del identity._CLAIMS[-3:]
+    assert claim("box-1234abcd", tmp_path) == "box-1234abcd"
+
+
+def test_two_joins_from_one_machine_form_the_cluster_and_a_duplicate_id_is_refused(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("tiny-llama"))
+    http, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    serve = ["serve", "--model", model, "--device", "cpu", "--port", str(http), "--grpc-port", str(grpc_port)]
+    join = ["join", "--master", f"127.0.0.1:{grpc_port}", "--device", "cpu"]
+    shared_home = {"TPI_HOME": str(tmp_path / "one-machine")}
+    master = Node("master", tmp_path, serve + ["--min-nodes", "3"])
+    a = Node("join-a", tmp_path, join, env=shared_home)
+    time.sleep(1.0)  # a takes the machine's id first
+    b = Node("join-b", tmp_path, join, env=shared_home)
+    procs = [master, a, b]
+    try:
+        health = wait_health(url, 3, 90, procs)
+        ids = sorted(n["id"] for n in health["nodes"])
+        assert len(set(ids)) == 3 and any(i.endswith("-2") for i in ids), ids
+        assert "held by another tpi-node process on this machine" in b.log()
+
+        # the same explicit id twice, before the plan is formed: the second is refused at once
+        http2, grpc2 = free_port(), free_port()
+        serve2 = ["serve", "--model", model, "--device", "cpu", "--port", str(http2), "--grpc-port", str(grpc2)]
+        master2 = Node("master2", tmp_path, serve2 + ["--min-nodes", "3"])
+        twin = ["join", "--master", f"127.0.0.1:{grpc2}", "--device", "cpu", "--node-id", "twin"]
+        first = Node("twin-1", tmp_path, twin)
+        procs += [master2, first]
+        deadline = time.monotonic() + 60
+        while "joined (2 of 3)" not in master2.log() and time.monotonic() < deadline:
+            assert first.alive(), first.log()[-2000:]
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        second = Node("twin-2", tmp_path, twin)
+        procs.append(second)
+        assert second.wait_exit(30) != 0
+        took = time.monotonic() - t0
+        assert "node id twin is already taken by a node waiting to join" in second.log(), second.log()[-2000:]
+        assert "refused node twin" in master2.log() and first.alive()
+        print(f"\nduplicate id refused {took:.1f} s after the second join started (process start included)")
+    finally:
+        for p in procs:
+            p.stop()
