@@ -58,6 +58,10 @@ def test_two_joins_from_one_machine_form_the_cluster_and_a_duplicate_id_is_refus
         took = time.monotonic() - t0
         assert "node id twin is already taken by a node waiting to join" in second.log(), second.log()[-2000:]
         assert "refused node twin" in master2.log() and first.alive()
+        deadline = time.monotonic() + 15  # and the master keeps saying what it waits for
+        while "waiting for 1 more node(s) to join (in: " not in master2.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "waiting for 1 more node(s) to join (in: " in master2.log(), master2.log()[-1500:]
         print(f"\nduplicate id refused {took:.1f} s after the second join started (process start included)")
     finally:
         for p in procs:

@@ -87,6 +87,13 @@ class Membership:
         self.lost_since: float | None = None  # when an idle cluster first noticed a lost worker
         self.replans = 0
 
+    def waiting_for(self) -> str:
+        """What a cluster that is not ready waits for, in one line (said every few seconds)."""
+        if self.state is ClusterState.WAITING:
+            joined = ", ".join(m.node_id for m in self.members)
+            return f"waiting for {self.expected - len(self.members)} more node(s) to join (in: {joined})"
+        return f"the cluster is {self.state.value}" + (f": {self.reason}" if self.reason else "")
+
     # ---- forming ----------------------------------------------------------------------------------
     def add(self, member: Member) -> bool:
         """A node joined before the plan is formed. True when enough have to form it."""

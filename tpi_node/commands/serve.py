@@ -19,6 +19,7 @@ from tpi_node.server.dashboard import dashboard_router
 from tpi_node.settings import DEFAULT_GRPC_PORT, MasterSettings, ServeSettings
 
 log = logging.getLogger("tpi_node.serve")
+WAIT_SAY_S = 10.0  # a master that is not ready says what it waits for this often
 
 
 def run(s: ServeSettings) -> int:
@@ -53,11 +54,16 @@ def serve_http(s: MasterSettings, running: RunningMaster) -> None:
 
 
 def _say_when_ready(s: MasterSettings, running: RunningMaster) -> None:
-    """Once the cluster is ready: where it serves, and a line to try it with."""
+    """Until the cluster is ready, what it waits for (every WAIT_SAY_S); then where it serves, and
+    a line to try it with."""
     master, engine = running.master, running.engine
+    next_say = time.monotonic() + WAIT_SAY_S
     while not master.ready():
         if master.stopped:
             return
+        if time.monotonic() >= next_say:
+            say(f"{master.membership.waiting_for()}; workers join at port {master.bound_port}")
+            next_say += WAIT_SAY_S
         time.sleep(0.2)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     url = f"http://{host}:{s.port}"
