@@ -134,11 +134,25 @@ def test_api_key_is_checked(engine):
         assert_error(httpx.post(u + "/v1/chat/completions", json=body), 401, "invalid_api_key")
         assert_error(httpx.post(u + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
         assert_error(httpx.get(u + "/v1/models", headers={"Authorization": "Basic s3cret"}), 401)
-        assert httpx.get(u + "/health").status_code == 200  # health stays open for probes
+        # health stays open for probes, but tells nothing about the cluster without the key
+        bare = httpx.get(u + "/health")
+        assert bare.status_code == 200 and bare.json() == {"status": "ok"}
+        full = httpx.get(u + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert full["status"] == "ok" and full["model"] == engine.model_name and "nodes" in full
+        assert_error(httpx.get(u + "/metrics"), 401, "invalid_api_key")
+        metrics = httpx.get(u + "/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert metrics.status_code == 200 and "tpi_requests_total" in metrics.text
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=u + "/v1", api_key="nope", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=u + "/v1", api_key="s3cret", max_retries=0)
         assert ok.chat.completions.create(**body).usage.completion_tokens == 1
+
+
+def test_public_metrics_opens_only_metrics(engine):
+    with serve(engine, api_key="s3cret", public_metrics=True) as u:
+        assert httpx.get(u + "/metrics").status_code == 200
+        assert_error(httpx.get(u + "/v1/models"), 401, "invalid_api_key")
+        assert httpx.get(u + "/health").json() == {"status": "ok"}
 
 
 def test_not_ready_is_503(model_dir):

@@ -233,7 +233,14 @@ class MasterOptions:
     peer_timeout: float = setting(
         5.0, "seconds without a partial sum before a worker counts as lost (default 5)", type=non_negative_float
     )
-    api_key: str | None = setting(None, "require this bearer token on the OpenAI API")
+    api_key: str | None = setting(
+        None,
+        "require this bearer token on the OpenAI API, /metrics and /cluster.json (/health then tells "
+        "only whether the cluster is up)",
+    )
+    public_metrics: bool = setting(
+        False, "serve /metrics without the API key (for a Prometheus scraper)", kind="switch"
+    )
     auto_admit: bool = setting(
         False, "admit new workers of this cluster at the next idle moment (re-planning)", kind="switch"
     )

@@ -14,7 +14,7 @@ from tpi_node.cluster.discovery import WorkerWatch, advertise_master
 from tpi_node.cluster.view import ClusterView
 from tpi_node.commands import Command
 from tpi_node.commands.compose import RunningMaster, say, start_master
-from tpi_node.server.app import create_app
+from tpi_node.server.app import api_key_check, create_app
 from tpi_node.server.dashboard import dashboard_router
 from tpi_node.settings import DEFAULT_GRPC_PORT, MasterSettings, ServeSettings
 
@@ -37,13 +37,19 @@ def serve_http(s: MasterSettings, running: RunningMaster) -> None:
 
     master, engine = running.master, running.engine
     app = create_app(
-        engine, engine.tokenizer, model_name=engine.model_name, api_key=s.api_key, cluster_info=master.cluster_info
+        engine,
+        engine.tokenizer,
+        model_name=engine.model_name,
+        api_key=s.api_key,
+        public_metrics=s.public_metrics,
+        cluster_info=master.cluster_info,
     )
     ad = _advertise(s, master.membership.master_id, master.bound_port)
     watch = None
     if ad is not None and s.auto_admit:
         watch = WorkerWatch(s.cluster)
-    app.include_router(dashboard_router(ClusterView(master, engine, s.cluster, watch, running.gpu)))
+    view = ClusterView(master, engine, s.cluster, watch, running.gpu)
+    app.include_router(dashboard_router(view, api_key_check(s.api_key)))
     threading.Thread(target=_say_when_ready, args=(s, running), daemon=True).start()
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level="warning")

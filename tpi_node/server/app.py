@@ -77,7 +77,9 @@ class _CountRequests:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
-def _auth(api_key: str | None) -> Callable:
+def api_key_check(api_key: str | None) -> Callable:
+    """A dependency that answers 401 unless the request has `Authorization: Bearer <api_key>`
+    (nothing is checked without an api_key)."""
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key / TPI_API_KEY")
 
     async def check(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -85,10 +87,14 @@ def _auth(api_key: str | None) -> Callable:
             return
         if creds is None:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(creds.credentials.encode(), api_key.encode()):
+        if not _key_matches(creds.credentials, api_key):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
     return check
+
+
+def _key_matches(given: str, api_key: str) -> bool:
+    return secrets.compare_digest(given.encode(), api_key.encode())
 
 
 def create_app(
@@ -97,6 +103,7 @@ def create_app(
     *,
     model_name: str,
     api_key: str | None = None,
+    public_metrics: bool = False,
     cluster_info: Callable[[], dict] | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     stats: StatsFn | None = None,
@@ -110,7 +117,8 @@ def create_app(
     app.add_middleware(_CountRequests, metrics=metrics)
     app.state.serving, app.state.metrics = serving, metrics
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(api_key))], responses=_ERRORS)
+    auth = Depends(api_key_check(api_key))
+    v1 = APIRouter(prefix="/v1", dependencies=[auth], responses=_ERRORS)
 
     def card() -> ModelCard:
         return ModelCard(id=model_name, created=created, max_model_len=int(engine.max_context))
@@ -144,14 +152,18 @@ def create_app(
     app.include_router(v1)
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        """Liveness for anyone; the nodes, their addresses and the plan only with the API key."""
         if not engine.ready():
             return error_response(APIError.from_engine(ClusterNotReady()))
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not (given.startswith("Bearer ") and _key_matches(given[7:], api_key)):
+            return JSONResponse({"status": "ok"})
         info = dict(cluster_info() if cluster_info is not None else {})
         info.setdefault("nodes", [])
         return JSONResponse({"status": "ok", "model": model_name, **info})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if public_metrics else [auth])
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

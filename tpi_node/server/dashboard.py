@@ -18,13 +18,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, JSONResponse
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
 
 
-def dashboard_router(cluster_state: Callable[[], dict]) -> APIRouter:
+def dashboard_router(cluster_state: Callable[[], dict], auth: Callable | None = None) -> APIRouter:
+    """`auth`: the API key check (server/app.py api_key_check) that guards the cluster's state;
+    the page itself holds no data (it asks for the key when /cluster.json answers 401)."""
     router = APIRouter(include_in_schema=False)
     html = PAGE.read_text(encoding="utf-8")
 
@@ -32,7 +34,7 @@ def dashboard_router(cluster_state: Callable[[], dict]) -> APIRouter:
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
-    @router.get("/cluster.json")
+    @router.get("/cluster.json", dependencies=[Depends(auth)] if auth is not None else [])
     async def cluster_json() -> JSONResponse:
         state = dict(cluster_state())
         state["time"] = time.time()

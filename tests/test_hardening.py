@@ -1,6 +1,7 @@
-"""Two nodes that would present one id: never a silent wait. Two `tpi-node join` started on one
-machine with one home claim distinct ids (the second says so) and the cluster forms; two nodes
-given the same --node-id get a refusal that names the id, on both sides, at once."""
+"""No silent waits, no side doors. Two `tpi-node join` started on one machine with one home claim
+distinct ids (the second says so) and the cluster forms; two nodes given the same --node-id get a
+refusal that names the id, on both sides, at once; a waiting master keeps saying what it waits for.
+With --api-key, the cluster's state (/cluster.json, /metrics, /health's details) needs the key."""
 
 from __future__ import annotations
 
@@ -66,3 +67,33 @@ def test_two_joins_from_one_machine_form_the_cluster_and_a_duplicate_id_is_refus
     finally:
         for p in procs:
             p.stop()
+
+
+def test_with_an_api_key_the_cluster_state_needs_it_and_health_is_bare(tiny_model_dir, tmp_path):
+    import httpx
+
+    http, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    argv = ["serve", "--model", str(tiny_model_dir("tiny-llama")), "--device", "cpu", "--port", str(http)]
+    node = Node("keyed", tmp_path, argv + ["--grpc-port", str(grpc_port), "--api-key", "k3y"])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert node.alive(), node.log()[-2000:]
+            time.sleep(0.2)
+        key = {"Authorization": "Bearer k3y"}
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # no nodes, addresses or plan
+        assert httpx.get(f"{url}/health", headers=key).json()["nodes"]
+        for path in ("/cluster.json", "/metrics"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert httpx.get(url + path, headers=key).status_code == 200, path
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "tpi-node-api-key" in page.text  # the page holds no data
+    finally:
+        node.stop()
