@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def test_compose_cluster_matches_loopback(docker, smollm2_dir):
 
     def compose(*args, timeout=300):
         return _sh("docker-compose", "-p", PROJECT, "-f", str(COMPOSE), *args, env=env, timeout=timeout)
+
+    refused = compose("config")  # no cluster token: the master would listen on the lan unguarded
+    assert refused.returncode != 0 and "set TPI_CLUSTER_TOKEN first" in refused.stderr, refused.stderr[-1000:]
+    env["TPI_CLUSTER_TOKEN"] = _sh(sys.executable, "-m", "tpi_node.cli", "token", cwd=REPO).stdout.strip()
 
     compose("down", "-v", "--remove-orphans")
     prompt, n = "The three primary colors are", 8
