@@ -97,3 +97,63 @@ def test_with_an_api_key_the_cluster_state_needs_it_and_health_is_bare(tiny_mode
         assert page.status_code == 200 and "tpi-node-api-key" in page.text  # the page holds no data
     finally:
         node.stop()
+
+
+def test_open_challenges_are_bounded_per_peer_and_a_flood_evicts_only_its_own():
+    from tpi_node.cluster import auth
+
+    v = auth.JoinVerifier(auth.new_token())
+    worker = auth.JoinProver("t", "w1")  # its token is irrelevant here: only the table is checked
+    sn_worker, _ = v.challenge("w1", worker.client_nonce, peer="ipv4:10.0.0.2:40000")
+    for i in range(5000):  # one peer floods
+        v.challenge("x", bytes([i % 256]) * 32, peer="ipv4:10.0.0.9:50000")
+    assert v.open_challenges("ipv4:10.0.0.9:50000") == auth.MAX_PENDING_PER_PEER
+    assert v.open_challenges("ipv4:10.0.0.2:40000") == 1
+    for p in range(auth.MAX_PENDING + 10):  # many peers, one challenge each: the table stays bounded
+        v.challenge("y", b"z" * 32, peer=f"ipv4:10.0.1.{p % 250}:{p}")
+    assert v.open_challenges() == auth.MAX_PENDING
+
+
+def test_a_worker_joins_while_one_connection_floods_the_master_with_challenges(tiny_model_dir, tmp_path):
+    import secrets
+    import threading
+
+    import grpc
+
+    from tpi_node.cluster import auth
+    from tpi_node.proto import tpi_pb2 as pb
+    from tpi_node.proto import tpi_pb2_grpc as rpc
+
+    token = auth.new_token()
+    http, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    serve = ["serve", "--model", str(tiny_model_dir("tiny-llama")), "--device", "cpu", "--port", str(http)]
+    master = Node("master", tmp_path, serve + ["--grpc-port", str(grpc_port), "--min-nodes", "2", "--token", token])
+    sent, stop = [0], threading.Event()
+
+    def flood() -> None:  # 5,000 challenges with fresh nonces, never answered
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            stub = rpc.MasterStub(ch)
+            while sent[0] < 5000 and not stop.is_set():
+                stub.Challenge(pb.ChallengeRequest(node_id="flood", client_nonce=secrets.token_bytes(32)), timeout=5)
+                sent[0] += 1
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    procs = [master]
+    try:
+        while sent[0] < 500:  # the flood is on before the worker comes
+            assert flooder.is_alive() and master.alive(), master.log()[-2000:]
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        procs.append(Node("worker", tmp_path, ["join", "--master", f"127.0.0.1:{grpc_port}", "--token", token]))
+        wait_health(url, 2, 60, procs)
+        took = time.monotonic() - t0
+        assert took < 10, took
+        print(f"\nworker in after {took:.1f} s with {sent[0]} flood challenges sent")
+    finally:
+        stop.set()
+        flooder.join(10)
+        for p in procs:
+            p.stop()

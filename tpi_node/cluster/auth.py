@@ -22,6 +22,7 @@ is TLS's job (tls.py).
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import hmac
 import secrets
@@ -34,6 +35,7 @@ TOKEN_PREFIX = "tpi1-"
 NONCE_BYTES = 32
 CHALLENGE_TTL_S = 60.0
 MAX_PENDING = 1024  # bound the master's table of open challenges (a flood cannot grow it)
+MAX_PENDING_PER_PEER = 4  # open challenges of one peer (connection); its oldest goes first
 
 
 class AuthError(Exception):
@@ -78,30 +80,57 @@ class JoinVerifier:
 
     def __init__(self, token: str) -> None:
         self._key = _key(token)
-        self._pending: dict[bytes, tuple[str, bytes, float]] = {}  # sn -> (node_id, cn, expiry)
+        # sn -> (node_id, cn, expiry, peer), oldest first; and each peer's open nonces, oldest first
+        self._pending: dict[bytes, tuple[str, bytes, float, str]] = {}
+        self._by_peer: dict[str, collections.deque[bytes]] = {}
         self._lock = threading.Lock()
 
-    def challenge(self, node_id: str, client_nonce: bytes) -> tuple[bytes, bytes]:
-        """-> (server nonce, master's proof) for a worker that sent `client_nonce`."""
+    def challenge(self, node_id: str, client_nonce: bytes, peer: str = "") -> tuple[bytes, bytes]:
+        """-> (server nonce, master's proof) for a worker that sent `client_nonce` from `peer`.
+        The open challenges are bounded per peer and overall, and a full table makes room by
+        dropping the oldest challenge of the peer that holds the most: a flood from one peer only
+        ever evicts its own, never another worker's."""
         _check_nonce(client_nonce, "client")
         sn = secrets.token_bytes(NONCE_BYTES)
         now = time.monotonic()
         with self._lock:
-            for k in [k for k, v in self._pending.items() if v[2] < now]:
-                del self._pending[k]
-            if len(self._pending) >= MAX_PENDING:
-                raise AuthError("too many joins in progress; try again shortly")
-            self._pending[sn] = (node_id, client_nonce, now + CHALLENGE_TTL_S)
+            while self._pending:  # expired ones first (the dict is in issue order)
+                oldest = next(iter(self._pending))
+                if self._pending[oldest][2] >= now:
+                    break
+                self._drop(oldest)
+            mine = self._by_peer.get(peer)
+            if mine and len(mine) >= MAX_PENDING_PER_PEER:
+                self._drop(mine[0])
+            elif len(self._pending) >= MAX_PENDING:
+                greedy = max(self._by_peer.values(), key=len)
+                self._drop(greedy[0])
+            self._pending[sn] = (node_id, client_nonce, now + CHALLENGE_TTL_S, peer)
+            self._by_peer.setdefault(peer, collections.deque()).append(sn)
         return sn, _proof(self._key, b"master", node_id, client_nonce, sn)
+
+    def _drop(self, sn: bytes) -> tuple[str, bytes, float, str] | None:
+        """Caller holds the lock."""
+        entry = self._pending.pop(sn, None)
+        if entry is not None:
+            mine = self._by_peer[entry[3]]
+            mine.remove(sn)
+            if not mine:
+                del self._by_peer[entry[3]]
+        return entry
+
+    def open_challenges(self, peer: str | None = None) -> int:
+        with self._lock:
+            return len(self._pending) if peer is None else len(self._by_peer.get(peer, ()))
 
     def verify(self, node_id: str, client_nonce: bytes, server_nonce: bytes, proof: bytes) -> None:
         """Raise AuthError unless `proof` is the worker's proof for a challenge this verifier
         issued to `node_id` (each challenge answers once)."""
         with self._lock:
-            entry = self._pending.pop(server_nonce, None) if isinstance(server_nonce, bytes) else None
+            entry = self._drop(server_nonce) if isinstance(server_nonce, bytes) else None
         if entry is None:
             raise AuthError("no open join challenge for this worker (expired or replayed); join again")
-        nid, cn, expiry = entry
+        nid, cn, expiry, _ = entry
         if nid != node_id or not hmac.compare_digest(cn, client_nonce) or expiry < time.monotonic():
             raise AuthError("the join challenge does not match this worker; join again")
         want = _proof(self._key, b"worker", node_id, client_nonce, server_nonce)

@@ -53,14 +53,14 @@ class MasterAuth:
                 "(make one with `tpi-node token`, then --token or TPI_CLUSTER_TOKEN on every node)"
             )
 
-    def challenge(self, request):
-        """Answer a Challenge RPC."""
+    def challenge(self, request, peer: str = ""):
+        """Answer a Challenge RPC from `peer` (gRPC's peer string: one connection)."""
         if self.verifier is None:
             return pb.ChallengeReply(required=False)
         if not request.client_nonce:  # a worker without a token: it will be told it needs one
             return pb.ChallengeReply(required=True)
         try:
-            sn, proof = self.verifier.challenge(request.node_id, bytes(request.client_nonce))
+            sn, proof = self.verifier.challenge(request.node_id, bytes(request.client_nonce), peer)
         except AuthError as e:
             return pb.ChallengeReply(required=True, reason=str(e))
         return pb.ChallengeReply(required=True, server_nonce=sn, master_proof=proof)

@@ -117,7 +117,7 @@ class ClusterMaster(rpc.MasterServicer):
 
     # ---- Challenge / Join -----------------------------------------------------------------------------
     async def Challenge(self, request, context):
-        return self.auth.challenge(request)
+        return self.auth.challenge(request, context.peer())
 
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         m = self.membership
