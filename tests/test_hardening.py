@@ -5,6 +5,8 @@ With --api-key, the cluster's state (/cluster.json, /metrics, /health's details)
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from tests.cluster_procs import Node, free_port, wait_health
@@ -95,6 +97,11 @@ def test_with_an_api_key_the_cluster_state_needs_it_and_health_is_bare(tiny_mode
             assert httpx.get(url + path, headers=key).status_code == 200, path
         page = httpx.get(url + "/")
         assert page.status_code == 200 and "tpi-node-api-key" in page.text  # the page holds no data
+        status = [sys.executable, "-m", "tpi_node.cli", "status", "--master", url]
+        refused = subprocess.run(status, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "needs its API key" in refused.stderr, refused.stderr[-500:]
+        shown = subprocess.run(status + ["--api-key", "k3y"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "master" in shown.stdout, shown.stderr[-500:]
     finally:
         node.stop()
 

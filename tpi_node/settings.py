@@ -214,6 +214,15 @@ class ClusterNameOption:
 
 
 @dataclass(frozen=True)
+class ApiKeyOption:
+    api_key: str | None = setting(
+        None,
+        "the API key: a master requires it as a bearer token on the OpenAI API, /metrics and /cluster.json "
+        "(/health then tells only whether the cluster is up); status sends it",
+    )
+
+
+@dataclass(frozen=True)
 class MasterOptions:
     host: str = setting("127.0.0.1", "HTTP address to listen on (default 127.0.0.1)")
     port: int = setting(
@@ -232,11 +241,6 @@ class MasterOptions:
     )
     peer_timeout: float = setting(
         5.0, "seconds without a partial sum before a worker counts as lost (default 5)", type=non_negative_float
-    )
-    api_key: str | None = setting(
-        None,
-        "require this bearer token on the OpenAI API, /metrics and /cluster.json (/health then tells "
-        "only whether the cluster is up)",
     )
     public_metrics: bool = setting(
         False, "serve /metrics without the API key (for a Prometheus scraper)", kind="switch"
@@ -350,6 +354,7 @@ class MasterSettings(
     TlsOptions,
     ClusterNameOption,
     MasterOptions,
+    ApiKeyOption,
     ConfigFile,
 ):
     """What starts a master (serve, run)."""
@@ -397,7 +402,7 @@ class SynthSettings(SynthOptions, OutOption, DtypeOption, SeedOption):
 
 
 @dataclass(frozen=True)
-class StatusSettings(StatusOptions, ClusterNameOption):
+class StatusSettings(StatusOptions, ApiKeyOption, ClusterNameOption):
     pass
 
 

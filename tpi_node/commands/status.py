@@ -12,15 +12,21 @@ from tpi_node.errors import UserError
 from tpi_node.settings import StatusSettings
 
 
-def fetch_state(url: str, timeout: float = 5.0) -> dict:
+def fetch_state(url: str, timeout: float = 5.0, api_key: str | None = None) -> dict:
     base = url if "://" in url else f"http://{url}"
     base = base.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     last = None
     for path in ("/cluster.json", "/health"):
         try:
-            with urllib.request.urlopen(base + path, timeout=timeout) as r:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as r:
                 return json.loads(r.read(1 << 22))
         except urllib.error.HTTPError as e:
+            if e.code == 401:
+                raise UserError(
+                    f"the master at {base} needs its API key: give --api-key or TPI_API_KEY"
+                    + (" (the one given is wrong)" if api_key else "")
+                ) from None
             if e.code == 503 and path == "/health":
                 raise UserError(f"the master at {base} is up but the cluster is not ready (503)") from None
             last = f"HTTP {e.code}"
@@ -92,7 +98,7 @@ def format_table(state: dict) -> str:
 
 
 def run(s: StatusSettings) -> int:
-    state = fetch_state(_master_url(s))
+    state = fetch_state(_master_url(s), api_key=s.api_key)
     print(json.dumps(state, indent=1) if s.json else format_table(state))
     return 0
 
