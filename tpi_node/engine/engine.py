@@ -29,7 +29,7 @@ from tpi_node.engine.sequence import AsyncSink, Sequence
 from tpi_node.engine.speculative import PromptLookup
 from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.grammar import GrammarCompiler, GrammarError
+from tpi_node.model.grammar import GrammarCompiler, GrammarError, TokenConstraint
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.model.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
@@ -129,8 +129,15 @@ class Engine:
         return not self._stop and self.driver.ready()
 
     def _submit(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink, pooling: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        sink,
+        pooling: bool = False,
+        constraint: TokenConstraint | None = None,
     ) -> Sequence:
+        """`constraint`: params.grammar compiled (`_compile`)."""
         if not self.ready():
             raise ClusterNotReady()
         if not prompt_ids:
@@ -141,12 +148,6 @@ class Engine:
                 "(the model's context, --max-context, or the KV cache --memory-budget leaves)",
                 ErrorKind.CONTEXT_LENGTH,
             )
-        constraint = None
-        if params.grammar is not None:
-            try:
-                constraint = self.grammars.compile(params.grammar)
-            except GrammarError as exc:
-                raise EngineError(str(exc), ErrorKind.INVALID_GRAMMAR) from None
         seq = Sequence(
             next(self._ids),
             request_id,
@@ -180,7 +181,10 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str = ""
     ) -> AsyncIterator[TokenEvent]:
         sink = AsyncSink(asyncio.get_running_loop())
-        seq = self._submit(prompt_ids, params, request_id, sink)
+        constraint = None
+        if params.grammar is not None:  # off the event loop: the first one builds the token trie
+            constraint = await asyncio.to_thread(self._compile, params)
+        seq = self._submit(prompt_ids, params, request_id, sink, constraint=constraint)
         done = False
         try:
             while True:
@@ -195,6 +199,12 @@ class Engine:
         finally:
             if not done:
                 self.cancel(seq.seq_id)
+
+    def _compile(self, params: SamplingParams) -> TokenConstraint:
+        try:
+            return self.grammars.compile(params.grammar)
+        except GrammarError as exc:
+            raise EngineError(str(exc), ErrorKind.INVALID_GRAMMAR) from None
 
     async def embed(self, prompts: list[list[int]], request_id: str = "") -> list[list[float]]:
         """One embedding per prompt: the MEAN over the prompt's positions of the final-normed
