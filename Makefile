@@ -12,13 +12,13 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Runtime + the GGUF converter (prepare) + grpcio-tools for the generated wire code.
+# Runtime (GGUF files are read natively) + grpcio-tools for the generated wire code.
 $(VENV)/.installed-run: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[convert,dev]'
+	$(PIP) install -q -e '.[dev]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
-	$(PIP) install -q -e '.[convert,dev,test]'
+	$(PIP) install -q -e '.[dev,test]'
 	touch $@
 
 # The one wire contract: generated code is rebuilt whenever protos/tpi.proto changes.
@@ -31,8 +31,12 @@ $(PROTO_OUT)/tpi_pb2.py: protos/tpi.proto $(VENV)/.installed-run
 	printf '"""Generated from protos/tpi.proto by make (grpc_tools.protoc). Do not edit."""\n' > $(PROTO_OUT).tmp/__init__.py
 	rm -rf $(PROTO_OUT) && mv $(PROTO_OUT).tmp $(PROTO_OUT)
 
+# The quantised-matmul kernel (tpi_node/model/qmatmul.c) is compiled for this CPU into the model
+# cache on first use; building it here says at once whether a C compiler is there (~1 s when built).
 install: $(VENV)/.installed-run $(PROTO_OUT)/tpi_pb2.py
+	$(PY) -m tpi_node.model.qkernel
 install-test: $(VENV)/.installed-test $(PROTO_OUT)/tpi_pb2.py
+	$(PY) -m tpi_node.model.qkernel
 
 # Prepare the embedded default model, then serve it from a local cluster on :8000 (3 nodes, or one
 # per core when the machine has fewer cores).

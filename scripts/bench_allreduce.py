@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
-    ap.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
     a = ap.parse_args()
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "

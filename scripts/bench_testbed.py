@@ -44,21 +44,21 @@ def rank_main(a) -> None:
     import torch
 
     torch.set_num_threads(1)
-    x = torch.randn(1, HIDDEN) * (a.rank + 1)  # [tokens=1, hidden] partial sums
+    x = torch.randn(a.ar_tokens, HIDDEN) * (a.rank + 1)  # [tokens, hidden] partial sums
     if a.coll == "star":
         from tpi_node.cluster.link import join_star
         from tpi_node.cluster.star_server import StarServer
         from tpi_node.comm.star import PeerLost
 
         if a.rank == 0:
-            server = StarServer(a.world, f"0.0.0.0:{a.port}", "fp32")
+            server = StarServer(a.world, f"0.0.0.0:{a.port}", a.wire)
             server.wait_for_peers(timeout_s=60)
             coll = server.hub
         else:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    coll = join_star(f"{a.addr}:{a.port}", a.rank, a.world, "fp32")
+                    coll = join_star(f"{a.addr}:{a.port}", a.rank, a.world, a.wire)
                     break
                 except PeerLost:
                     if time.monotonic() > deadline:
@@ -136,8 +136,8 @@ def steps(coll: str, n: int) -> int:
     return 2 if coll == "star" else 2 * (n - 1)
 
 
-def bench_allreduce(tb, n: int, coll: str, latency: float, iters: int) -> float:
-    """Median seconds per allreduce of one token at this latency (fresh processes)."""
+def bench_allreduce(tb, n: int, coll: str, latency: float, iters: int, wire: str = "fp32", tokens: int = 1) -> float:
+    """Median seconds per allreduce of `tokens` rows at this latency (fresh processes)."""
     tb.set_link(latency_ms=latency)
     master_ip = tb.resolve("n0").ip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(REPO)}
@@ -159,6 +159,10 @@ def bench_allreduce(tb, n: int, coll: str, latency: float, iters: int) -> float:
             str(AR_PORT),
             "--iters",
             str(iters),
+            "--wire",
+            wire,
+            "--ar-tokens",
+            str(tokens),
         ]
         procs.append(
             subprocess.Popen(
@@ -364,6 +368,8 @@ def main() -> None:
     ap.add_argument("--rate", default="300mbit")
     ap.add_argument("--tokens", type=int, default=12, help="output tokens per completion")
     ap.add_argument("--iters", type=int, default=60, help="allreduce calls per point")
+    ap.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="part A's star wire")
+    ap.add_argument("--ar-tokens", type=int, default=1, help="rows of hidden states per allreduce in part A")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--plots", type=Path, default=REPO / "docs")
     ap.add_argument(
@@ -416,7 +422,7 @@ def main() -> None:
         cmd,
         f"{datetime.date.today()}, {machine()}",
         f"testbed: every node its own namespace; links {a.rate} each way (tc tbf), one-way latency L "
-        f"(delay relay); model {a.model} ({layers} layers), fp32 wire",
+        f"(delay relay); model {a.model} ({layers} layers); allreduce: {a.wire} wire, {a.ar_tokens} token(s)",
     ]
     for line in header:
         print(f"# {line}", flush=True)
@@ -431,7 +437,7 @@ def main() -> None:
             for coll in colls:
                 if not a.skip_allreduce and n > 1:
                     for lat in lats:
-                        res_ar[(coll, n, lat)] = bench_allreduce(tb, n, coll, lat, a.iters)
+                        res_ar[(coll, n, lat)] = bench_allreduce(tb, n, coll, lat, a.iters, a.wire, a.ar_tokens)
                         print(
                             f"#   allreduce {coll} N={n} L={lat:g} ms: {res_ar[(coll, n, lat)] * 1e3:.3f} ms",
                             file=sys.stderr,

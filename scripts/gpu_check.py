@@ -1,4 +1,4 @@
-"""GPU check for issue 8 (one GPU, no network; ~20 s of work after start-up on an H100).
+"""GPU check for issues 8 and 17 (one GPU, no network; ~20 s of work after start-up on an H100).
 
 1. detection, printed as the daemon logs it at start;
 2. fused add+RMSNorm kernel vs torch at bf16 tolerance (both against a float64 reference),
@@ -8,8 +8,11 @@
    per side and replayed: one graph launch per call for both sides, L2 flushed as well);
 4. a token-split step (2 layers: causal attention over a shared KV buffer, MLP, fused
    add+norm) on two CUDA streams vs the unsplit step;
-5. the multimem kernel: compiled for this GPU, not launched (ptxas must accept
-   multimem.ld_reduce / multimem.st); a real run needs several GPUs on NVSwitch.
+5. the multimem kernel: compiled for this GPU (ptxas must accept multimem.ld_reduce /
+   multimem.st, and every one of them must stay under its lane mask in the SASS), then launched
+   with every lane masked off and no multicast address, in a child process (a fault there cannot
+   break this one): the launch that hit an illegal address on 2026-11-26. A run on data needs
+   several GPUs on NVSwitch.
 Exit status 1 if a correctness check fails. The timing table is printed last.
 """
 
@@ -212,10 +215,34 @@ def split_step(coll, sm_count: int) -> None:
     )
 
 
+MASKED_LAUNCH = """
+import torch
+from tpi_node.gpu import triton_multimem as mm
+r = torch.zeros(4, 8, device="cuda", dtype=torch.bfloat16)
+w = torch.ones(8, device="cuda", dtype=torch.bfloat16)
+# H = 0: every lane masked off; multicast addresses 0 (check_launch would refuse them: called directly)
+mm._multimem_add_rms_norm_kernel[(4,)](0, 0, 0, r, r, r, 0, r, r.stride(0), w, 4, 0, 1e-6, 0, 1, BV=1, EMULATE=False)
+torch.cuda.synchronize()
+print("masked launch ok")
+"""
+
+
+def multimem_masked_launch() -> None:
+    """The launch of 2026-11-26 (every lane masked off, address 0), in a child process. It hit an
+    illegal address then: ptxas 12.x dropped the predicate of `@p multimem.st`, so masked lanes
+    stored to address 0. The kernel now branches around its multimem instructions."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", MASKED_LAUNCH], capture_output=True, text=True, timeout=120, env=env)
+    ok = r.returncode == 0 and "masked launch ok" in r.stdout
+    check("multimem kernel, every lane masked off", ok, "no fault" if ok else (r.stderr or r.stdout)[-600:])
+
+
 def multimem_compile(multicast: bool | None) -> None:
-    """Compile only, never launched: a launch with every lane masked off (H=0, address 0) hit
-    an illegal address on a one-GPU H100 (2026-11-26) and poisoned the context for the steps
-    after it; cause not established. Here ptxas must accept multimem.ld_reduce / multimem.st."""
+    """Compile for this GPU: ptxas must accept multimem.ld_reduce / multimem.st (that every one
+    stays under its lane mask is checked on the CPU: tests/test_gpu_cpu.py builds the SASS)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -249,7 +276,7 @@ def multimem_compile(multicast: bool | None) -> None:
         "multimem kernel compiles for this GPU",
         n_ld > 0 and n_st > 0 and len(k.asm.get("cubin", b"")) > 0,
         f"PTX has {n_ld} multimem.ld_reduce, {n_st} multimem.st; ptxas built the cubin for {target.arch}; "
-        f"multicast on this machine: {multicast}; not run (needs >= 2 GPUs on NVSwitch)",
+        f"multicast on this machine: {multicast}; not run on data (needs >= 2 GPUs on NVSwitch)",
     )
 
 
@@ -328,6 +355,7 @@ def main() -> int:
         ("token split", lambda: split_step(NcclCollective(decision), sms)),
         ("timing", lambda: timing(kern)),
         ("multimem compile", lambda: multimem_compile(SystemProbe().multicast(0))),
+        ("multimem masked launch", multimem_masked_launch),
     ]
     if DEV == "cpu":
         steps = [steps[0], steps[2]]

@@ -90,22 +90,22 @@ class MemoryCgroup:
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(argv), **kw)
 
-    def peak_bytes(self) -> int:
-        """The cgroup's high-water mark (v1 includes the page cache it was charged)."""
+    def peak_bytes(self) -> int | None:
+        """The cgroup's high-water mark (v1 includes the page cache it was charged), or None where
+        the kernel keeps none (cgroup v2 before Linux 5.19): never a number a `peak <= limit`
+        check would pass with."""
         f = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
         p = self.path / f
-        return int(p.read_text()) if p.exists() else -1
+        return int(p.read_text()) if p.exists() else None
 
     def oom_kills(self) -> int:
-        if self.version == 1:
-            text = (self.path / "memory.oom_control").read_text()
-        else:
-            text = (self.path / "memory.events").read_text()
-        for line in text.splitlines():
+        """OOM kills in the cgroup; CgroupUnavailable where the kernel does not count them."""
+        f = self.path / ("memory.oom_control" if self.version == 1 else "memory.events")
+        for line in f.read_text().splitlines():
             k, _, v = line.partition(" ")
             if k == "oom_kill":
                 return int(v)
-        return -1
+        raise CgroupUnavailable(f"{f} has no oom_kill count (kernel too old): OOM kills cannot be told")
 
     def reset_peak(self) -> None:
         if self.version == 1:
@@ -121,6 +121,13 @@ class MemoryCgroup:
             except OSError:
                 time.sleep(0.1)
         self.path.rmdir()
+
+
+def peak_text(peak: int | None) -> str:
+    """A peak for a report line: its size, or that the kernel keeps none."""
+    from tpi_node.units import format_size
+
+    return "not kept by this kernel" if peak is None else format_size(peak)
 
 
 def drop_page_cache() -> bool:

@@ -44,6 +44,38 @@ def _tiny_model_dir_fixture():
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The default model as `tpi-node prepare` leaves it ($TPI_HOME or ~/.cache/tpi-node);
-    converted on first use, returned at once afterwards."""
+    """The default model as `tpi-node prepare` leaves it ($TPI_HOME or ~/.cache/tpi-node): its
+    Q4_1 GGUF (model.gguf) with config and tokenizer files; prepared on first use."""
     return prepare_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """The default model as an fp32 Hugging Face directory: its GGUF dequantised by our reader."""
+    from safetensors.torch import save_file
+
+    from tpi_node.model.quant import QMatrix
+    from tpi_node.weights.checkpoint import open_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2-fp32")
+    reader = open_checkpoint(smollm2_dir)
+    state = {}
+    for name in reader.names():
+        w = reader.get(name)
+        state[name] = (w.dequantize() if isinstance(w, QMatrix) else w.float()).contiguous()
+    save_file(state, str(out / "model.safetensors"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / f, out / f)
+    return out
+
+
+SMOLLM2_GGUF = "model.gguf"  # what transformers loads with gguf_file= from smollm2_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    """The reference: transformers' own model from the same GGUF (it dequantises the blocks), fp32."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    ).eval()

@@ -86,13 +86,24 @@ def make_hf_model(kind: str, out: Path, seed: int = 0):
 class OurModel:
     """Single-node runner + head over a model dir: logits for every new token of a step."""
 
-    def __init__(self, model_dir: Path, dtype: str = "fp32", window: int | None = None, kv_blocks: int = 512) -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str = "fp32", window: int | None = None, kv_blocks: int = 512, quant: str = "none"
+    ) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         plan = make_plan(self.cfg, [device_capacity("test", select_device("cpu"))], model_digest(model_dir))
         self.runner = open_runner(
-            model_dir, self.cfg, plan, 0, LocalCollective(), dtype, window, progress=False, kv_blocks=kv_blocks
+            model_dir,
+            self.cfg,
+            plan,
+            0,
+            LocalCollective(),
+            dtype,
+            window,
+            progress=False,
+            kv_blocks=kv_blocks,
+            quant=quant,
         )
-        self.head = ModelHead(model_dir, self.cfg)
+        self.head = ModelHead(model_dir, self.cfg, quant=quant)
         self.pool = BlockPool(kv_blocks, prefix_cache=False)  # the engine's block tables, without the engine
 
     def step(self, seq_id: int, past: int, ids: list[int]) -> torch.Tensor:

@@ -3,6 +3,7 @@ server on loopback."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent import futures
@@ -57,6 +58,35 @@ def test_proof_cannot_be_replayed_or_reflected():
     sn3, mp3 = master.challenge("w1", w2.client_nonce)
     with pytest.raises(auth.AuthError):
         master.verify("w2", w2.client_nonce, sn3, auth._proof(auth._key(TOKEN), b"worker", "w2", w2.client_nonce, sn3))
+
+
+def test_a_proof_opens_only_what_it_was_made_for():
+    """A join proof does not read Status, a status proof does not join; a worker's ticket reads
+    Status; an open cluster answers Status to anyone."""
+    from tpi_node.cluster.join_auth import MasterAuth
+    from tpi_node.proto import tpi_pb2 as pb
+
+    m = MasterAuth(TOKEN)
+
+    def proved(purpose: bytes, node: str = "ops") -> pb.StatusRequest:
+        caller = auth.JoinProver(TOKEN, node, purpose)
+        reply = m.challenge(pb.ChallengeRequest(node_id=node, client_nonce=caller.client_nonce))
+        proof = caller.answer(bytes(reply.server_nonce), bytes(reply.master_proof))
+        return pb.StatusRequest(
+            node_id=node, client_nonce=caller.client_nonce, server_nonce=reply.server_nonce, auth_proof=proof
+        )
+
+    assert m.status_refusal(proved(auth.STATUS)) is None
+    assert m.status_refusal(proved(auth.JOIN)) == "wrong cluster token"
+    as_join = proved(auth.STATUS, "w1")
+    join = pb.JoinRequest(node_id="w1", client_nonce=as_join.client_nonce, server_nonce=as_join.server_nonce)
+    join.auth_proof = as_join.auth_proof
+    assert m.refusal(join) == "wrong cluster token"
+    assert "needs its token" in m.status_refusal(pb.StatusRequest(node_id="ops"))
+    ticket = m.tickets.issue("w1")
+    assert m.status_refusal(pb.StatusRequest(node_id="w1", ticket=ticket)) is None
+    assert "no valid join ticket" in m.status_refusal(pb.StatusRequest(node_id="w2", ticket=ticket))
+    assert MasterAuth(None).status_refusal(pb.StatusRequest()) is None
 
 
 def test_token_rules():
@@ -266,9 +296,11 @@ def test_forged_proof_refused_over_grpc():
 
 
 def test_stranger_cannot_fetch_weights_or_take_a_session(tmp_path, tiny_model_dir):
-    """A stranger who learns the plan digest and a node id (Status is open) still gets neither
-    the weights nor the worker's session stream: both need the ticket of an authenticated Join."""
+    """Status needs the token (`tpi-node status --master grpc://...` with it shows the table), and
+    even a stranger who learns the plan digest and a node id gets neither the weights nor the
+    worker's session stream: both need the ticket of an authenticated Join."""
     from tests.cluster_procs import Node, free_port, wait_health
+    from tpi_node.cluster.join_auth import prove_status
     from tpi_node.proto import tpi_pb2 as pb
     from tpi_node.proto import tpi_pb2_grpc as rpc
 
@@ -286,7 +318,12 @@ def test_stranger_cannot_fetch_weights_or_take_a_session(tmp_path, tiny_model_di
         wait_health(f"http://127.0.0.1:{http}", 2, 60, [master, worker])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = rpc.MasterStub(ch)
-            status = stub.Status(pb.StatusRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as e:  # no token, no status
+                stub.Status(pb.StatusRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "needs its token" in e.value.details()
+            with pytest.raises(auth.AuthError, match="master does not know"):  # nor with another token
+                prove_status(stub, auth.new_token())
+            status = stub.Status(prove_status(stub, TOKEN), timeout=5)
             victim = next(n for n in status.nodes if n.rank == 1)
             req = pb.ShardRequest(
                 node_id=victim.node_id,
@@ -302,7 +339,15 @@ def test_stranger_cannot_fetch_weights_or_take_a_session(tmp_path, tiny_model_di
             replies = list(stub.Session(iter([hello]), timeout=5))
             assert replies and "did not show the ticket" in replies[0].shutdown.reason
             # the real worker still holds its session
-            assert all(n.connected for n in stub.Status(pb.StatusRequest(), timeout=5).nodes)
+            assert all(n.connected for n in stub.Status(prove_status(stub, TOKEN), timeout=5).nodes)
+        cmd = [sys.executable, "-m", "tpi_node.cli", "status", "--master", f"grpc://127.0.0.1:{port}"]
+        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert shown.returncode == 0, shown.stderr[-1000:]
+        assert "ready" in shown.stdout and victim.node_id in shown.stdout and "connected" in shown.stdout
+        bare = {k: v for k, v in os.environ.items() if k != "TPI_CLUSTER_TOKEN"}
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=bare)
+        assert refused.returncode == 2 and "needs a token" in refused.stderr, refused.stderr[-1000:]
+        assert len(refused.stderr.strip().splitlines()) == 1
     finally:
         master.stop()
         worker.stop()

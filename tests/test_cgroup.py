@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroup_util import CgroupUnavailable, MemoryCgroup, drop_page_cache
+from tests.cgroup_util import CgroupUnavailable, MemoryCgroup, drop_page_cache, peak_text
 from tpi_node.engine.budget import estimate
 from tpi_node.model import presets
 from tpi_node.model.config import ModelConfig
@@ -100,14 +100,15 @@ def test_w2_generation_inside_a_memory_cgroup_matches_the_unlimited_run(tmp_path
         # The kernel kept the cgroup (anonymous memory and page cache it was charged) under the
         # limit; RSS also counts shared libraries paged in (and charged) outside the cgroup, so it
         # is compared with the model instead: far below its slices, i.e. really streamed.
-        assert peak_cgroup <= limit
+        if peak_cgroup is not None:  # None: this kernel keeps no peak (the print says so)
+            assert peak_cgroup <= limit
         assert peak_rss < slices / 2, (format_size(peak_rss), format_size(slices))
         # every step streamed every layer (a step may check speculative drafts: steps <= tokens)
         assert 1 < stats["steps"] <= MAX_TOKENS
         assert stats["bytes_read"] >= stats["steps"] * slices * 0.9
         print(
             f"\ncgroup v{cg.version} limit {format_size(limit)}, slices {format_size(slices)} "
-            f"({slices / limit:.1f}x), peak rss {format_size(peak_rss)}, cgroup peak {format_size(peak_cgroup)} "
+            f"({slices / limit:.1f}x), peak rss {format_size(peak_rss)}, cgroup peak {peak_text(peak_cgroup)} "
             f"(page cache included), page cache dropped: {dropped}; "
             f"{t_free:.1f} s unlimited (slicing included), {t_streamed:.1f} s streamed"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroup_util import AnonPeak, CgroupUnavailable, MemoryCgroup
+from tests.cgroup_util import AnonPeak, CgroupUnavailable, MemoryCgroup, peak_text
 from tests.cluster_procs import Node, free_port, wait_health
 from tpi_node.engine.budget import estimate
 from tpi_node.engine.limits import BLOCK_TOKENS
@@ -56,11 +56,11 @@ def _load(url: str, model: str) -> list[tuple[int, str]]:
         return list(pool.map(one, range(REQUESTS)))
 
 
-def _peak_rss(pid: int) -> int:
+def _peak_rss(pid: int) -> int | None:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    return -1
+    return None
 
 
 def test_16_long_requests_stay_within_the_budget_and_the_same_load_without_it_is_killed(tmp_path):
@@ -106,8 +106,8 @@ def test_16_long_requests_stay_within_the_budget_and_the_same_load_without_it_is
         print(
             f"\nbudget {format_size(budget)} + margin {format_size(MARGIN)} = limit {format_size(limit)} "
             f"(the whole load needs {format_size(need_all)}): {REQUESTS} x {PROMPT_TOKENS}+{NEW_TOKENS} tokens "
-            f"in {took:.1f} s, peak anon {format_size(anon.peak)}, peak rss {format_size(peak_rss)} "
-            f"(file pages included), cgroup peak {format_size(peak_cg)}, "
+            f"in {took:.1f} s, peak anon {format_size(anon.peak)}, peak rss {peak_text(peak_rss)} "
+            f"(file pages included), cgroup peak {peak_text(peak_cg)}, "
             f"{waited:.0f} preemptions; throughput {stats['throughput']['completion_tokens']} tokens"
         )
 

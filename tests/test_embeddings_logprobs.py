@@ -31,9 +31,8 @@ OTHERS = ["Hello there!", "Embeddings pool the hidden states of every position o
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+def hf(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +269,13 @@ def test_lm_eval_local_completions_scores_like_the_hf_model(served, smollm2_dir,
         **common,
     )
     ref = lm_eval.simple_evaluate(
-        model="hf", model_args=dict(pretrained=str(smollm2_dir), dtype="float32"), device="cpu", batch_size=8, **common
+        model="hf",
+        model_args=dict(
+            pretrained=str(smollm2_dir), gguf_file="model.gguf", tokenizer=str(smollm2_dir), dtype="float32"
+        ),
+        device="cpu",
+        batch_size=8,
+        **common,
     )
     got, want = api["samples"]["tpi_tiny_mc"], ref["samples"]["tpi_tiny_mc"]
     assert len(got) == len(want) == sum(1 for line in (DATA / "tiny_mc.jsonl").open() if line.strip())

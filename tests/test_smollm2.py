@@ -18,11 +18,13 @@ def engine(smollm2_dir):
     e.shutdown()
 
 
-def test_greedy_chat_tokens_equal_transformers(smollm2_dir, engine):
+def test_greedy_chat_tokens_equal_transformers(smollm2_dir, smollm2_hf, engine):
+    """Served from the Q4_1 blocks (the quantised kernel and dequantise + GEMM) against transformers
+    on the same GGUF: the same 32 greedy tokens."""
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)  # the GGUF tokenizer; its template is ours
+    hf = smollm2_hf
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     assert ids == engine.tokenizer.encode(

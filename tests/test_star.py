@@ -149,17 +149,19 @@ def test_a_malformed_frame_is_refused_with_a_message_on_both_sides(hub_factory):
     p.join(timeout=10)
 
 
-def test_a_killed_spoke_gives_peer_lost_within_5_seconds(hub_factory):
-    server, addr = hub_factory(3)
+def test_a_killed_spoke_gives_peer_lost_from_its_broken_stream(hub_factory):
+    """A killed process is noticed by its stream breaking, at once: not by the partial-sum timeout
+    (an hour here, so only the broken stream can have ended the wait)."""
+    server, addr = hub_factory(3, timeout_s=3600.0)
     procs = [_start(_idle_spoke, addr, r, 3) for r in (1, 2)]
     server.wait_for_peers()
     hub = server.hub
     os.kill(procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(PeerLost, match=r"rank 2"):
+    with pytest.raises(PeerLost, match=r"\(rank 2\) disconnected"):
         hub.begin_step(0)
         hub.allreduce(torch.zeros(1, H))
-    assert time.monotonic() - t0 < 5.0
+    print(f"\nkilled spoke noticed after {time.monotonic() - t0:.2f} s")
     procs[0].kill()
 
 
@@ -173,7 +175,8 @@ def test_a_frozen_spoke_gives_peer_lost_after_the_timeout(hub_factory):
         t0 = time.monotonic()
         with pytest.raises(PeerLost, match=r"sent no partial sum for step 0 stage 0 within 1.5 s"):
             hub.allreduce(torch.zeros(1, H))
-        assert 1.4 < time.monotonic() - t0 < 5.0
+        # not before the timeout (how long after it depends on how busy the machine is)
+        assert time.monotonic() - t0 > 1.4
     finally:
         os.kill(p.pid, signal.SIGKILL)
 

@@ -51,7 +51,8 @@ else:
     data = bytes(range(256)) * (24_000_000 // 256)
     t = time.perf_counter(); c.sendall(b"%012d" % len(data)); c.sendall(data); got = c.recv(64).decode()
     dt = time.perf_counter() - t
-    print(f'{{"rtt_ms": {sorted(rtts)[10] * 1e3:.3f}, "mbit": {len(data) * 8 / dt / 1e6:.1f}, '
+    print(f'{{"rtt_ms": {sorted(rtts)[10] * 1e3:.3f}, "min_rtt_ms": {min(rtts) * 1e3:.3f}, '
+          f'"mbit": {len(data) * 8 / dt / 1e6:.1f}, '
           f'"intact": {str(got == hashlib.sha256(data).hexdigest()).lower()}}}')
 """
 
@@ -115,7 +116,10 @@ def _left_over() -> list[str]:
 
 def test_links_have_the_latency_and_rate_asked_for(testbed):
     """Round trip between two nodes = 2 x the one-way latency; bulk rate at most the link rate;
-    bytes arrive intact and in order through the delay relay."""
+    bytes arrive intact and in order through the delay relay. The bounds are the ones a busy
+    machine cannot break: it only lengthens round trips (so the median one is bounded below, and
+    the quickest of 20, the least disturbed, above) and a shaped link never runs faster than its
+    rate (slower, when the relay waits for a core, only down to a gross misconfiguration)."""
     server = subprocess.Popen(
         testbed.command("n1", [sys.executable, "-c", PROBE, "server"]), stdout=subprocess.PIPE, text=True
     )
@@ -133,8 +137,10 @@ def test_links_have_the_latency_and_rate_asked_for(testbed):
         server.kill()
         server.wait()
     assert m["intact"]
-    assert 2 * LATENCY_MS * 0.97 <= m["rtt_ms"] < 2 * LATENCY_MS * 1.25, m
-    assert 0.5 * RATE_MBIT < m["mbit"] <= 1.02 * RATE_MBIT, m
+    assert m["rtt_ms"] >= 2 * LATENCY_MS * 0.97, m  # the median: a busy machine only adds to it
+    assert m["min_rtt_ms"] < 2 * LATENCY_MS * 1.5, m  # the delay once each way, not twice
+    assert 0.1 * RATE_MBIT < m["mbit"] <= 1.02 * RATE_MBIT, m
+    print(f"\nround trip {m['min_rtt_ms']:.2f} ms at best, {m['rtt_ms']:.2f} median; {m['mbit']:.0f} Mbit/s")
     # The node's processes run inside its memory cgroup, with its hostname.
     name = subprocess.run(testbed.command("n2", ["hostname"]), capture_output=True, text=True).stdout.strip()
     assert name == f"{NAME}-n2"
@@ -223,12 +229,25 @@ def test_three_node_cluster_matches_loopback(testbed, smollm2_dir, tmp_path):
         nodes = cluster.health()[1]["nodes"]
         assert len(nodes) == 3
         testbed.set_link(latency_ms=LATENCY_MS)
+        steps0 = _engine_steps(cluster.url)
         t0 = time.monotonic()
         got, tokens = completion(cluster.url, prompt, n, usage=True)
         elapsed = time.monotonic() - t0
+        steps = _engine_steps(cluster.url) - steps0
     assert got == expected
-    # Every token crosses 2 allreduces x 30 layers x 2 link traversals of 5 ms: the latency is real.
-    assert elapsed > tokens * 2 * 30 * 2 * LATENCY_MS / 1000
+    # Every step (one or more tokens: speculative drafts are checked in one) crosses 2 allreduces
+    # x 30 layers x 2 link traversals of 5 ms: the latency is real. A lower bound only: a busy
+    # machine makes it longer, never shorter.
+    assert steps >= 1 and elapsed > steps * 2 * 30 * 2 * LATENCY_MS / 1000, (steps, tokens, elapsed)
+
+
+def _engine_steps(url: str) -> float:
+    """The master's forward steps so far (tpi_engine_steps on /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("tpi_engine_steps_total ")))
 
 
 def test_down_leaves_nothing(testbed):

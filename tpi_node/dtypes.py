@@ -14,6 +14,8 @@ from tpi_node.errors import UserError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = tuple(DTYPES)
+# --wire: a float dtype, or int8 blocks (one fp16 scale per 32 values; comm/codec.py)
+WIRE_NAMES = (*DTYPE_NAMES, "int8")
 
 # Tensor dtype codes in a safetensors header (the shard files we write and read).
 SAFETENSORS: dict[str, torch.dtype] = {
@@ -21,6 +23,8 @@ SAFETENSORS: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "I64": torch.int64,
+    "U8": torch.uint8,  # quantised blocks (model/quant.py QMatrix)
+    "I8": torch.int8,
 }
 
 _NAME_OF = {v: k for k, v in DTYPES.items()}

@@ -4,6 +4,7 @@
       models/             prepared models (weights/prepare.py)
       shards/             per-node layer slices (weights/slicer.py)
       certs/              `tpi-node certs` output
+      kernels/            the quantised-matmul kernel, compiled for this CPU (model/qkernel.py)
       node-id.json        this machine's node ids (cluster/identity.py)
 
 Read at call time, not at import, so a test (or a second cluster in one process) can point
@@ -33,3 +34,7 @@ def shards_dir() -> Path:
 
 def certs_dir() -> Path:
     return tpi_home() / "certs"
+
+
+def kernels_dir() -> Path:
+    return tpi_home() / "kernels"

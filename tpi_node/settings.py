@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpi_node.dtypes import DTYPE_NAMES
+from tpi_node.dtypes import DTYPE_NAMES, WIRE_NAMES
 from tpi_node.errors import UserError
 from tpi_node.units import parse_size
 
@@ -127,12 +127,21 @@ class ModelOptions:
     model: str = setting(DEFAULT_MODEL, "a model name (prepared on first use) or a Hugging Face style directory")
 
 
+QUANTS = ("none", "int8", "int4")  # --quant, model/quant.py
+
+
 @dataclass(frozen=True)
 class DtypeOption:
     dtype: str | None = setting(
         None,
         "dtype of the weights and the computation (default: fp32 on CPU, bf16 on CUDA sm_80+ and MPS; synth: fp32)",
         choices=DTYPE_NAMES,
+    )
+    quant: str = setting(
+        "none",
+        "weight-only quantisation of float weights: int8 (q8_0 blocks) or int4 (q4_1 blocks of 32); "
+        "activations stay in --dtype; a GGUF's quantised tensors are always served as they are",
+        choices=QUANTS,
     )
 
 
@@ -178,6 +187,19 @@ class DecodeOptions:
     )
 
 
+FAST_PATH_MODES = ("auto", "off")  # commands/compose.py: choose_fast_path
+
+
+@dataclass(frozen=True)
+class FastPathOption:
+    fast_path: str = setting(
+        "auto",
+        "the GPU fast path (auto: what detection allows - the fused add+RMSNorm kernel on one CUDA node, NCCL "
+        "between GPUs of one NVLink domain; off: add+RMSNorm in torch, partial sums over the star or gloo)",
+        choices=FAST_PATH_MODES,
+    )
+
+
 @dataclass(frozen=True)
 class DeviceOptions:
     device: str = setting(
@@ -186,11 +208,15 @@ class DeviceOptions:
 
 
 @dataclass(frozen=True)
-class NodeOptions:
-    node_id: str | None = setting(None, "this node's id (default: a stable id of this machine)")
+class TokenOption:
     token: str | None = setting(
         None, "cluster token (none = an open cluster; `tpi-node token` makes one)", env="TPI_CLUSTER_TOKEN"
     )
+
+
+@dataclass(frozen=True)
+class NodeOptions(TokenOption):
+    node_id: str | None = setting(None, "this node's id (default: a stable id of this machine)")
     speed: float | None = setting(
         None, "this node's relative speed for the plan (default: measured)", type=non_negative_float
     )
@@ -232,7 +258,12 @@ class MasterOptions:
     grpc_port: int | None = setting(
         None, f"gRPC port workers dial (default: serve {DEFAULT_GRPC_PORT}, run any free port)", type=port_number
     )
-    wire: str = setting("fp32", "dtype of the partial sums on the wire (default fp32)", choices=DTYPE_NAMES)
+    wire: str = setting(
+        "fp32",
+        "format of the partial sums on the wire (default fp32; int8: blocks of 32 values with an fp16 scale, "
+        "3.8x fewer bytes than fp32, summed in fp32 at the master; the star only)",
+        choices=WIRE_NAMES,
+    )
     collective: str = setting(
         "star",
         "what sums the partial sums: the gRPC star through the master (default), or a torch.distributed gloo "
@@ -254,6 +285,16 @@ class MasterOptions:
 class MinNodesOption:
     min_nodes: int = setting(
         1, "nodes (this one included) to wait for before planning the split (default 1)", type=positive_int
+    )
+
+
+@dataclass(frozen=True)
+class GpusOption:
+    gpus: str | None = setting(
+        None,
+        "one node per GPU of this machine, this one on the first: all, or a list such as 0,1 (the others are "
+        "`tpi-node join` children); they sum in one NVLink group where detection allows, else over the star",
+        metavar="all|LIST",
     )
 
 
@@ -316,7 +357,8 @@ class OutOption:
 class StatusOptions:
     status_master: str | None = setting(
         None,
-        "the master's HTTP address (default: found by mDNS, else http://127.0.0.1:8000)",
+        "the master's HTTP address (default: found by mDNS, else http://127.0.0.1:8000), or grpc://HOST[:PORT] "
+        "to ask its gRPC port (with the cluster token and TLS files when it has them)",
         flag="--master",
         metavar="URL",
     )
@@ -350,6 +392,7 @@ class MasterSettings(
     KVOptions,
     DecodeOptions,
     DeviceOptions,
+    FastPathOption,
     NodeOptions,
     TlsOptions,
     ClusterNameOption,
@@ -361,7 +404,7 @@ class MasterSettings(
 
 
 @dataclass(frozen=True)
-class ServeSettings(MinNodesOption, MasterSettings):
+class ServeSettings(MinNodesOption, GpusOption, MasterSettings):
     pass
 
 
@@ -385,6 +428,7 @@ class GenerateSettings(
     KVOptions,
     DecodeOptions,
     DeviceOptions,
+    FastPathOption,
     NodesOption,
     ConfigFile,
 ):
@@ -402,7 +446,7 @@ class SynthSettings(SynthOptions, OutOption, DtypeOption, SeedOption):
 
 
 @dataclass(frozen=True)
-class StatusSettings(StatusOptions, ApiKeyOption, ClusterNameOption):
+class StatusSettings(StatusOptions, ApiKeyOption, TokenOption, TlsOptions, ClusterNameOption):
     pass
 
 

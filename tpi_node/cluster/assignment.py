@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tpi_node.comm.codec import FrameError, dtype_enum, dtype_of_enum
-from tpi_node.dtypes import DTYPE_NAMES, dtype_name
+from tpi_node.comm.codec import FrameError, dtype_enum, dtype_of_enum, wire_name
+from tpi_node.dtypes import DTYPE_NAMES
 from tpi_node.proto import tpi_pb2 as pb
+from tpi_node.settings import QUANTS
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 from tpi_node.weights.slicer import ShardFile
 
@@ -24,12 +25,13 @@ class Assignment:
     model_digest: str
     model_config_json: str  # the HF config.json of the model, verbatim
     files: tuple[ShardFile, ...]  # this rank's shard files
-    wire: str  # dtype of Partial/Reduced tensors: "fp32" | "bf16" | "fp16"
+    wire: str  # format of Partial/Reduced tensors: "fp32" | "bf16" | "fp16" | "int8"
     shard_dtype: str  # dtype of the weights in the shard files
     version: str  # the master's
     model_name: str
     ticket: bytes  # secret of this join: FetchShard and Session must show it
     collective_init: str = ""  # tcp://HOST:PORT of a gloo group that sums instead of the star
+    shard_quant: str = "none"  # --quant of the shard files (names the worker's cache)
 
     @property
     def world_size(self) -> int:
@@ -57,6 +59,7 @@ class Assignment:
             collective_init=self.collective_init,
             window=self.window or 0,
             kv_blocks=self.kv_blocks,
+            shard_quant=self.shard_quant,
         )
 
     @classmethod
@@ -70,6 +73,8 @@ class Assignment:
             raise FrameError(f"the master's plan does not match its digest or rank {reply.rank}")
         if reply.shard_dtype not in DTYPE_NAMES:
             raise FrameError(f"the master's shards have an unknown dtype '{reply.shard_dtype}'")
+        if (reply.shard_quant or "none") not in QUANTS:
+            raise FrameError(f"the master's shards have an unknown quantisation '{reply.shard_quant}'")
         return cls(
             rank=reply.rank,
             plan=plan,
@@ -78,10 +83,11 @@ class Assignment:
             model_digest=reply.model_digest,
             model_config_json=reply.model_config_json,
             files=tuple(ShardFile.from_pb(f) for f in reply.files),
-            wire=dtype_name(dtype_of_enum(reply.wire_dtype)),
+            wire=wire_name(dtype_of_enum(reply.wire_dtype)),
             shard_dtype=reply.shard_dtype,
             version=reply.version,
             model_name=reply.model_name,
             ticket=bytes(reply.ticket),
             collective_init=reply.collective_init,
+            shard_quant=reply.shard_quant or "none",
         )

@@ -15,8 +15,9 @@ know it, HMAC-SHA256 over two fresh nonces:
 
 k = HMAC-SHA256("tpi-node cluster token v1", token): the token never crosses the wire, neither
 proof can be replayed (fresh nonces on both sides), and a proof for one direction is useless in
-the other (distinct labels). The proof guards admission; confidentiality of the traffic itself
-is TLS's job (tls.py).
+the other (distinct labels). The same handshake admits a token holder to the Status RPC with
+the label "status" instead of "worker", so a proof made for one purpose opens nothing else. The
+proof guards admission; confidentiality of the traffic itself is TLS's job (tls.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ NONCE_BYTES = 32
 CHALLENGE_TTL_S = 60.0
 MAX_PENDING = 1024  # bound the master's table of open challenges (a flood cannot grow it)
 MAX_PENDING_PER_PEER = 4  # open challenges of one peer (connection); its oldest goes first
+JOIN, STATUS = b"worker", b"status"  # what the caller's proof is for (its label)
 
 
 class AuthError(Exception):
@@ -123,9 +125,11 @@ class JoinVerifier:
         with self._lock:
             return len(self._pending) if peer is None else len(self._by_peer.get(peer, ()))
 
-    def verify(self, node_id: str, client_nonce: bytes, server_nonce: bytes, proof: bytes) -> None:
-        """Raise AuthError unless `proof` is the worker's proof for a challenge this verifier
-        issued to `node_id` (each challenge answers once)."""
+    def verify(
+        self, node_id: str, client_nonce: bytes, server_nonce: bytes, proof: bytes, purpose: bytes = JOIN
+    ) -> None:
+        """Raise AuthError unless `proof` is the caller's proof, for `purpose` (JOIN or STATUS), of
+        a challenge this verifier issued to `node_id` (each challenge answers once)."""
         with self._lock:
             entry = self._drop(server_nonce) if isinstance(server_nonce, bytes) else None
         if entry is None:
@@ -133,17 +137,18 @@ class JoinVerifier:
         nid, cn, expiry, _ = entry
         if nid != node_id or not hmac.compare_digest(cn, client_nonce) or expiry < time.monotonic():
             raise AuthError("the join challenge does not match this worker; join again")
-        want = _proof(self._key, b"worker", node_id, client_nonce, server_nonce)
+        want = _proof(self._key, purpose, node_id, client_nonce, server_nonce)
         if not isinstance(proof, bytes) or not hmac.compare_digest(want, proof):
             raise AuthError("wrong cluster token")
 
 
 class JoinProver:
-    """The worker's side: one instance per join attempt."""
+    """The caller's side (a worker's join, or a token holder's Status call): one instance per
+    attempt."""
 
-    def __init__(self, token: str, node_id: str) -> None:
+    def __init__(self, token: str, node_id: str, purpose: bytes = JOIN) -> None:
         self._key = _key(token)
-        self.node_id = node_id
+        self.node_id, self.purpose = node_id, purpose
         self.client_nonce = secrets.token_bytes(NONCE_BYTES)
 
     def answer(self, server_nonce: bytes, master_proof: bytes) -> bytes:
@@ -153,4 +158,4 @@ class JoinProver:
         want = _proof(self._key, b"master", self.node_id, self.client_nonce, server_nonce)
         if not isinstance(master_proof, bytes) or not hmac.compare_digest(want, master_proof):
             raise AuthError("the master does not know this cluster's token (wrong token, or not our master)")
-        return _proof(self._key, b"worker", self.node_id, self.client_nonce, server_nonce)
+        return _proof(self._key, self.purpose, self.node_id, self.client_nonce, server_nonce)

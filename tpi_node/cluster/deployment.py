@@ -20,6 +20,7 @@ from tpi_node.comm.loop import SharedLoop
 from tpi_node.engine.runner import NodeRunner, open_runner
 from tpi_node.model.config import ModelConfig
 from tpi_node.weights.plan import PartitionPlan
+from tpi_node.weights.sizes import WeightBytes
 from tpi_node.weights.slicer import ShardFile, manifest, shard_dir, write_node_shards
 
 
@@ -37,6 +38,8 @@ class ClusterSpec:
     collective_init: str = ""  # tcp://:PORT of a gloo group (--collective gloo), "" for the star
     max_context: int | None = None  # --max-context: the longest sequence served
     kv_blocks: int | None = None  # --kv-blocks: every node's KV cache size, instead of the budget's
+    quant: str = "none"  # --quant of float weights (model/quant.py)
+    weights: WeightBytes | None = None  # bytes per parameter as stored (default: dtype's)
 
     @property
     def model_name(self) -> str:
@@ -65,7 +68,7 @@ class Deployment:
         return self.generation, self.sessions.attaches
 
     def shard_dir(self, spec: ClusterSpec, rank: int) -> Path:
-        return shard_dir(spec.model_digest, self.plan, rank, spec.dtype)
+        return shard_dir(spec.model_digest, self.plan, rank, spec.dtype, spec.quant)
 
     def close(self) -> None:
         self.runner.close()
@@ -82,8 +85,8 @@ def deploy(
 ) -> Deployment:
     manifests = {}
     for rank in range(1, plan.world_size):
-        out = shard_dir(spec.model_digest, plan, rank, spec.dtype)
-        sums = write_node_shards(spec.model_dir, spec.cfg, plan, rank, out, spec.dtype, progress=progress)
+        out = shard_dir(spec.model_digest, plan, rank, spec.dtype, spec.quant)
+        sums = write_node_shards(spec.model_dir, spec.cfg, plan, rank, out, spec.dtype, progress, spec.quant)
         manifests[rank] = manifest(out, sums)
     sessions = Sessions(shared, plan.world_size, tuple(s.node_id for s in plan.shares))
     coll = make_collective(plan, sessions)
@@ -98,5 +101,6 @@ def deploy(
         spec.device,
         progress,
         kv_blocks=memory.kv_blocks,
+        quant=spec.quant,
     )
     return Deployment(plan, memory, manifests, sessions, runner, generation)

@@ -5,6 +5,7 @@ per layer. A failed step is aborted on every node; `recover` re-plans around a l
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -19,6 +20,9 @@ from tpi_node.proto import tpi_pb2 as pb
 
 log = logging.getLogger("tpi_node.driver")
 
+# Driver.stats() entries that are levels, not running totals: never carried across plans.
+GAUGES = frozenset({"window", "rss_bytes", "peak_rss_bytes", "kv_pool_bytes"})
+
 
 class ClusterDriver:
     def __init__(self, coordinator: Coordinator) -> None:
@@ -26,6 +30,11 @@ class ClusterDriver:
         self.step_id = 0
         self.live: set[int] = set()  # sequences with KV cache on the nodes (empty = idle point)
         self._at_step: Deployment | None = None  # the deployment the last step ran on
+        # the master's counters run on across re-plans: totals of the runners of earlier plans,
+        # and the deployment whose runner counts now (each plan opens a runner from zero)
+        self._earlier: dict[str, float] = {}
+        self._counting: Deployment | None = None
+        self._counts_lock = threading.RLock()  # stats() comes from other threads than step()
         coordinator.start_admitter(lambda: not self.live)
 
     def ready(self) -> bool:
@@ -49,6 +58,7 @@ class ClusterDriver:
             )
         with c.lock, c.shared.borrow():
             d = self._at_step = c.deployment
+            self._count_from(d)
             if d.kv_epoch() != kv_epoch:  # a node's cache started empty since the engine planned
                 raise KVStale(f"KV epoch {d.kv_epoch()} is not the step's {kv_epoch}")
             self.live.update(layout.seq_ids)
@@ -85,5 +95,22 @@ class ClusterDriver:
         return ok
 
     def stats(self) -> dict:
+        """{"master": counters}: running totals since the master started (a request's counters are
+        differences of two of these, so they must never go back when a re-plan opens a new runner)."""
         d = self.c.deployment
-        return {} if d is None else {"master": d.runner.node_stats()}
+        if d is None:
+            return {}
+        with self._counts_lock:
+            self._count_from(d)
+            now, earlier = d.runner.node_stats(), dict(self._earlier)
+        return {"master": {k: v + earlier[k] if k in earlier else v for k, v in now.items()}}
+
+    def _count_from(self, d: Deployment) -> None:
+        """The runner of `d` counts from now on: fold the totals of the one before into `_earlier`."""
+        with self._counts_lock:
+            old, self._counting = self._counting, d
+            if old is None or old is d:
+                return
+            for k, v in old.runner.node_stats().items():
+                if k not in GAUGES and isinstance(v, (int, float)):
+                    self._earlier[k] = self._earlier.get(k, 0) + v

@@ -5,6 +5,10 @@
 The master without a token answers `required = false` (an open cluster) and ignores proofs; a
 worker with a token refuses such a master (it cannot prove anything), a worker without a token
 is refused by a master with one. Messages are one line, shown on both sides.
+
+Status (node addresses, the plan) is the cluster's business too: with a token, the master answers
+it only to a worker showing its join ticket, or to a caller that ran the same handshake for it
+(`prove_status`: Challenge, then Status carrying a proof labelled "status").
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import secrets
 import threading
 
-from tpi_node.cluster.auth import AuthError, JoinProver, JoinVerifier
+from tpi_node.cluster.auth import STATUS, AuthError, JoinProver, JoinVerifier
 from tpi_node.proto import tpi_pb2 as pb
 
 log = logging.getLogger("tpi_node.auth")
@@ -80,6 +84,29 @@ class MasterAuth:
             return str(e)
         return None
 
+    def status_refusal(self, request) -> str | None:
+        """Why a StatusRequest must be refused, or None: an open cluster answers anyone; with a
+        token, a node's join ticket or a fresh proof for STATUS is needed."""
+        if self.verifier is None:
+            return None
+        if request.ticket:
+            ok = self.tickets.check(request.node_id, bytes(request.ticket))
+            return None if ok else "no valid join ticket for this node; join again, or give the cluster token"
+        if not request.auth_proof:
+            return "this cluster's status needs its token: give --token or TPI_CLUSTER_TOKEN"
+        try:
+            self.verifier.verify(
+                request.node_id,
+                bytes(request.client_nonce),
+                bytes(request.server_nonce),
+                bytes(request.auth_proof),
+                STATUS,
+            )
+        except AuthError as e:
+            log.warning("refused a status request (%s): %s", request.node_id, e)
+            return str(e)
+        return None
+
 
 def _answer(prover: JoinProver | None, reply, request) -> None:
     """Check the master's challenge reply and put the proof into `request` (a JoinRequest)."""
@@ -113,3 +140,16 @@ async def prove_join_async(stub, token: str | None, request, timeout: float = 10
     nonce = prover.client_nonce if prover else b""
     reply = await stub.Challenge(pb.ChallengeRequest(node_id=request.node_id, client_nonce=nonce), timeout=timeout)
     _answer(prover, reply, request)
+
+
+def prove_status(stub, token: str | None, caller: str = "status", timeout: float = 10.0):
+    """A StatusRequest for a sync stub: with a token, the handshake for STATUS is run first (the
+    master must prove the token too). Raises AuthError."""
+    request = pb.StatusRequest(node_id=caller)
+    prover = JoinProver(token, caller, STATUS) if token else None
+    nonce = prover.client_nonce if prover else b""
+    reply = stub.Challenge(pb.ChallengeRequest(node_id=caller, client_nonce=nonce), timeout=timeout)
+    if prover is not None and not reply.required and not reply.reason:
+        raise AuthError("this master has no cluster token (an open cluster) but a token was given: not our master?")
+    _answer(prover, reply, request)
+    return request

@@ -83,10 +83,15 @@ class MasterLink:
 
     def close(self) -> None:
         async def _close():
-            if self._read is not None:
-                self._read.cancel()
             if self.call is not None:
                 self.call.cancel()
+            # what an interrupted run() left (a pending read, a recv waiting on it) ends here,
+            # not as "Task was destroyed but it is pending" when the loop closes
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left:
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            self._read = None
             if self.channel is not None:
                 await self.channel.close()
 

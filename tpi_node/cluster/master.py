@@ -29,6 +29,7 @@ from tpi_node.cluster.membership import ClusterState, Member, Membership
 from tpi_node.cluster.sessions import Peer, shutdown_msg, watch_heartbeats
 from tpi_node.cluster.tls import TlsFiles
 from tpi_node.comm.loop import SharedLoop
+from tpi_node.errors import UserError
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.proto import tpi_pb2_grpc as rpc
 from tpi_node.weights.plan import NodeCapacity
@@ -36,6 +37,19 @@ from tpi_node.weights.plan import NodeCapacity
 log = logging.getLogger("tpi_node.master")
 
 CHUNK = 1 << 20  # FetchShard chunk size (bytes)
+
+
+def refuse_unauthenticated_ring(gloo: bool, token: str | None, tls: bool) -> None:
+    """A gloo ring only in an open, plaintext cluster: torch.distributed's TCPStore and ring accept
+    any connection to their ports, so the token and TLS would guard every channel but that one."""
+    if gloo and (token or tls):
+        given = " and ".join(w for w, on in (("a cluster token", token), ("TLS certificates", tls)) if on)
+        raise UserError(
+            f"--collective gloo cannot be used with {given}: torch.distributed's TCPStore and gloo ring "
+            "take unauthenticated plaintext connections (anyone reaching their ports could join the ring "
+            "or read the partial sums); use the default --collective star, which runs over the "
+            "authenticated gRPC channel"
+        )
 
 
 class ClusterMaster(rpc.MasterServicer):
@@ -50,6 +64,7 @@ class ClusterMaster(rpc.MasterServicer):
         tls: TlsFiles | None = None,
         auto_admit: bool = False,
     ) -> None:
+        refuse_unauthenticated_ring(bool(spec.collective_init), token, tls is not None)
         self.spec, self.tls = spec, tls
         self.auth = MasterAuth(token)
         self.shared = SharedLoop(background=True)
@@ -62,6 +77,7 @@ class ClusterMaster(rpc.MasterServicer):
             auto_admit,
             context=spec.max_context,
             kv_blocks=spec.kv_blocks,
+            weights=spec.weights,
         )
         self.coordinator = Coordinator(spec, self.membership, self.shared, make_collective)
         self.server: grpc.aio.Server | None = None
@@ -164,6 +180,7 @@ class ClusterMaster(rpc.MasterServicer):
             model_name=self.spec.model_name,
             ticket=self.auth.tickets.issue(request.node_id),
             collective_init=self.spec.collective_init,
+            shard_quant=self.spec.quant,
         ).to_pb()
 
     async def _admit(self, member: Member) -> str | None:
@@ -247,6 +264,9 @@ class ClusterMaster(rpc.MasterServicer):
 
     # ---- Status, /health ----------------------------------------------------------------------------
     async def Status(self, request, context) -> pb.StatusReply:
+        refuse = self.auth.status_refusal(request)
+        if refuse is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refuse)
         d = self.coordinator.deployment
         return pb.StatusReply(
             ready=self.ready(),

@@ -21,6 +21,7 @@ from enum import Enum
 from tpi_node.engine.budget import plan_memory
 from tpi_node.model.config import ModelConfig
 from tpi_node.weights.plan import NodeCapacity, PartitionPlan, make_plan
+from tpi_node.weights.sizes import WeightBytes
 
 log = logging.getLogger("tpi_node.membership")
 
@@ -72,8 +73,9 @@ class Membership:
         auto_admit: bool = False,
         context: int | None = None,
         kv_blocks: int | None = None,
+        weights: WeightBytes | None = None,
     ) -> None:
-        self.cfg, self.model_digest, self.dtype = cfg, model_digest, dtype
+        self.cfg, self.model_digest, self.dtype, self.weights = cfg, model_digest, dtype, weights
         self.expected, self.auto_admit = expected, auto_admit
         self.context, self.kv_blocks = context, kv_blocks  # --max-context, --kv-blocks
         self.members: list[Member] = [master]  # rank order once planned; master first
@@ -113,7 +115,7 @@ class Membership:
             self._remember(m.node_id)
         members = sorted(members, key=lambda m: self.join_order.index(m.node_id))
         caps = [m.capacity for m in members]
-        plan = make_plan(self.cfg, caps, self.model_digest)
+        plan = make_plan(self.cfg, caps, self.model_digest, self.weights.layer if self.weights else 4)
         nodes = {
             s.rank: plan_memory(
                 self.cfg,
@@ -124,6 +126,7 @@ class Membership:
                 is_master=s.rank == 0,
                 context=self.context,
                 kv_blocks=self.kv_blocks,
+                weights=self.weights,
             )
             for s in plan.shares
         }

@@ -66,7 +66,7 @@ class WorkerSpec:
 def worker_dir(a: Assignment) -> Path:
     """This worker's shard cache: named by model and plan digest (next to where a master on the
     same machine keeps the rank's source files, never the same folder)."""
-    return shard_dir(a.model_digest, a.plan, a.rank, a.shard_dtype).with_name(f"rank-{a.rank}-worker")
+    return shard_dir(a.model_digest, a.plan, a.rank, a.shard_dtype, a.shard_quant).with_name(f"rank-{a.rank}-worker")
 
 
 def run_worker(spec: WorkerSpec, make_collective: MakeWorkerCollective) -> int:

@@ -6,8 +6,9 @@ the same shape. `allreduce_add_norm` is the one the forward loop uses:
     x_new = residual + sum_over_nodes(partial)     # [T, hidden]
     h     = rms_norm(x_new, norm_weight, eps)       # [T, hidden]
 
-Implementations: LocalCollective (one node), the gRPC star (comm/star.py), torch.distributed
-gloo/nccl (comm/torch_dist.py), and the fused GPU path (gpu/).
+Implementations: LocalCollective (one node; `fused=True` on a CUDA node: the fused add+RMSNorm
+kernel of gpu/fused.py), the gRPC star (comm/star.py), gloo (comm/torch_dist.py), and the NCCL
+collective of GPUs in one NVLink domain (comm/nccl.py). commands/compose.py picks one.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class Collective(ABC):
         """A new forward step starts: collectives that tag their frames (the star) restart
         their count; the others ignore it."""
 
+    def split_at(self, n_tokens: int) -> int:
+        """Where the forward loop cuts a step of n_tokens in two halves whose communication and
+        compute overlap (gpu/split.py), or 0: do not split. Every rank gets the same answer."""
+        return 0
+
+    def split_streams(self):
+        """The two CUDA streams the halves of a split step run on, or None (inline)."""
+        return None
+
     def allreduce_add_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +75,20 @@ class Collective(ABC):
 
 
 class LocalCollective(Collective):
-    """One node holds the whole model: the sum over nodes is the partial itself."""
+    """One node holds the whole model: the sum over nodes is the partial itself. `fused`: the
+    residual add + RMSNorm run as one Triton kernel where it applies (a CUDA node, gpu/fused.py)."""
+
+    def __init__(self, fused: bool = False) -> None:
+        super().__init__()
+        self.fused = fused
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def allreduce_add_norm(self, partial, residual, norm_weight, eps):
+        if not self.fused:
+            return super().allreduce_add_norm(partial, residual, norm_weight, eps)
+        from tpi_node.gpu import fused  # only a CUDA node's collective is fused: a CPU one never imports gpu/
+
+        self.stats.calls += 1
+        return fused.add_rms_norm(partial, residual, norm_weight, eps)

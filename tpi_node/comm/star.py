@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from tpi_node.comm.codec import FrameError, dtype_enum, from_pb, to_pb, wire_dtype
+from tpi_node.comm.codec import FrameError, as_sent, dtype_enum, from_pb, to_pb, wire_dtype, wire_nbytes
 from tpi_node.comm.collective import Collective
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.errors import TpiError
@@ -109,7 +109,7 @@ class StarHub(Collective):
         key = (self.step_id, self.stage)
         self.stage += 1
         out = self.shared.run(self._reduce(t, key))
-        self.stats.bytes_sent += out.numel() * out.element_size() * (self.world_size - 1)
+        self.stats.bytes_sent += wire_nbytes(out.numel(), self.wire) * (self.world_size - 1)
         return out
 
     async def _reduce(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
@@ -141,7 +141,7 @@ class StarHub(Collective):
         for r in range(1, self.world_size):
             await self.links.send(r, reduced)
         if self.wire != torch.float32:  # every node must see the very same (rounded) sum
-            acc = acc.to(self.wire).float()
+            acc = as_sent(acc, self.wire)
         return acc.to(t.device, t.dtype)
 
     async def _wait_all(self, key: tuple[int, int]) -> None:
@@ -205,7 +205,7 @@ class StarSpoke(Collective):
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         key = (self.step_id, self.stage)
         self.stage += 1
-        self.stats.bytes_sent += t.numel() * self.wire.itemsize
+        self.stats.bytes_sent += wire_nbytes(t.numel(), self.wire)
         return self.link.run(self._exchange(t, key))
 
     async def _exchange(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:

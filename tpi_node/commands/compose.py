@@ -5,8 +5,10 @@ and its engine. Commands call these; nothing below this layer reads settings.
     engine = build_local_engine("smollm2-135m-instruct")                   # one node, in process
     master, engine, port = start_master(settings, nodes=3, grpc_port=0)   # the cluster's master
 
-`make_master_collective` / `make_worker_collective` are where a collective is chosen (the star, a
-gloo ring; the GPU fast path plugs in here).
+`choose_fast_path` decides, once per node, what the GPU fast path runs (gpu/detect.py says what
+the machine allows, --fast-path whether to use it); `make_master_collective` /
+`make_worker_collective` build the collective it names (the fused kernel on one CUDA node, NCCL
+between GPUs of one NVLink domain) or the star / gloo ring otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tpi_node.cluster.master import ClusterMaster
 from tpi_node.cluster.sessions import Sessions
 from tpi_node.cluster.tls import TlsFiles, tls_files
 from tpi_node.comm.collective import Collective, LocalCollective
+from tpi_node.comm.nccl import GroupInit, NcclCollective
 from tpi_node.comm.star import StarHub, StarSpoke
 from tpi_node.comm.torch_dist import GlooCollective
 from tpi_node.dtypes import torch_dtype
@@ -39,13 +42,16 @@ from tpi_node.engine.head import ModelHead
 from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.local import LocalDriver
 from tpi_node.engine.runner import open_runner
-from tpi_node.gpu.detect import detect_and_log
+from tpi_node.errors import UserError
+from tpi_node.gpu.detect import GpuDecision, detect, detect_and_log
+from tpi_node.gpu.split import DEFAULT_THRESHOLD
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.tokenizer import Tokenizer
 from tpi_node.settings import MasterSettings, TlsOptions
 from tpi_node.weights.checkpoint import model_digest
 from tpi_node.weights.plan import NodeCapacity, PartitionPlan, make_plan
 from tpi_node.weights.prepare import resolve_model
+from tpi_node.weights.sizes import weight_bytes
 
 log = logging.getLogger("tpi_node.compose")
 
@@ -81,15 +87,137 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---- the GPU fast path ----------------------------------------------------------------------------
+GROUP_KINDS = ("nccl", "multimem")  # an NVLink group's collective_init: "nccl+tcp://:PORT"
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What a node's forward loop runs: `kind` off (add+RMSNorm in torch; the star or gloo between
+    nodes), fused (one CUDA node: the fused add+RMSNorm kernel), nccl or multimem (every node a
+    GPU of this machine's NVLink domain). `summary` is the line said at start."""
+
+    kind: str
+    reason: str
+    nodes: int = 1
+    between: str = ""  # off, several nodes: what sums their partials
+    fused_kernel: bool = False  # nccl: the fused kernel after the allreduce (Triton is there)
+
+    def summary(self) -> str:
+        if self.kind == "fused":
+            return f"fast path: the fused add+RMSNorm Triton kernel in the forward loop ({self.reason})"
+        if self.kind in GROUP_KINDS:
+            sums = (
+                "one multimem AllReduce+residual+RMSNorm kernel over NVLink multicast"
+                if self.kind == "multimem"
+                else "NCCL allreduce over NVLink, then add+RMSNorm "
+                + ("in the fused Triton kernel" if self.fused_kernel else "in torch (no Triton)")
+            )
+            return (
+                f"fast path: {sums} between {self.nodes} GPUs; steps of >= {DEFAULT_THRESHOLD} tokens run as "
+                f"two halves on two CUDA streams ({self.reason})"
+            )
+        return f"fast path off: {self.reason} (add+RMSNorm in torch{self.between and ', ' + self.between})"
+
+
+def choose_fast_path(
+    mode: str,
+    decision: GpuDecision,
+    device: str,
+    nodes: int = 1,
+    gpus: tuple[int, ...] = (),
+    collective: str = "star",
+    secured: bool = False,
+) -> FastPath:
+    """The fast path of a node computing on `device` in a plan of `nodes` nodes. `gpus`: the CUDA
+    device of every node when all of them are local processes on distinct GPUs of this machine
+    (local_gpus); `secured`: a cluster token or TLS (torch.distributed's store would be an
+    unauthenticated way in, as gloo's is)."""
+    between = "" if nodes == 1 else f"partial sums over {'a gloo ring' if collective == 'gloo' else 'the gRPC star'}"
+    off = lambda why: FastPath("off", why, nodes, between)
+    if mode == "off":
+        return off("--fast-path off")
+    if not device.startswith("cuda"):
+        return off(f"this node computes on {device}")
+    if nodes == 1:
+        if not decision.fused_kernel:
+            return off("; ".join(decision.notes) or f"the fused kernel needs sm_80 or newer ({decision.reason})")
+        index = int(device.partition(":")[2] or 0)
+        gpu = next((g for g in decision.gpus if g.index == index), None)
+        return FastPath("fused", f"1 node on {device}" + (f", {gpu.name}" if gpu else ""))
+    if decision.collective not in GROUP_KINDS:
+        return off(decision.reason)
+    if collective == "gloo" or secured:
+        return off("--collective gloo" if collective == "gloo" else "a cluster token or TLS: NCCL's store is open")
+    if len(set(gpus)) != nodes:
+        return off("not every node is a GPU of this machine's NVLink domain")
+    return FastPath(decision.collective, decision.reason, nodes, fused_kernel=decision.fused_kernel)
+
+
+def local_gpus(mode: str, device: str, nodes: int, decision: GpuDecision) -> tuple[int, ...]:
+    """The CUDA device of each of `nodes` local nodes (master first) when they can be one NVLink
+    group: one GPU each; () otherwise (every node computes on `device`)."""
+    if mode == "off" or nodes < 2 or device not in ("auto", "cuda") or decision.collective not in GROUP_KINDS:
+        return ()
+    return tuple(g.index for g in decision.gpus[:nodes]) if len(decision.gpus) >= nodes else ()
+
+
+def parse_gpus(spec: str | None) -> tuple[int, ...]:
+    """--gpus: "all" or "0,2" -> the CUDA device of each node (); UserError for a GPU not here."""
+    if not spec:
+        return ()
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--gpus {spec}: this machine has no CUDA device")
+    if spec.strip().lower() == "all":
+        return tuple(range(count))
+    try:
+        ids = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--gpus '{spec}': use all or GPU numbers such as 0,1") from None
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= i < count for i in ids):
+        raise UserError(f"--gpus {spec}: this machine has GPUs 0..{count - 1} (each may be named once)")
+    return ids
+
+
+def local_gpus_for(s: MasterSettings, nodes: int) -> tuple[int, ...]:
+    """local_gpus for a local cluster of `nodes` started with settings `s` (run, generate --nodes,
+    serve --gpus): detection is asked only where CUDA is."""
+    if s.fast_path == "off" or nodes < 2 or select_device(s.device).kind != "cuda":
+        return ()
+    return local_gpus(s.fast_path, s.device, nodes, detect())
+
+
+def detect_for(info: DeviceInfo, decision: GpuDecision | None = None) -> GpuDecision:
+    """Detection (logged) for a node computing on `info`; a CPU or MPS node asks the machine nothing."""
+    if decision is not None:
+        return decision
+    if info.kind != "cuda":
+        return GpuDecision("off", False, f"this node computes on {info.device}")
+    return detect_and_log()
+
+
+def group_collective(kind: str, init_method: str, rank: int, world_size: int, device: str) -> NcclCollective:
+    """This rank's NCCL collective of an NVLink group (joined in its first collective)."""
+    decision = dataclasses.replace(detect(), collective=kind)  # the master chose the kind for all
+    return NcclCollective(decision, init=GroupInit(init_method, rank, world_size, device=device))
+
+
 # ---- collectives ---------------------------------------------------------------------------------
-def make_master_collective(spec: ClusterSpec) -> MakeCollective:
-    """What rank 0 sums with, for each plan: one node alone needs no network; the star hub meets
-    the workers' partials on their sessions; with --collective gloo a gloo ring sums instead (the
-    sessions then only carry steps)."""
+def make_master_collective(spec: ClusterSpec, alone: FastPath | None = None) -> MakeCollective:
+    """What rank 0 sums with, for each plan: one node alone needs no network (`alone`: its fast
+    path, the fused kernel on a CUDA node); an NVLink group of local GPUs sums with NCCL; the star
+    hub meets the workers' partials on their sessions; with --collective gloo a gloo ring sums
+    instead (the sessions then only carry steps)."""
 
     def make(plan: PartitionPlan, sessions: Sessions) -> Collective:
         if plan.world_size == 1:
-            return LocalCollective()
+            return LocalCollective(fused=alone is not None and alone.kind == "fused")
+        kind, plus, url = spec.collective_init.partition("+")
+        if plus and kind in GROUP_KINDS:
+            return group_collective(kind, url.replace("tcp://:", "tcp://127.0.0.1:"), 0, plan.world_size, spec.device)
         if spec.collective_init:
             return GlooCollective(
                 spec.collective_init.replace("tcp://:", "tcp://127.0.0.1:"),
@@ -106,12 +234,18 @@ def make_master_collective(spec: ClusterSpec) -> MakeCollective:
     return make
 
 
-def make_worker_collective(a: Assignment, link: MasterLink, master: str) -> Collective:
-    """A worker's collective for its assignment: the star spoke on its session, or the gloo ring
-    the master named (reached at the address the worker dials the master by)."""
+def make_worker_collective(a: Assignment, link: MasterLink, master: str, device: str = "cuda") -> Collective:
+    """A worker's collective for its assignment: the star spoke on its session, or the group the
+    master named (reached at the address the worker dials the master by): the NCCL group of an
+    NVLink domain (this worker computes on `device`), or a gloo ring."""
     if not a.collective_init:
         return StarSpoke(link, a.rank, a.world_size, a.wire)
-    init = a.collective_init.replace("tcp://:", f"tcp://{master.rpartition(':')[0]}:")
+    kind, plus, url = a.collective_init.partition("+")
+    host = master.rpartition(":")[0]
+    if plus and kind in GROUP_KINDS:
+        say(f"partial sums in the NVLink group ({kind}, rank {a.rank} of {a.world_size} on {device})")
+        return group_collective(kind, url.replace("tcp://:", f"tcp://{host}:"), a.rank, a.world_size, device)
+    init = a.collective_init.replace("tcp://:", f"tcp://{host}:")
     say(f"partial sums over a gloo ring ({init})")
     return GlooCollective(init, a.rank, a.world_size, a.wire, lazy=True)
 
@@ -130,14 +264,21 @@ def build_local_engine(
     max_context: int | None = None,
     prefix_cache: bool = True,
     speculative: str = "auto",
+    quant: str = "none",
+    fast_path: str = "auto",
+    decision: GpuDecision | None = None,
 ) -> Engine:
     """A single-node engine over a model name (prepared on first use) or a model directory. Its
-    memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window."""
+    memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window;
+    on a CUDA device the forward loop runs the fused add+RMSNorm kernel unless `fast_path` is off
+    (`decision`: detection's, default: asked of this machine)."""
     model_dir = resolve_model(str(model), progress=progress)
     cfg = ModelConfig.from_dir(model_dir)
     info = select_device(device)
+    fast = choose_fast_path(fast_path, detect_for(info, decision), str(info.device))
     cap = device_capacity("local", info, memory_budget, dtype)
-    plan = make_plan(cfg, [cap], model_digest(model_dir))
+    weights = weight_bytes(model_dir, dtype, quant)
+    plan = make_plan(cfg, [cap], model_digest(model_dir), weights.layer)
     mem = plan_memory(
         cfg,
         plan.share_of(0),
@@ -148,17 +289,35 @@ def build_local_engine(
         context=max_context,
         kv_blocks=kv_blocks,
         limits=limits or DEFAULT_LIMITS,
+        weights=weights,
     )
     window = mem.window if window is None else window
     runner = open_runner(
-        model_dir, cfg, plan, 0, LocalCollective(), dtype, window, str(info.device), progress, kv_blocks=mem.kv_blocks
+        model_dir,
+        cfg,
+        plan,
+        0,
+        LocalCollective(fused=fast.kind == "fused"),
+        dtype,
+        window,
+        str(info.device),
+        progress,
+        kv_blocks=mem.kv_blocks,
+        quant=quant,
     )
     # the reorder for oneDNN holds two copies of the lm_head for a moment: not under a budget
     head = ModelHead(
-        model_dir, cfg, torch_dtype(dtype), info.device, prepacked=memory_budget is None and window is None
+        model_dir,
+        cfg,
+        torch_dtype(dtype),
+        info.device,
+        prepacked=memory_budget is None and window is None,
+        quant=quant,
     )
     name = Path(model).name if Path(str(model)).exists() else str(model)
     say_memory("local", window, mem.kv_blocks, progress)
+    if progress:
+        say(fast.summary())
     return Engine(
         cfg,
         head,
@@ -185,23 +344,38 @@ class RunningMaster:
     master: ClusterMaster
     engine: Engine
     port: int  # the bound gRPC port
-    gpu: str  # the GPU fast path's decision, with its reason
+    gpu: str  # what the GPU fast path runs, with its reason (FastPath.summary)
 
     def stop(self) -> None:
         self.engine.shutdown()
         self.master.stop()
 
 
-def start_master(s: MasterSettings, nodes: int, grpc_port: int) -> RunningMaster:
-    """Open the model, start the gRPC server for `nodes` nodes (this one included)."""
-    info = select_device(s.device)
+def start_master(
+    s: MasterSettings, nodes: int, grpc_port: int, gpus: tuple[int, ...] = (), decision: GpuDecision | None = None
+) -> RunningMaster:
+    """Open the model, start the gRPC server for `nodes` nodes (this one included). `gpus`: the
+    CUDA device of every node when they are local processes on this machine's GPUs (local_gpus,
+    this one first): they then sum in one NVLink group. `decision`: detection's (default: asked)."""
+    info = select_device(f"cuda:{gpus[0]}" if gpus else s.device)
     dtype = default_dtype(info, s.dtype)
     model_dir = resolve_model(s.model)
     cfg = ModelConfig.from_dir(model_dir)
+    if s.wire == "int8" and (s.collective != "star" or cfg.hidden_size % 32):
+        raise UserError(
+            "--wire int8 needs the star collective and a hidden size that is a multiple of 32 "
+            f"(here: --collective {s.collective}, hidden size {cfg.hidden_size})"
+        )
     me = node_id_for(s, "master")
     cap = capacity_for(me, info, s.memory_budget, dtype, s.speed)
-    # workers reach a gloo group's port at the address they dial the master by (empty host)
+    decision = detect_for(info, decision)
+    secured = bool(resolve_token(s.token)) or tls_for(s, "master") is not None
+    fast = choose_fast_path(s.fast_path, decision, str(info.device), nodes, gpus, s.collective, secured)
+    alone = choose_fast_path(s.fast_path, decision, str(info.device))  # the plans of this node alone
+    # workers reach a gloo group's or an NVLink group's port at the address they dial the master by
     gloo = f"tcp://:{_free_port()}" if s.collective == "gloo" else ""
+    if fast.kind in GROUP_KINDS:
+        gloo = f"{fast.kind}+tcp://:{_free_port()}"
     spec = ClusterSpec(
         model_dir,
         cfg,
@@ -213,21 +387,24 @@ def start_master(s: MasterSettings, nodes: int, grpc_port: int) -> RunningMaster
         gloo,
         max_context=s.max_context,
         kv_blocks=s.kv_blocks,
+        quant=s.quant,
+        weights=weight_bytes(model_dir, dtype, s.quant),
     )
     master = ClusterMaster(
         spec,
         cap,
-        make_master_collective(spec),
+        make_master_collective(spec, alone),
         nodes=nodes,
         token=resolve_token(s.token),
         tls=tls_for(s, "master"),
         auto_admit=s.auto_admit,
     )
-    gpu = detect_and_log().summary()
+    gpu = fast.summary()
+    say(gpu)
     host = s.grpc_host or s.host
     port = master.start(f"{host}:{grpc_port}")
     say(f"master {cap.node_id}: workers join at {host}:{port} (waiting for {nodes - 1} more node(s))")
-    head = ModelHead(model_dir, cfg, torch_dtype(dtype), info.device, prepacked=not s.memory_budget)
+    head = ModelHead(model_dir, cfg, torch_dtype(dtype), info.device, prepacked=not s.memory_budget, quant=s.quant)
     engine = Engine(
         cfg,
         head,

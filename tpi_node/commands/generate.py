@@ -41,8 +41,10 @@ def run(s: GenerateSettings) -> int:
             device=str(info.device),
             kv_blocks=s.kv_blocks,
             max_context=s.max_context,
+            quant=s.quant,
             prefix_cache=not s.no_prefix_cache,
             speculative=s.speculative,
+            fast_path=s.fast_path,
         )
         close = engine.shutdown
     try:

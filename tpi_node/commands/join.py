@@ -24,7 +24,7 @@ def run(s: JoinSettings) -> int:
     info = select_device(s.device)
     node = node_id_for(s, "worker")
     cap = capacity_for(node, info, s.memory_budget, None, s.speed)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tls = tls_for(s, "worker", s.cert_name)
     master = master_address(s.master or _find_master(s))
     ad = _advertise(s, node, cap) if not s.master else None  # on the segment discovery uses
@@ -43,6 +43,16 @@ def run(s: JoinSettings) -> int:
     finally:
         if ad is not None:
             ad.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # exiting already (see _exit_on_sigterm)
+
+
+def _exit_on_sigterm(*_) -> None:
+    """SIGTERM ends the worker as its own exit does (code 0, cleanup run). Only once: a second
+    SIGTERM while it exits (`run` stopping its workers, after the master told them to go) ends
+    it at once, where SystemExit raised inside an interpreter exit hook would only be printed
+    ("Exception ignored in atexit callback ... SystemExit: 0")."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.exit(0)
 
 
 def master_address(s: str) -> str:

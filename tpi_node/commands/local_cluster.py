@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tpi_node.cluster.membership import ClusterState
-from tpi_node.commands.compose import RunningMaster, start_master
+from tpi_node.commands.compose import RunningMaster, local_gpus_for, start_master
 from tpi_node.engine.device import cpu_cores
 from tpi_node.errors import UserError
 from tpi_node.settings import MasterSettings
@@ -30,22 +30,47 @@ def share_cores_with_local_workers(nodes: int) -> None:
         torch.set_num_threads(share_cores(nodes))
 
 
-def spawn_workers(address: str, n: int, base_id: str, extra: list[str] | None = None) -> list[subprocess.Popen]:
-    """n `tpi-node join` child processes (ps shows what they are)."""
+def spawn_workers(
+    address: str,
+    n: int,
+    base_id: str,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    devices: tuple[str, ...] = (),
+) -> list[subprocess.Popen]:
+    """n `tpi-node join` child processes (ps shows what they are) with flags `extra` and
+    environment variables `env` on top of this process's; worker i on devices[i - 1] if given."""
     exe = Path(sys.executable).with_name("tpi-node")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tpi_node.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(share_cores(n + 1))}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(share_cores(n + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, **(env or {})}
     return [
-        subprocess.Popen(cmd + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"] + (extra or []), env=env)
+        subprocess.Popen(
+            cmd
+            + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"]
+            + (extra or [])
+            + (["--device", devices[i - 1]] if devices else []),
+            env=env,
+        )
         for i in range(1, n + 1)
     ]
 
 
 def worker_flags(s: MasterSettings) -> list[str]:
     """The settings the master's local workers take from it: every node it starts gets the same
-    --memory-budget (and the cluster token)."""
+    --memory-budget and the master's TLS: with --certs DIR they present the master's own
+    certificate (they run on its machine, and DIR may hold no worker.*), with --tls-* the same
+    files. The token goes through worker_env, never argv (which any local user can read)."""
     flags = ["--memory-budget", str(s.memory_budget)] if s.memory_budget else []
-    return flags + (["--token", s.token] if s.token else [])
+    if s.certs:
+        flags += ["--certs", s.certs, "--cert-name", "master"]
+    tls = (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key), ("--tls-ca", s.tls_ca))
+    return flags + [x for flag, value in tls if value for x in (flag, value)]
+
+
+def worker_env(s: MasterSettings) -> dict[str, str]:
+    """The environment the master's local workers take from it: the cluster token."""
+    return {"TPI_CLUSTER_TOKEN": s.token} if s.token else {}
 
 
 def stop_children(children: list[subprocess.Popen], grace_s: float = 3.0) -> None:
@@ -86,8 +111,11 @@ class LocalCluster:
 
     def __init__(self, s: MasterSettings, nodes: int) -> None:
         share_cores_with_local_workers(nodes)
-        self.running = start_master(s, nodes, 0)
-        self.children = spawn_workers(f"127.0.0.1:{self.running.port}", nodes - 1, "local", worker_flags(s))
+        gpus = local_gpus_for(s, nodes)  # one GPU per node where they form an NVLink group
+        self.running = start_master(s, nodes, 0, gpus)
+        address = f"127.0.0.1:{self.running.port}"
+        devices = tuple(f"cuda:{g}" for g in gpus[1:])
+        self.children = spawn_workers(address, nodes - 1, "local", worker_flags(s), worker_env(s), devices)
         try:
             wait_ready(self.running, self.children)
         except BaseException:

@@ -1,4 +1,4 @@
-"""`tpi-node prepare [NAME]`: convert a named model into the model cache and print its directory."""
+"""`tpi-node prepare [NAME]`: prepare a named model in the model cache and print its directory."""
 
 from __future__ import annotations
 
@@ -12,4 +12,9 @@ def run(s: PrepareSettings) -> int:
     return 0
 
 
-COMMAND = Command("prepare", "convert a named model into the model cache and print its directory", PrepareSettings, run)
+COMMAND = Command(
+    "prepare",
+    "prepare a named model in the model cache (its GGUF as it is) and print its directory",
+    PrepareSettings,
+    run,
+)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 
 from tpi_node.commands import Command
-from tpi_node.commands.compose import say, start_master
+from tpi_node.commands.compose import local_gpus_for, say, start_master
 from tpi_node.commands.local_cluster import (
     share_cores_with_local_workers,
     spawn_workers,
     stop_children,
+    worker_env,
     worker_flags,
 )
-from tpi_node.commands.serve import serve_http
+from tpi_node.commands.serve import check_master_settings, serve_http
 from tpi_node.settings import DEFAULT_RUN_NODES, RunSettings
 
 
@@ -23,17 +24,21 @@ def default_nodes(cores: int | None = None) -> int:
 
 
 def run(s: RunSettings) -> int:
+    check_master_settings(s)
     nodes = s.nodes or default_nodes()
     if not s.nodes:
         say(f"run: {nodes} local nodes, one per core of this machine at most (--nodes N to choose)")
     share_cores_with_local_workers(nodes)
-    running = start_master(s, nodes, s.grpc_port or 0)
+    gpus = local_gpus_for(s, nodes)  # one GPU per node where they form an NVLink group
+    running = start_master(s, nodes, s.grpc_port or 0, gpus)
     host = s.grpc_host or s.host
     children = spawn_workers(
         f"{host}:{running.port}",
         nodes - 1,
         running.master.membership.master_id,
         worker_flags(s),
+        worker_env(s),
+        tuple(f"cuda:{g}" for g in gpus[1:]),
     )
     try:
         serve_http(s, running)

@@ -11,9 +11,11 @@ import time
 
 from tpi_node import __version__
 from tpi_node.cluster.discovery import WorkerWatch, advertise_master
+from tpi_node.cluster.master import refuse_unauthenticated_ring
 from tpi_node.cluster.view import ClusterView
 from tpi_node.commands import Command
-from tpi_node.commands.compose import RunningMaster, say, start_master
+from tpi_node.commands.compose import RunningMaster, parse_gpus, say, start_master, tls_for
+from tpi_node.commands.local_cluster import spawn_workers, stop_children, worker_env, worker_flags
 from tpi_node.server.app import api_key_check, create_app
 from tpi_node.server.dashboard import dashboard_router
 from tpi_node.settings import DEFAULT_GRPC_PORT, MasterSettings, ServeSettings
@@ -23,12 +25,26 @@ WAIT_SAY_S = 10.0  # a master that is not ready says what it waits for this ofte
 
 
 def run(s: ServeSettings) -> int:
-    running = start_master(s, s.min_nodes, DEFAULT_GRPC_PORT if s.grpc_port is None else s.grpc_port)
+    check_master_settings(s)
+    gpus = parse_gpus(s.gpus)  # --gpus: one node per GPU, this one on the first, the others children
+    port = DEFAULT_GRPC_PORT if s.grpc_port is None else s.grpc_port
+    running = start_master(s, max(s.min_nodes, len(gpus)), port, gpus)
+    children = []
+    if len(gpus) > 1:
+        devices = tuple(f"cuda:{g}" for g in gpus[1:])
+        address, me = f"{s.grpc_host or s.host}:{running.port}", running.master.membership.master_id
+        children = spawn_workers(address, len(devices), me, worker_flags(s), worker_env(s), devices)
     try:
         serve_http(s, running)
     finally:
         running.stop()
+        stop_children(children)
     return 0
+
+
+def check_master_settings(s: MasterSettings) -> None:
+    """What can be refused before the model is opened (which may mean preparing it first)."""
+    refuse_unauthenticated_ring(s.collective == "gloo", s.token, tls_for(s, "master") is not None)
 
 
 def serve_http(s: MasterSettings, running: RunningMaster) -> None:

@@ -1,4 +1,5 @@
-"""`tpi-node status`: the cluster table of a running master (its /cluster.json)."""
+"""`tpi-node status`: the cluster table of a running master (its /cluster.json), or what its gRPC
+Status RPC tells (`--master grpc://HOST[:PORT]`, with the cluster token when it has one)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import json
 import urllib.error
 import urllib.request
 
+from tpi_node.cluster.auth import resolve_token
 from tpi_node.cluster.discovery import DiscoveryError, find_master
+from tpi_node.cluster.status_rpc import read_status
 from tpi_node.commands import Command
+from tpi_node.commands.compose import tls_for
+from tpi_node.commands.join import master_address
 from tpi_node.errors import UserError
 from tpi_node.settings import StatusSettings
 
@@ -76,8 +81,8 @@ def format_table(state: dict) -> str:
                 str(n.get("address") or "-"),
                 _range(n.get("kv")),
                 _range(n.get("ffn")),
-                _bytes(n.get("memory_budget")),
-                "resident" if n.get("window") is None else f"{n['window']} layers",
+                _bytes(n.get("memory_budget")) if "memory_budget" in n else "-",
+                "-" if "window" not in n else "resident" if n["window"] is None else f"{n['window']} layers",
                 str(n.get("state", "-")),
                 "-" if hb is None else f"{hb:.1f}s ago",
                 "-" if tps is None else f"{tps:.1f}",
@@ -98,7 +103,12 @@ def format_table(state: dict) -> str:
 
 
 def run(s: StatusSettings) -> int:
-    state = fetch_state(_master_url(s), api_key=s.api_key)
+    url = _master_url(s)
+    if url.startswith("grpc://"):
+        state = read_status(master_address(url.removeprefix("grpc://")), resolve_token(s.token), tls_for(s, "worker"))
+        state["cluster"] = s.cluster
+    else:
+        state = fetch_state(url, api_key=s.api_key)
     print(json.dumps(state, indent=1) if s.json else format_table(state))
     return 0
 

@@ -14,7 +14,7 @@ def run(s: SynthSettings) -> int:
         raise UserError(f"unknown preset '{s.preset}'; known: {', '.join(sorted(PRESETS))}")
     if not s.out:
         raise UserError("give the output folder: tpi-node synth --preset P --out DIR")
-    print(synthesize(s.preset, s.out, layers=s.layers, dtype=s.dtype or "fp32", seed=s.seed or 0))
+    print(synthesize(s.preset, s.out, layers=s.layers, dtype=s.dtype or "fp32", seed=s.seed or 0, quant=s.quant))
     return 0
 
 

@@ -57,6 +57,27 @@ class BatchLayout:
             rows.append(at - 1)
         return rows
 
+    def split(self, cut: int) -> tuple[BatchLayout, BatchLayout]:
+        """The step's rows [0, cut) and [cut, T) as two layouts (the token split, gpu/split.py).
+        A sequence the cut goes through keeps its first tokens in the first part; in the second
+        its remaining tokens come after them (past + the first part's), in the same blocks."""
+        if not 0 < cut < self.num_tokens:
+            raise ValueError(f"cannot split a step of {self.num_tokens} tokens at {cut}")
+        parts: tuple[list, list] = ([], [])
+        tables = self.block_tables or ((),) * len(self.seq_ids)
+        at = 0
+        for seq, past, n, table in zip(self.seq_ids, self.past_lens, self.new_lens, tables):
+            first = min(max(cut - at, 0), n)  # how many of its rows fall before the cut
+            if first:
+                parts[0].append((seq, past, first, table))
+            if n - first:
+                parts[1].append((seq, past + first, n - first, table))
+            at += n
+        a, b = (BatchLayout(*zip(*p)) for p in parts)
+        if not self.block_tables:
+            a, b = (BatchLayout(x.seq_ids, x.past_lens, x.new_lens) for x in (a, b))
+        return a, b
+
     def to_pb(self) -> pb.BatchLayout:
         return pb.BatchLayout(
             seq_ids=self.seq_ids,

@@ -28,6 +28,7 @@ from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.model.config import ModelConfig
 from tpi_node.units import format_size
 from tpi_node.weights.plan import NodeShare, PlanError
+from tpi_node.weights.sizes import WeightBytes, float_bytes
 
 RUNTIME_BYTES = 288 * 2**20  # a serving process without weights: ~230 MB after importing torch + grpc,
 # ~265 MB with the engine, tokenizer and threads running (measured)
@@ -115,10 +116,11 @@ def activation_bytes(
     return (hidden + qkv + ffn + scores + gqa) * nbytes + rms * 4
 
 
-def head_bytes(cfg: ModelConfig, nbytes: int, rows: int = DEFAULT_LIMITS.max_running) -> int:
-    """Master only: embedding [V, H] (+ lm_head [V, H] unless tied) and fp32 logits [rows, V]."""
+def head_bytes(cfg: ModelConfig, nbytes: float, rows: int = DEFAULT_LIMITS.max_running) -> int:
+    """Master only: embedding [V, H] (+ lm_head [V, H] unless tied) and fp32 logits [rows, V].
+    `nbytes`: bytes per parameter of the head matrix as held (quantised: under one)."""
     mats = 1 if cfg.tie_embeddings else 2
-    return mats * cfg.vocab_size * cfg.hidden_size * nbytes + 4 * rows * cfg.vocab_size
+    return int(mats * cfg.vocab_size * cfg.hidden_size * nbytes) + 4 * rows * cfg.vocab_size
 
 
 def estimate(
@@ -132,15 +134,18 @@ def estimate(
     head: int | None = None,
     runtime: int = RUNTIME_BYTES,
     limits: EngineLimits = DEFAULT_LIMITS,
+    weights: WeightBytes | None = None,
 ) -> MemoryEstimate:
-    """context: the longest sequence served (default: the model's context length)."""
+    """context: the longest sequence served (default: the model's context length). `weights`:
+    bytes per parameter of the matrices as stored (weights/sizes.py; default: dtype's)."""
     nbytes = dtype_bytes(dtype)
+    weights = weights or float_bytes(dtype)
     context = cfg.max_position if context is None else context
     if is_master and head is None:
-        head = head_bytes(cfg, nbytes, limits.max_running)
+        head = head_bytes(cfg, weights.head, limits.max_running)
     return MemoryEstimate(
         layers=cfg.num_layers,
-        layer_bytes=share.layer_params(cfg) * nbytes,
+        layer_bytes=int(share.layer_params(cfg) * weights.layer),
         runtime=runtime,
         norms=(2 * cfg.num_layers + 1) * cfg.hidden_size * nbytes,
         activations=activation_bytes(cfg, share, context, nbytes, limits),
@@ -170,6 +175,7 @@ def plan_memory(
     context: int | None = None,
     kv_blocks: int | None = None,
     limits: EngineLimits = DEFAULT_LIMITS,
+    weights: WeightBytes | None = None,
 ) -> NodeMemory:
     """Split `budget_bytes` (an explicit --memory-budget when `budgeted`, else the memory free at
     start, of which the KV pool takes at most UNBUDGETED_KV_TOKENS). `kv_blocks` (--kv-blocks):
@@ -178,7 +184,7 @@ def plan_memory(
     if not budget_bytes:
         budget_bytes, budgeted = 2**62, False
     who = "the master" if is_master else f"node {share.node_id}"
-    est = estimate(cfg, share, dtype, context=context, is_master=is_master, limits=limits)
+    est = estimate(cfg, share, dtype, context=context, is_master=is_master, limits=limits, weights=weights)
     if kv_blocks is not None and share.n_kv:
         return NodeMemory(dataclasses.replace(est, min_blocks=kv_blocks).largest_window(budget_bytes, who), kv_blocks)
     window = est.largest_window(budget_bytes, who)

@@ -90,8 +90,9 @@ class PagedKVCache:
                 seq_slots[j] = _slot(table[j, at // BLOCK_TOKENS], at)
         self.index = StepIndex(slots, decode, decode_slots, decode_mask, seq_slots)
 
-    def layer(self, i: int) -> LayerKV:
-        return LayerKV(self, i)
+    def layer(self, i: int, index: StepIndex | None = None) -> LayerKV:
+        """Layer i as indexed by the last `begin`, or by `index` (one half of a split step)."""
+        return LayerKV(self, i, index)
 
 
 def _slot(blocks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -104,8 +105,8 @@ class LayerKV:
 
     __slots__ = ("k", "v", "index")
 
-    def __init__(self, cache: PagedKVCache, i: int) -> None:
-        self.k, self.v, self.index = cache.k[i], cache.v[i], cache.index
+    def __init__(self, cache: PagedKVCache, i: int, index: StepIndex | None = None) -> None:
+        self.k, self.v, self.index = cache.k[i], cache.v[i], index or cache.index
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, n_kv, hd] of every new token of the step."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.kv_cache import PagedKVCache
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
+from tpi_node.model.qkernel import tune
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 from tpi_node.weights.slicer import shard_dir, write_node_shards
 from tpi_node.weights.store import ShardStore
@@ -68,12 +70,21 @@ class NodeRunner:
         self.rope = Rope(cfg, self.device)
         self.stats = StepStats()
         self.max_threads = torch.get_num_threads()
+        self.decode_threads = 1
+        sample = store.sample_matrix()
+        if sample is not None and self.device.type == "cpu":
+            # which way each step size runs, and on how many threads a decode step's quantised
+            # matmuls run, measured on this machine with this node's own matrix
+            tuning = tune(sample, self.max_threads)
+            self.decode_threads = tuning.decode_threads
+            print(f"[tpi-node] {tuning.describe()}", file=sys.stderr, flush=True)
 
     def _threads_for(self, tokens: int) -> None:
-        """Small steps (decode) run on one thread: their matrix-vector products are too short for
-        a thread team's wake-up to pay (measured on 2 cores: 22 ms/token on 1 thread vs 30 on 2
-        for SmolLM2); prefill chunks use every thread."""
-        want = 1 if tokens < PARALLEL_MIN_TOKENS else self.max_threads
+        """Small steps (decode) run on one thread: their float matrix-vector products are too short
+        for a thread team's wake-up to pay (measured on 2 cores: 22 ms/token on 1 thread vs 30 on 2
+        for SmolLM2 in fp32); quantised slices use what `tune` measured. Prefill chunks use every
+        thread."""
+        want = self.decode_threads if tokens < PARALLEL_MIN_TOKENS else self.max_threads
         if self.device.type == "cpu" and torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
@@ -90,7 +101,10 @@ class NodeRunner:
         x = x.to(self.device, self.dtype)
         rope_cs = self.rope.tables(layout.positions().to(self.device), self.dtype)
         h = rms_norm(x, norms.input[0], eps)
-        for i in range(cfg.num_layers):
+        cut = self.coll.split_at(layout.num_tokens)  # 0 unless the collective overlaps halves
+        if cut:
+            h = self._split_layers(layout, x, h, rope_cs, cut)
+        for i in range(0 if cut else cfg.num_layers):
             with self.store.layer(i) as w:
                 a = attention_partial(h, w, self.kv.layer(i), layout, rope_cs, cfg.head_dim)
                 x, h = self.coll.allreduce_add_norm(a, x, norms.post[i], eps)
@@ -103,6 +117,43 @@ class NodeRunner:
         s.stall_s += self.store.stats.stall_s - stall0
         return h
 
+    def _split_layers(self, layout: BatchLayout, x, h, rope_cs, cut: int) -> torch.Tensor:
+        """The same layer loop over the step cut in two halves (TokenWeave, gpu/split.py): stage
+        k of the second half runs after stage k of the first (its attention sees the keys the
+        first half wrote), and on the collective's two CUDA streams one half's allreduce overlaps
+        the other half's compute. -> h [T, H]."""
+        from tpi_node.gpu.split import run_split  # only collectives of GPU groups split
+
+        cfg, norms, eps = self.cfg, self.store.norms, self.cfg.rms_eps
+        parts, bounds = layout.split(cut), (slice(0, cut), slice(cut, layout.num_tokens))
+        index = []
+        for part in parts:
+            if self.share.n_kv:
+                self.kv.begin(part)
+            index.append(self.kv.index)
+        ropes = [(rope_cs[0][b], rope_cs[1][b]) for b in bounds]
+        states, streams = [(x[b], h[b]) for b in bounds], self.coll.split_streams()
+        for i in range(cfg.num_layers):
+            nxt = norms.input[i + 1] if i + 1 < cfg.num_layers else norms.final
+            with self.store.layer(i) as w:
+                _used_on(w, streams)
+
+                def attn(p, _, s, w=w, i=i):
+                    kv = self.kv.layer(i, index[p])
+                    return s[0], attention_partial(s[1], w, kv, parts[p], ropes[p], cfg.head_dim)
+
+                def post(p, _, s, i=i):
+                    return self.coll.allreduce_add_norm(s[1], s[0], norms.post[i], eps)
+
+                def mlp(p, _, s, w=w):
+                    return s[0], mlp_partial(s[1], w)
+
+                def pre(p, _, s, nxt=nxt):
+                    return self.coll.allreduce_add_norm(s[1], s[0], nxt, eps)
+
+                states = run_split(states, bounds, (attn, post, mlp, pre), streams)
+        return torch.cat([s[1] for s in states])
+
     def node_stats(self) -> dict:
         """This node's counters for Driver.stats(): steps, weights streamed, KV pool, memory."""
         return {**self.stats.as_dict(), **self.store.stats.as_dict(), "kv_pool_bytes": self.kv.nbytes()}
@@ -110,6 +161,15 @@ class NodeRunner:
     def close(self) -> None:
         self.store.close()
         self.coll.close()
+
+
+def _used_on(w, streams) -> None:
+    """A streamed layer's weights are freed when the layer is released: tell the caching allocator
+    they were used on the split's side streams too."""
+    for t in getattr(w, "__dict__", {}).values() if streams else ():
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            for st in streams:
+                t.record_stream(st)
 
 
 def open_runner(
@@ -123,10 +183,11 @@ def open_runner(
     device: str = "cpu",
     progress: bool = True,
     kv_blocks: int = 0,
+    quant: str = "none",
 ) -> NodeRunner:
     """Make sure rank's slices are in the shard cache (slicing the checkpoint if not) and open
     them, with a paged KV cache of `kv_blocks` blocks."""
-    out = shard_dir(plan.model_digest, plan, rank, dtype)
-    write_node_shards(model_dir, cfg, plan, rank, out, dtype, progress)
+    out = shard_dir(plan.model_digest, plan, rank, dtype, quant)
+    write_node_shards(model_dir, cfg, plan, rank, out, dtype, progress, quant)
     store = ShardStore(out, cfg, plan.share_of(rank), window=window, device=device)
     return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device, kv_blocks)

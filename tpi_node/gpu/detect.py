@@ -1,4 +1,4 @@
-"""Decide, once at start, whether this node uses the GPU fast path, and say why.
+"""Find out, once at start, what GPU fast path this machine allows, and why.
 
 The fast path (NCCL / symmetric-memory collective + fused allreduce+RMSNorm) needs:
   - CUDA GPUs of compute capability 9.0 (Hopper) or newer,
@@ -65,10 +65,11 @@ class GpuDecision:
         return self.gpus[0].sm_count if self.gpus else 0
 
     def summary(self) -> str:
-        """One line, as logged at start and shown by `tpi-node status`."""
-        state = f"ON ({self.collective})" if self.enabled else "off"
-        kernel = "fused add+RMSNorm kernel: " + ("yes" if self.fused_kernel else "no (torch)")
-        return f"gpu fast path {state}: {self.reason}; {kernel}"
+        """One line: what this machine allows. What a node runs is commands/compose.py's choice
+        (FastPath.summary, the line said at start)."""
+        group = {"multimem": "an NVLink group with multicast", "nccl": "an NVLink group (NCCL)"}
+        kernel = "the fused add+RMSNorm kernel" if self.fused_kernel else "no fused kernel"
+        return f"gpu detection: {self.reason}; allows {group.get(self.collective, 'no NVLink group')}, {kernel}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -182,12 +183,12 @@ def detect(probe: Probe | None = None) -> GpuDecision:
 
 
 def detect_and_log(probe: Probe | None = None) -> GpuDecision:
-    """`detect`, logged at INFO the way the daemon prints it at start. Never raises."""
+    """`detect`, logged at DEBUG (the composition root says what the node runs). Never raises."""
     try:
         decision = detect(probe)
     except Exception as e:  # a broken driver must not stop a CPU node from serving
         decision = GpuDecision("off", False, f"GPU detection failed: {type(e).__name__}: {e}")
-    log.info(decision.summary())
+    log.debug(decision.summary())
     for note in decision.notes:
-        log.info("gpu: %s", note)
+        log.debug("gpu: %s", note)
     return decision

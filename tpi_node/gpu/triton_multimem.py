@@ -25,18 +25,28 @@ import torch
 import triton
 import triton.language as tl
 
+# A masked-off lane branches around the multimem instruction instead of predicating it: ptxas
+# 12.8/12.9 (Triton 3.6's) compiles `@p multimem.st` to an unconditional STG.E.128 (the
+# predicate is dropped), so masked lanes stored 16 bytes at their address anyway: past the row
+# end when H / 8 is not a power of two, and at address 0 in a launch with every lane masked off
+# (the illegal address of 2026-11-26). A branch (torch's kernel skips such lanes the same way)
+# keeps them out with every ptxas; tests/test_gpu_cpu.py checks the SASS.
 _LD_REDUCE = tl.constexpr("""{
   .reg .pred %mm_p;
   mov.u32 $0, 0; mov.u32 $1, 0; mov.u32 $2, 0; mov.u32 $3, 0;
-  setp.ne.s32 %mm_p, $5, 0;
-  @%mm_p multimem.ld_reduce.relaxed.sys.global.add.v4.bf16x2 {$0, $1, $2, $3}, [$4];
+  setp.eq.s32 %mm_p, $5, 0;
+  @%mm_p bra mm_skip;
+  multimem.ld_reduce.relaxed.sys.global.add.v4.bf16x2 {$0, $1, $2, $3}, [$4];
+  mm_skip:
 }""")
 
 _ST = tl.constexpr("""{
   .reg .pred %mm_p;
-  setp.ne.s32 %mm_p, $6, 0;
-  @%mm_p multimem.st.relaxed.sys.global.v4.f32 [$1], {$2, $3, $4, $5};
   mov.u32 $0, 0;
+  setp.eq.s32 %mm_p, $6, 0;
+  @%mm_p bra mm_skip;
+  multimem.st.relaxed.sys.global.v4.f32 [$1], {$2, $3, $4, $5};
+  mm_skip:
 }""")
 
 
@@ -199,9 +209,26 @@ def _multimem_add_rms_norm_kernel(
 
 
 def grid_and_block(T: int, H: int, world: int) -> tuple[tuple[int], int, int]:
+    """One program per owned row; [BV] 16-byte chunks per row, at most one per thread where the
+    row allows (a thread holding a copy of another's chunk would repeat its multimem ops)."""
     bv = triton.next_power_of_2(max(H // 8, 1))
-    warps = 8 if bv >= 512 else 4
+    warps = max(1, min(8, bv // 32))
     return (triton.cdiv(T, world),), bv, warps
+
+
+def check_launch(mc: tuple[int, ...], residual: torch.Tensor, weight: torch.Tensor) -> None:
+    """What torch's multimem ops check before they launch: a multicast mapping (a multimem
+    instruction at any other address faults the context), 16-byte alignment, bf16 rows of
+    H % 8 == 0 elements."""
+    T, H = residual.shape
+    if any(a == 0 for a in mc):
+        raise ValueError("multimem_add_rms_norm: no multicast address (symmetric memory without multicast)")
+    if any(a % 16 for a in mc):
+        raise ValueError(f"multimem_add_rms_norm: multicast addresses must be 16-byte aligned, got {mc}")
+    if H % 8 or residual.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (H,):
+        raise ValueError(f"multimem_add_rms_norm: needs bf16 rows of H % 8 == 0 elements and a bf16 [H] weight (H={H})")
+    if residual.stride(1) != 1:
+        raise ValueError("multimem_add_rms_norm: residual rows must be contiguous")
 
 
 def multimem_add_rms_norm(
@@ -209,7 +236,10 @@ def multimem_add_rms_norm(
 ) -> None:
     """Launch on the current stream; P must hold every rank's partial (barrier before), and
     X, H are complete on every rank only after a barrier after. residual: [T, H] bf16, H % 8 == 0."""
+    check_launch((mc_p, mc_x, mc_h), residual, weight)
     T, H = residual.shape
+    if T == 0:
+        return
     grid, bv, warps = grid_and_block(T, H, world)
     _multimem_add_rms_norm_kernel[grid](
         mc_p,

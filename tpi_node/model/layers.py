@@ -19,11 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.qkernel import qlinear
+from tpi_node.model.quant import QMatrix
 
 
 @dataclass
 class LayerWeights:
-    """One node's slice of one layer (see weights/slicer.py for how it is cut)."""
+    """One node's slice of one layer (see weights/slicer.py for how it is cut). A matrix is a float
+    tensor, or a QMatrix of quantised blocks (model/quant.py) with the same [out, in] shape."""
 
     n_q: int  # query heads held here (0 -> no attention work)
     n_kv: int  # KV heads held here
@@ -35,7 +38,7 @@ class LayerWeights:
 
     def nbytes(self) -> int:
         ts = (self.wqkv, self.bqkv, self.wo, self.w13, self.w2)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(t.nbytes() if isinstance(t, QMatrix) else t.numel() * t.element_size() for t in ts if t is not None)
 
     def prepacked(self) -> LayerWeights:
         """The same slice with its matrices in oneDNN's layout (see `linear`)."""
@@ -47,7 +50,10 @@ class LayerWeights:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b. A CPU weight prepacked by `prepack` (oneDNN's blocked layout) runs through
     oneDNN, 1.7x faster than the MKL path for one-token decode and 2.6x for 8 rows on this
-    project's 2-core test machine (scripts/bench_single.py)."""
+    project's 2-core test machine (scripts/bench_single.py). A QMatrix runs the quantised matmul
+    (model/qkernel.py)."""
+    if isinstance(w, QMatrix):
+        return qlinear(x, w, b)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)
@@ -63,8 +69,11 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def prepack(w: torch.Tensor | None) -> torch.Tensor | None:
-    """A [out, in] CPU weight reordered once for oneDNN (a copy; the original can be freed)."""
-    return None if w is None else torch.ops.mkldnn._reorder_linear_weight(w)
+    """A [out, in] CPU weight reordered once for oneDNN (a copy; the original can be freed).
+    A QMatrix is returned as it is (its kernel reads the blocks)."""
+    if w is None or isinstance(w, QMatrix):
+        return w
+    return torch.ops.mkldnn._reorder_linear_weight(w)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

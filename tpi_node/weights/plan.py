@@ -124,7 +124,9 @@ def capacity_weights(caps: list[NodeCapacity]) -> list[float]:
     return [float(max(1, c.cores)) for c in caps]
 
 
-def make_plan(cfg: ModelConfig, caps: list[NodeCapacity], model_digest: str = "") -> PartitionPlan:
+def make_plan(
+    cfg: ModelConfig, caps: list[NodeCapacity], model_digest: str = "", bytes_per_param: float = 4
+) -> PartitionPlan:
     """Split one layer's work over the nodes by capacity weight.
 
     KV-head groups go first (largest remainder on the weights); then FFN blocks fill each node up
@@ -155,16 +157,17 @@ def make_plan(cfg: ModelConfig, caps: list[NodeCapacity], model_digest: str = ""
         shares.append(NodeShare(c.node_id, rank, kv_at, kv_at + kv[rank], col, col + cols))
         kv_at, col = kv_at + kv[rank], col + cols
     plan = PartitionPlan(model_digest or cfg.digest, tuple(shares))
-    check_memory(cfg, plan, caps)
+    check_memory(cfg, plan, caps, bytes_per_param)
     return plan
 
 
-def min_node_bytes(cfg: ModelConfig, share: NodeShare, dtype_bytes: int = 4) -> int:
-    """The least memory a node can serve its share with: a window of two layer slices."""
-    return 2 * share.layer_params(cfg) * dtype_bytes
+def min_node_bytes(cfg: ModelConfig, share: NodeShare, dtype_bytes: float = 4) -> int:
+    """The least memory a node can serve its share with: a window of two layer slices
+    (`dtype_bytes` per parameter as stored: under one for quantised weights)."""
+    return int(2 * share.layer_params(cfg) * dtype_bytes)
 
 
-def check_memory(cfg: ModelConfig, plan: PartitionPlan, caps: list[NodeCapacity], dtype_bytes: int = 4) -> None:
+def check_memory(cfg: ModelConfig, plan: PartitionPlan, caps: list[NodeCapacity], dtype_bytes: float = 4) -> None:
     for share, cap in zip(plan.shares, caps):
         need = min_node_bytes(cfg, share, dtype_bytes)
         if cap.memory_bytes and cap.memory_bytes < need:

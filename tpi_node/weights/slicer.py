@@ -3,7 +3,11 @@
 Weight loading is data: `LAYER_NAMES` maps our roles to Hugging Face tensor names, and
 `slice_layer` cuts rows or columns by the node's KV-head range and FFN range. Each node keeps its
 slices as one safetensors file per layer plus `norms.safetensors` (every RMSNorm weight; tiny,
-always resident) in a folder named by the model and plan digests.
+always resident) in a folder named by the model and plan digests, the dtype and --quant.
+
+Quantised matrices (a GGUF's blocks, or float weights under --quant int8 / int4) are written as
+their blocks: a U8 tensor [N, K/32, block bytes] (model/quant.py), so every shard on disk, every
+FetchShard stream and every window slot holds the quantised bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from safetensors.torch import save_file
 
 from tpi_node.dtypes import torch_dtype
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.quant import QMatrix, cat_rows, quantize_for
 from tpi_node.paths import shards_dir
 from tpi_node.proto import tpi_pb2 as pb
-from tpi_node.weights.checkpoint import CheckpointReader
+from tpi_node.weights.checkpoint import CheckpointReader, GgufReader, Weight, open_checkpoint
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 
 LAYER_NAMES = {
@@ -57,7 +62,7 @@ class ShardFile:
         return cls(msg.name, int(msg.size), msg.sha256)
 
 
-def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i: int) -> dict[str, torch.Tensor]:
+def slice_layer(reader: CheckpointReader | GgufReader, cfg: ModelConfig, share: NodeShare, i: int) -> dict[str, Weight]:
     """One node's tensors of layer i (see model/layers.py LayerWeights for the shapes)."""
     n = {k: v.format(i=i) for k, v in LAYER_NAMES.items()}
     hd, g = cfg.head_dim, cfg.q_per_kv
@@ -65,7 +70,7 @@ def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i:
     if share.n_kv:
         q0, q1 = share.kv_start * g * hd, share.kv_end * g * hd  # query rows of our heads
         k0, k1 = share.kv_start * hd, share.kv_end * hd
-        out["wqkv"] = torch.cat(
+        out["wqkv"] = cat_rows(
             [
                 reader.rows(n["q"] + ".weight", q0, q1),
                 reader.rows(n["k"] + ".weight", k0, k1),
@@ -83,12 +88,12 @@ def slice_layer(reader: CheckpointReader, cfg: ModelConfig, share: NodeShare, i:
         out["wo"] = reader.cols(n["o"] + ".weight", q0, q1)
     if share.n_ffn:
         f0, f1 = share.ffn_start, share.ffn_end
-        out["w13"] = torch.cat([reader.rows(n["gate"] + ".weight", f0, f1), reader.rows(n["up"] + ".weight", f0, f1)])
+        out["w13"] = cat_rows([reader.rows(n["gate"] + ".weight", f0, f1), reader.rows(n["up"] + ".weight", f0, f1)])
         out["w2"] = reader.cols(n["down"] + ".weight", f0, f1)
     return out
 
 
-def read_norms(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def read_norms(reader: CheckpointReader | GgufReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """All RMSNorm weights: input.{i}, post.{i}, final."""
     out = {"final": reader.get(FINAL_NORM)}
     for i in range(cfg.num_layers):
@@ -97,8 +102,24 @@ def read_norms(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, torch.Te
     return out
 
 
-def shard_dir(model_digest: str, plan: PartitionPlan, rank: int, dtype: str) -> Path:
-    return shards_dir() / model_digest[:12] / f"{plan.digest[:16]}-{dtype}" / f"rank-{rank}"
+def shard_dir(model_digest: str, plan: PartitionPlan, rank: int, dtype: str, quant: str = "none") -> Path:
+    """A cache made for another dtype or --quant is another folder: never reused by mistake."""
+    kind = dtype if quant == "none" else f"{dtype}-{quant}"
+    return shards_dir() / model_digest[:12] / f"{plan.digest[:16]}-{kind}" / f"rank-{rank}"
+
+
+MATRICES = ("wqkv", "wo", "w13", "w2")  # the rest of a layer file (biases) stays in --dtype
+
+
+def stored_layer(tensors: dict[str, Weight], dtype: torch.dtype, quant: str) -> dict[str, torch.Tensor]:
+    """A layer's slices as written to its file: float matrices quantised by --quant (a width that
+    is not a multiple of 32 stays float), quantised ones as their blocks, the rest in dtype."""
+    out = {}
+    for k, v in tensors.items():
+        if k in MATRICES and not isinstance(v, QMatrix) and v.shape[1] % 32 == 0:
+            v = quantize_for(v, quant)
+        out[k] = v.data if isinstance(v, QMatrix) else v.to(dtype)
+    return out
 
 
 def layer_file(i: int) -> str:
@@ -136,6 +157,7 @@ def write_node_shards(
     out_dir: Path,
     dtype: str = "fp32",
     progress: bool = True,
+    quant: str = "none",
 ) -> dict[str, str]:
     """Write rank's slices (one file per layer + norms) into out_dir; returns {file: sha256}.
 
@@ -148,13 +170,13 @@ def write_node_shards(
         sums = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
         if all((out_dir / f).is_file() for f in sums):
             return sums
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(model_dir)
     share, td = plan.share_of(rank), torch_dtype(dtype)
     t0, written = time.monotonic(), 0
     for i in range(cfg.num_layers):
         path = out_dir / layer_file(i)
         if not path.is_file():
-            tensors = {k: v.to(td) for k, v in slice_layer(reader, cfg, share, i).items()}
+            tensors = stored_layer(slice_layer(reader, cfg, share, i), td, quant)
             _save_atomic(tensors, path)
             written += sum(t.numel() * t.element_size() for t in tensors.values())
         if progress and (i % 8 == 7 or i == cfg.num_layers - 1):

@@ -33,6 +33,7 @@ from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import TpiError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import LayerWeights, can_prepack
+from tpi_node.model.quant import FORMAT_OF_BYTES, QMatrix
 from tpi_node.weights.plan import NodeShare
 from tpi_node.weights.slicer import layer_file
 from tpi_node.weights.upload import PinnedUploader
@@ -189,6 +190,7 @@ class ShardStore:
         else:
             t, nb = read_safetensors(self.dir / layer_file(i), slot)
             t = {k: v.to(self.device) for k, v in t.items()}
+        t = {k: _weight(v) for k, v in t.items()}
         g = self.cfg.q_per_kv
         w = LayerWeights(
             n_q=self.share.n_kv * g,
@@ -282,6 +284,18 @@ class ShardStore:
                 timeout,
             )
 
+    def sample_matrix(self) -> QMatrix | None:
+        """This node's largest quantised matrix of layer 0 (what the kernel tuning measures on),
+        or None when its slices are float. Read from the file when the layers stream."""
+        if self.streaming:
+            t, _ = read_safetensors(self.dir / layer_file(0))
+            mats = [_weight(v) for v in t.values()]
+        else:
+            w = self._loaded[0]
+            mats = [w.wqkv, w.wo, w.w13, w.w2]
+        qs = [m for m in mats if isinstance(m, QMatrix)]
+        return max(qs, key=QMatrix.nbytes) if qs else None
+
     def in_memory(self) -> int:
         """Layers held now, the one being loaded included (never more than the window)."""
         with self._cv:
@@ -305,5 +319,14 @@ class ShardStore:
             self._thread.join(timeout=30)  # it finishes the load in flight, then sees _closed
 
 
+def _weight(t: torch.Tensor) -> torch.Tensor | QMatrix:
+    """A stored tensor as the forward pass uses it: U8 [N, K/32, block bytes] is a QMatrix."""
+    if t.dtype == torch.uint8 and t.dim() == 3 and t.shape[-1] in FORMAT_OF_BYTES:
+        return QMatrix(t)
+    return t
+
+
 def _dtype_of(w: LayerWeights) -> torch.dtype:
-    return next(t.dtype for t in (w.wqkv, w.w13) if t is not None)
+    """The dtype of the float matrices (prepacking applies to those; QMatrix ones are skipped)."""
+    floats = [t for t in (w.wqkv, w.wo, w.w13, w.w2) if isinstance(t, torch.Tensor)]
+    return floats[0].dtype if floats else torch.uint8

@@ -5,6 +5,10 @@ checkpoint (config.json, sharded safetensors + index, tokenizer) so the whole se
 partitioning, streaming, the wire, the API - can be exercised at real shapes without real
 weights. Values are deterministic per (seed, tensor name), so the first layers of a 4-layer and
 a 32-layer synthesis are identical, and no more than one layer is ever held in memory.
+
+With `quant` int8 / int4 the matrices are written straight as quantised blocks (U8 tensors
+[N, K/32, block bytes], model/quant.py; the embedding and lm_head as q8_0), so 70B shapes fit on
+disk; only tpi-node reads such a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from tpi_node.model.presets import get_preset
+from tpi_node.model.quant import QUANT_FORMAT, quantize
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 WEIGHT_STD = 0.02
@@ -99,8 +104,22 @@ def _make(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype: torch.
     return _normal(name, shape, seed, 0.0, BIAS_STD if kind == "bias" else WEIGHT_STD, dtype)
 
 
+def _stored(name: str, t: torch.Tensor, quant: str) -> torch.Tensor:
+    """A weight as written: its blocks under --quant (the embedding / lm_head at q8_0)."""
+    if quant == "none" or t.dim() != 2 or t.shape[1] % 32:
+        return t
+    fmt = "q8_0" if name in ("model.embed_tokens.weight", "lm_head.weight") else QUANT_FORMAT[quant]
+    return quantize(t, fmt).data
+
+
 def synthesize(
-    preset: str, out: str | Path, layers: int | None = None, dtype: str = "fp32", seed: int = 0, progress: bool = True
+    preset: str,
+    out: str | Path,
+    layers: int | None = None,
+    dtype: str = "fp32",
+    seed: int = 0,
+    progress: bool = True,
+    quant: str = "none",
 ) -> Path:
     """Write a random checkpoint of `preset`'s shape into `out`; returns `out`."""
     if dtype not in DTYPES:
@@ -128,7 +147,9 @@ def synthesize(
     total = 0
     for i, entries in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {name: _make(name, shape, kind, seed, torch_dtype) for name, shape, kind in entries}
+        tensors = {
+            name: _stored(name, _make(name, shape, kind, seed, torch_dtype), quant) for name, shape, kind in entries
+        }
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         total += size
@@ -145,7 +166,7 @@ def synthesize(
     write_tokenizer(out, model_max_length=cfg["max_position_embeddings"])
     _say(
         progress,
-        f"done: {preset} x {cfg['num_hidden_layers']} layers, {dtype}, "
+        f"done: {preset} x {cfg['num_hidden_layers']} layers, {dtype}{'' if quant == 'none' else ', ' + quant}, "
         f"{total / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s -> {out}",
     )
     return out

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Quantised weights, side by side in one run on one machine with the same threads: TTFT, decode
+tokens/s and peak RSS of tpi-node serving SmolLM2-135M-Instruct in fp32, --quant int8, --quant
+int4 and natively from its Q4_1 GGUF, and of llama.cpp (llama-cpp-python) on the same GGUF.
+
+Each configuration runs in a process of its own (peak RSS is per process); greedy decoding,
+speculation off, the same chat prompt. The fp32 checkpoint is the GGUF dequantised by tpi-node's
+own reader (bit for bit what transformers computes), written once under $TPI_HOME/bench.
+
+    .venv/bin/python scripts/bench_quant.py [--threads 2] [--tokens 128] [--repeats 3]
+    .venv/bin/python scripts/bench_quant.py --llama-cpp     # also llama.cpp: installs
+        llama-cpp-python into .bench/llama-cpp-venv on first use (builds from source: ~10 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_VENV = ROOT / ".bench" / "llama-cpp-venv"
+PROMPT = "Write a long story about a robot who learns to paint, with many details."
+CONFIGS = ("fp32", "int8", "int4", "gguf-q4_1")
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def float_dir(gguf_dir: Path) -> Path:
+    """The GGUF dequantised to an fp32 Hugging Face directory (written once)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tpi_node.model.quant import QMatrix
+    from tpi_node.paths import tpi_home
+    from tpi_node.weights.checkpoint import open_checkpoint
+
+    out = tpi_home() / "bench" / f"{gguf_dir.name}-fp32"
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    reader = open_checkpoint(gguf_dir)
+    state = {}
+    for name in reader.names():
+        w = reader.get(name)
+        state[name] = (w.dequantize() if isinstance(w, QMatrix) else w.to(torch.float32)).contiguous()
+    save_file(state, str(tmp / "model.safetensors"))
+    for f in gguf_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".jinja") and not f.is_symlink():
+            shutil.copy(f, tmp / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def run_tpi(config: str, threads: int, tokens: int) -> dict:
+    """In this process: one configuration, measured."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from tpi_node.commands.compose import build_local_engine
+    from tpi_node.model.sampling_params import SamplingParams
+    from tpi_node.weights.prepare import prepare_model
+
+    idle = rss()
+    gguf_dir = prepare_model(progress=False)
+    model, quant = (
+        (gguf_dir, "none") if config == "gguf-q4_1" else (float_dir(gguf_dir), config.replace("fp32", "none"))
+    )
+    engine = build_local_engine(model, progress=False, quant=quant, speculative="off")
+    tok = engine.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+    list(engine.generate_sync(ids, SamplingParams(max_tokens=4, temperature=0)))  # warm up
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in engine.generate_sync(ids, params)]
+    engine.shutdown()
+    return {
+        "ttft_s": stamps[0] - t0,
+        "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "peak_rss": peak_rss(),
+        "idle_rss": idle,
+        "prompt_tokens": len(ids),
+    }
+
+
+LLAMA_SNIPPET = r"""
+import json, sys, time
+from llama_cpp import Llama
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key))
+idle = status("VmRSS:")
+path, prompt, threads, tokens, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=batch, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+llm(prompt, max_tokens=4, temperature=0.0)  # warm up
+llm.reset()
+t0 = time.perf_counter(); stamps = []
+for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+    stamps.append(time.perf_counter())
+    if len(stamps) == tokens:
+        break
+print(json.dumps({"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                  "peak_rss": status("VmHWM:"), "idle_rss": idle, "prompt_tokens": len(ids), "n_batch": batch}))
+"""
+
+
+def ensure_llama_cpp() -> Path:
+    py = LLAMA_VENV / "bin" / "python"
+    if py.is_file() and subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        return py
+    print(f"installing llama-cpp-python into {LLAMA_VENV} (builds from source, ~10 min on 2 cores) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "llama-cpp-python"], check=True)
+    return py
+
+
+def run_llama_cpp(threads: int, tokens: int) -> dict:
+    from tpi_node.model.tokenizer import Tokenizer
+    from tpi_node.weights.prepare import prepare_model
+
+    gguf_dir = prepare_model(progress=False)
+    prompt = Tokenizer.from_dir(gguf_dir).apply_chat_template([{"role": "user", "content": PROMPT}])
+    py = ensure_llama_cpp()
+    # n_batch 512 (its default) prefills in batches; the llama-cpp-python 0.3.36 build here crashed
+    # (SIGSEGV) in its batched CPU path on this AMX Xeon, so a crash retries with one token per batch
+    # (decode is one token per step either way; TTFT then counts a token-by-token prefill).
+    for batch in (512, 1):
+        argv = [py, "-c", LLAMA_SNIPPET, str((gguf_dir / "model.gguf").resolve()), prompt, str(threads), str(tokens)]
+        out = subprocess.run([*argv, str(batch)], capture_output=True, text=True)
+        if out.returncode == 0:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+    raise RuntimeError(f"llama.cpp failed (exit {out.returncode}): {out.stderr[-1500:]}")
+
+
+def child(config: str, threads: int, tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", config, "--threads", str(threads), "--tokens", str(tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{config} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each config once per round, medians shown")
+    ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (installs it on first use)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        res = run_llama_cpp(a.threads, a.tokens) if a.one == "llama.cpp" else run_tpi(a.one, a.threads, a.tokens)
+        print(json.dumps(res))
+        return
+    from tpi_node.weights.prepare import prepare_model
+
+    gguf = (prepare_model(progress=False) / "model.gguf").resolve()
+    float_dir(prepare_model(progress=False))  # once, outside the timed runs
+    configs = [*CONFIGS, *(["llama.cpp"] if a.llama_cpp else [])]
+    if a.llama_cpp:
+        ensure_llama_cpp()
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for r in range(a.repeats):  # interleaved rounds: drifting machine load hits every config alike
+        for c in configs:
+            runs[c].append(child(c, a.threads, a.tokens))
+            print(f"round {r + 1}/{a.repeats} {c}: {runs[c][-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"\nSmolLM2-135M-Instruct, {a.tokens} greedy tokens, {a.threads} threads, median of {a.repeats} rounds")
+    print(f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, {time.strftime('%Y-%m-%d')}")
+    print(f"GGUF: {gguf.name} {gguf.stat().st_size / 2**20:.0f} MiB\n")
+    base = statistics.median(x["tok_s"] for x in runs["gguf-q4_1"])
+    lcpp = statistics.median(x["tok_s"] for x in runs["llama.cpp"]) if a.llama_cpp else None
+    print("| config | TTFT ms | decode tok/s | vs llama.cpp | peak RSS MiB | idle runtime MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for c in configs:
+        med = {k: statistics.median(x[k] for x in runs[c]) for k in ("ttft_s", "tok_s", "peak_rss", "idle_rss")}
+        rel = f"{med['tok_s'] / lcpp:.2f}x" if lcpp else "-"
+        print(
+            f"| {c} | {med['ttft_s'] * 1e3:.0f} | {med['tok_s']:.1f} | {rel} | "
+            f"{med['peak_rss'] / 2**20:.0f} | {med['idle_rss'] / 2**20:.0f} |"
+        )
+    if lcpp and any(x.get("n_batch") == 1 for x in runs["llama.cpp"]):
+        print(
+            "\nllama.cpp ran with n_batch=1: its batched prefill crashed here, so its TTFT is a token-by-token prefill"
+        )
+    print(f"\nnative Q4_1 decode vs fp32: {base / statistics.median(x['tok_s'] for x in runs['fp32']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Quantised weights: the block formats, the kernel, and whole models against transformers.
+
+transformers runs on the quantised-then-dequantised weights, so any difference left is the
+kernel's arithmetic (fp32, exact dequantised weights): logits agree within 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.hf_util import OurModel, make_hf_model
+from tpi_node.model import qkernel
+from tpi_node.model.quant import BLOCK_BYTES, QMatrix, quantize
+from tpi_node.weights.checkpoint import CheckpointReader
+from tpi_node.weights.slicer import LM_HEAD
+
+
+def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:
+    """Random bytes with sane fp16 scales: every bit pattern of the quants is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (n, k // 32, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // 32, 2, generator=g) * 0.02 - 0.01).to(torch.float16)
+    data[..., 0:2] = scales[..., :1].view(torch.uint8)
+    if fmt == "q4_1":
+        data[..., 2:4] = scales[..., 1:].view(torch.uint8)
+    return QMatrix(data)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 70])
+def test_kernel_and_dequantise_agree_with_a_float_matmul(fmt, tokens):
+    w = _random_blocks(fmt, 200, 320)
+    ref = w.dequantize()
+    assert torch.equal(qkernel.dequantize(w), ref) or qkernel.library() is None
+    x = torch.randn(tokens, 320, dtype=torch.float64).float()
+    want = x.double() @ ref.double().T
+    for got in (qkernel.qlinear(x, w), qkernel.kernel_matmul(x, w) if qkernel.library() else None):
+        if got is not None:
+            assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_the_kernel_is_built_and_tuned_on_this_machine():
+    assert qkernel.library() is not None, qkernel.library_error()  # CI has a C compiler
+    t = qkernel.tune(quantize(torch.randn(256, 512), "q4_1"))
+    assert t.kernel_max_tokens >= 1 and "kernel/dequant" in t.describe()
+
+
+@pytest.mark.parametrize("fmt,bound", [("q8_0", 0.5 / 127), ("q4_1", 0.5 / 15)])
+def test_quantise_error_is_half_a_step(fmt, bound):
+    w = torch.randn(64, 256)
+    q = quantize(w, fmt)
+    blocks = w.view(64, 8, 32)
+    span = blocks.abs().amax(-1) if fmt == "q8_0" else blocks.amax(-1) - blocks.amin(-1)
+    err = (q.dequantize() - w).view(64, 8, 32).abs().amax(-1)
+    assert (err <= span * bound * 1.01 + 1e-3 * span).all()  # fp16 scales add a hair
+
+
+def test_slicing_blocks_equals_slicing_the_dequantised_matrix():
+    w = _random_blocks("q4_1", 40, 256)
+    full = w.dequantize()
+    assert torch.equal(w.rows(5, 20).dequantize(), full[5:20])
+    assert torch.equal(w.cols(64, 192).dequantize(), full[:, 64:192])
+    idx = torch.tensor([3, 1, 2])
+    assert torch.equal(w.take(idx).dequantize(), full[idx])
+    with pytest.raises(Exception, match="multiples of 32"):
+        w.cols(10, 64)
+
+
+def test_gguf_blocks_dequantise_bit_for_bit_like_gguf_py(smollm2_dir):
+    import gguf
+
+    from tpi_node.weights.checkpoint import open_checkpoint
+
+    reader = open_checkpoint(smollm2_dir)
+    ref = gguf.GGUFReader(str(smollm2_dir / "model.gguf"))
+    tensors = {t.name: t for t in ref.tensors}
+    for hf, gname in [
+        ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
+        ("model.embed_tokens.weight", "token_embd.weight"),
+    ]:
+        ours = reader.get(hf)
+        assert isinstance(ours, QMatrix)
+        t = tensors[gname]
+        want = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
+        assert torch.equal(ours.dequantize(), want.view(ours.shape))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def hf_pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    return make_hf_model(request.param, d), d
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_tiny_models_match_transformers_on_the_dequantised_weights(hf_pair, quant):
+    hf, model_dir = copy.deepcopy(hf_pair[0]), hf_pair[1]  # quantised in place below
+    ours = OurModel(model_dir, quant=quant)
+    fmt = {"int8": "q8_0", "int4": "q4_1"}[quant]
+    # transformers gets exactly the weights our shards hold: quantised, then dequantised
+    tied = hf.config.tie_word_embeddings or not CheckpointReader(model_dir).has(LM_HEAD)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name and p.shape[1] % 32 == 0:
+                p.copy_(quantize(p, fmt).dequantize())
+        head = hf.get_input_embeddings().weight if tied else hf.get_output_embeddings().weight
+        head.copy_(quantize(head, "q8_0").dequantize())  # the head is held as q8_0 under --quant
+    torch.manual_seed(3)
+    ids = torch.randint(0, ours.cfg.vocab_size, (29,)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    got = ours.step(1, 0, ids)  # 29 tokens: the dequantise + GEMM way
+    assert (got - ref).abs().max() < 1e-3
+    seq = list(ids)
+    for _ in range(6):  # one-token steps: the kernel
+        seq.append(int(got[-1].argmax()))
+        got = ours.step(1, len(seq) - 1, seq[-1:])
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0, -1:]
+        assert (got - ref).abs().max() < 1e-3
+    ours.free([1])
+    assert isinstance(ours.head.lm_head_w, QMatrix)
+    shard_bytes = ours.runner.store.resident_bytes()
+    assert shard_bytes > 0
+
+
+def test_a_shard_cache_for_another_quant_is_another_folder():
+    from tpi_node.weights.plan import NodeShare, PartitionPlan
+    from tpi_node.weights.slicer import shard_dir
+
+    plan = PartitionPlan("m" * 64, (NodeShare("a", 0, 0, 1, 0, 32),))
+    dirs = {shard_dir("m" * 64, plan, 0, "fp32", q) for q in ("none", "int8", "int4")}
+    assert len(dirs) == 3
+
+
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press into a system that could produce books far "
+    "faster than scribes could copy them. Within fifty years, presses were running in more than two hundred "
+    "cities across Europe, and millions of books had been printed. The spread of printing changed how people "
+    "learned, argued and prayed, and it helped to carry the ideas of the Renaissance and the Reformation."
+)
+
+
+def _perplexity(model: OurModel, ids: list[int]) -> float:
+    logits = model.step(1, 0, ids)[:-1].double()  # token t+1 predicted at t
+    model.free([1])
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    return float(torch.exp(nll))
+
+
+def test_perplexity_of_int8_and_int4_stays_near_fp32(smollm2_fp32_dir):
+    """SmolLM2 (its GGUF dequantised to fp32), then the same weights under --quant int8 / int4."""
+    from tpi_node.model.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(smollm2_fp32_dir).encode(PARAGRAPH)
+    ppl = {q: _perplexity(OurModel(smollm2_fp32_dir, quant=q), ids) for q in ("none", "int8", "int4")}
+    print(f"perplexity: {ppl}")
+    assert ppl["none"] < 30, ppl  # a real model reading real text
+    assert ppl["int8"] <= ppl["none"] * 1.02, ppl
+    assert ppl["int4"] <= ppl["none"] * 1.10, ppl
+
+
+def test_big_steps_dequantise_a_block_of_rows_at_a_time(monkeypatch):
+    """Prefill-size steps: dequantise + GEMM in row blocks (no float copy of a whole matrix), the
+    same result as one GEMM over the whole dequantised matrix."""
+    monkeypatch.setattr(qkernel, "DEQUANT_CHUNK", 64 * 128)  # 64 rows of 128 at a time
+    w, b = _random_blocks("q4_1", 300, 128), torch.randn(300)
+    x = torch.randn(50, 128)
+    want = torch.nn.functional.linear(x, w.dequantize(), b)
+    assert torch.allclose(qkernel.dequant_linear(x, w, b), want, atol=1e-6, rtol=0)

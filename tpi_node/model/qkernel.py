@@ -1,0 +1,241 @@
+"""The quantised matmul every node runs: y = x @ W.T with W a QMatrix (model/quant.py).
+
+Two ways, chosen per step size by a short measurement where the node starts (`tune`):
+- `kernel`: qmatmul.c, compiled on first use with the machine's C compiler for its own CPU
+  (-march=native: AVX-512, AVX2 or NEON code as the CPU has) and cached under
+  $TPI_HOME/kernels; it reads the blocks straight from memory (4.5-8.5 bits a weight), so it wins
+  where decode is bound by memory bandwidth: small steps.
+- `dequant`: the blocks are expanded to a float matrix once per call, then one oneDNN/MKL GEMM;
+  wins for big steps (prefill chunks), and is the only way on a GPU or without a C compiler.
+Both are exact: the products use the dequantised weights in fp32 (see qmatmul.c).
+
+    python -m tpi_node.model.qkernel      # build (make install does this) and print the tuning
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tpi_node.model.quant import KIND, QMatrix, quantize
+from tpi_node.paths import kernels_dir
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
+
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+_lib_lock = threading.Lock()
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()
+    return kernels_dir() / f"qmatmul-{key[:16]}.so"
+
+
+def build() -> Path:
+    """Compile qmatmul.c for this CPU (once; concurrent nodes wait for the first). Raises
+    RuntimeError with the compiler's message when there is no compiler or it fails."""
+    out = library_path()
+    if out.is_file():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(tmp, out)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (the reason is in `library_error()`)."""
+    global _lib, _lib_error
+    with _lib_lock:
+        if _lib is None and _lib_error is None:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.tpi_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+                lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+                _lib = lib
+            except (OSError, RuntimeError) as e:
+                _lib_error = str(e)
+        return _lib
+
+
+def library_error() -> str | None:
+    library()
+    return _lib_error
+
+
+@dataclass
+class Tuning:
+    """How this node runs a quantised matmul (set once by `tune`, read by every call). Threads
+    follow torch's count at the time of the call: the runner sets it per step size (decode_threads
+    for small steps, every thread for big ones), and a local cluster gives each node its share."""
+
+    kernel_max_tokens: int = 16  # steps of up to this many tokens use the kernel, bigger ones dequant
+    decode_threads: int = 1  # threads for small steps: 1 unless more measured clearly faster
+    measured: str = ""  # what `tune` saw, for the start-up log line
+
+    def describe(self) -> str:
+        lib = library()
+        if lib is None:
+            return f"quantised matmul: dequantise + GEMM for every step (no kernel: {_lib_error})"
+        return (
+            f"quantised matmul: C kernel for steps <= {self.kernel_max_tokens} tokens (decode on "
+            f"{self.decode_threads} thread{'s' if self.decode_threads > 1 else ''}), dequantise + GEMM above "
+            f"({self.measured})"
+        )
+
+
+TUNING = Tuning()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def kernel_matmul(x: torch.Tensor, w: QMatrix, threads: int | None = None) -> torch.Tensor:
+    """x [T, K] -> [T, N] float32 through qmatmul.c (CPU, contiguous blocks)."""
+    lib = library()
+    xf = x.float().contiguous()
+    n, k = w.shape
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    data = w.data if w.data.is_contiguous() else w.data.contiguous()
+    rc = lib.tpi_qmatmul(
+        KIND[w.fmt], xf.data_ptr(), xf.shape[0], k, data.data_ptr(), n, y.data_ptr(), threads or _threads()
+    )
+    if rc != 0:
+        raise ValueError(f"qmatmul refused x {list(x.shape)} against a {w.fmt} {list(w.shape)} matrix")
+    return y
+
+
+def dequantize(w: QMatrix, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows [start, end) of w as a float matrix (the C kernel when loaded, else torch ops)."""
+    end = w.shape[0] if end is None else end
+    lib = library() if w.device.type == "cpu" else None
+    if lib is None:
+        return w.rows(start, end).dequantize(dtype)
+    data = w.data if w.data.is_contiguous() else w.data.contiguous()
+    out = torch.empty(end - start, w.shape[1], dtype=torch.float32)
+    lib.tpi_dequant(KIND[w.fmt], data.data_ptr(), w.shape[1], start, end, out.data_ptr(), _threads())
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def qlinear(x: torch.Tensor, w: QMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] (any float dtype) @ w.T + bias -> [T, N] in x's dtype."""
+    if x.device.type == "cpu" and x.shape[0] <= TUNING.kernel_max_tokens and library() is not None:
+        y = kernel_matmul(x, w).to(x.dtype)
+        return y + bias if bias is not None else y
+    return dequant_linear(x, w, bias)
+
+
+DEQUANT_CHUNK = 4 << 20  # weights dequantised at a time (16 MiB of fp32): the transient stays small
+
+
+def dequant_linear(x: torch.Tensor, w: QMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T through dequantise + GEMM, a block of rows at a time: never a float copy of a whole
+    big matrix (a 70B layer's gate|up slice would be 224 MiB of fp32 for a moment)."""
+    n, k = w.shape
+    rows = max(1, DEQUANT_CHUNK // k)
+    if rows >= n:
+        return F.linear(x, dequantize(w, x.dtype).to(x.device), bias)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        y[:, a:b] = F.linear(x, dequantize(w, x.dtype, a, b).to(x.device), None if bias is None else bias[a:b])
+    return y
+
+
+def _best_of(fns: dict, rounds: int = 5, budget_s: float = 0.004) -> dict:
+    """Seconds per call of each fn: the best of `rounds` short runs, taken in turns, so that load
+    from other processes hits every candidate alike and the minimum filters it out."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, t0 = 0, time.perf_counter()
+            while n < 2 or time.perf_counter() - t0 < budget_s:
+                fn()
+                n += 1
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return best
+
+
+def tune(sample: QMatrix | None = None, max_threads: int | None = None) -> Tuning:
+    """Measure on this machine, on `sample` (a real weight of this node, else a 2048 x 2048 q4_1
+    matrix), in ~0.3 s: one-token steps on 1 thread against `max_threads` (torch's count), and the
+    kernel against dequantise + GEMM for each step size in STEP_SIZES. Sets and returns TUNING."""
+    if library() is None:
+        TUNING.kernel_max_tokens, TUNING.measured = 0, ""
+        return TUNING
+    if sample is None or sample.device.type != "cpu":
+        sample = quantize(torch.randn(2048, 2048), "q4_1")
+    k = sample.shape[1]
+    sample = sample.rows(0, min(sample.shape[0], max(256, DEQUANT_CHUNK // k)))  # bounded time and memory
+    most = max_threads or torch.get_num_threads()
+    x1 = torch.randn(1, k)
+    if most > 1:
+        t = _best_of({1: lambda: kernel_matmul(x1, sample, 1), most: lambda: kernel_matmul(x1, sample, most)})
+        TUNING.decode_threads = most if t[most] * 1.25 < t[1] else 1  # a clear win only: threads wait on each other
+        notes = [f"1 token on 1/{most} threads: {t[1] * 1e6:.0f}/{t[most] * 1e6:.0f} us"]
+    else:
+        TUNING.decode_threads, notes = 1, []
+    best, steps = 0, []
+    for n in STEP_SIZES:
+        x = torch.randn(n, k)
+        t = _best_of(
+            {"kernel": lambda: kernel_matmul(x, sample, most), "dequant": lambda: dequant_linear(x, sample)},
+            rounds=2,
+        )
+        steps.append(f"{n}: {t['kernel'] * 1e6:.0f}/{t['dequant'] * 1e6:.0f}")
+        if t["kernel"] > t["dequant"]:
+            break
+        best = n
+    TUNING.kernel_max_tokens = best
+    notes.append("tokens: kernel/dequant us " + ", ".join(steps))
+    TUNING.measured = f"{sample.fmt} {sample.shape[0]}x{k}; " + "; ".join(notes)
+    return TUNING
+
+
+if __name__ == "__main__":
+    try:
+        print(f"built {build()}")
+    except RuntimeError as e:
+        print(f"not built ({e}); quantised layers will dequantise per step", file=sys.stderr)
+    print(tune().describe())

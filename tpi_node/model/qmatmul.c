@@ -1,0 +1,177 @@
+/* y = x @ W.T for W stored in GGUF block formats, activations in fp32.
+ *
+ * W is [N rows][nb blocks] of 32 weights each, row-major, blocks exactly as llama.cpp writes them:
+ *   Q4_0 (18 bytes): f16 d, 16 bytes of nibbles            w = d * (q - 8)
+ *   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of nibbles     w = d * q + m
+ *   Q8_0 (34 bytes): f16 d, 32 int8                        w = d * q
+ * Nibbles: byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
+ * x is [T][K] fp32 (K = 32 nb), y is [T][N] fp32. Every product is the exact dequantised weight
+ * times x, accumulated in fp32: the result equals x @ dequantise(W).T up to summation order.
+ *
+ * Plain C written so that gcc -O3 -march=native vectorises it for the CPU it is built on (AVX2,
+ * AVX-512, NEON); rows are split across OpenMP threads (the process's libgomp, shared with torch).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+#define TMAX 16 /* rows of x handled per pass over W (accumulators live on the stack) */
+
+static inline float f16(const uint8_t *p) {
+    _Float16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+static const int BLOCK_BYTES[] = {18, 20, 34};
+
+/* one block's 32 weights as floats (before the scale): q for Q4_1 / Q8_0, q - 8 for Q4_0 */
+static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float *d, float *m) {
+    *d = f16(blk);
+    *m = 0.0f;
+    if (kind == Q8_0) {
+        const int8_t *qs = (const int8_t *)(blk + 2);
+        for (int j = 0; j < QK; j++) q[j] = (float)qs[j];
+        return;
+    }
+    const uint8_t *qs = blk + (kind == Q4_1 ? 4 : 2);
+    const float off = 0.0f;
+    *m = kind == Q4_1 ? f16(blk + 2) : -8.0f * *d; /* Q4_0: d (q - 8) = d q - 8 d */
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (float)(qs[j] & 15) - off;
+        q[j + QK / 2] = (float)(qs[j] >> 4) - off;
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX-512: one block is two vectors of 16 weights. For q4: the 16 nibble bytes widen once to 16
+ * int32 lanes (lane j holds byte j); its low nibble is weight j, its high nibble weight j + 16.
+ * Per row of x: dot = lo * x[0:16] + hi * x[16:32], then acc += d * dot (the scale applied once).
+ * The m (or -8 d) term needs the block's sum of x: one scalar multiply-add per block. */
+static inline void block_q(int kind, const uint8_t *blk, __m512 *lo, __m512 *hi) {
+    if (kind == Q8_0) {
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        return;
+    }
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (kind == Q4_1 ? 4 : 2))));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+
+#define TV 4 /* rows of x per pass: their accumulators stay in registers */
+static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t N,
+                      float *y, int64_t n0, int64_t n1, int64_t t0, int nt) {
+    const int64_t nb = K / QK, bb = BLOCK_BYTES[kind], rs = nb * bb;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * rs;
+        if (n + 1 < n1) _mm_prefetch((const char *)(row + rs), _MM_HINT_T0);
+        for (int ta = 0; ta < nt; ta += TV) {
+            const int tn = nt - ta < TV ? nt - ta : TV;
+            const float *xr = x + (t0 + ta) * K;
+            const float *sr = xsum ? xsum + (t0 + ta) * nb : NULL;
+            __m512 acc[TV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            float accm[TV] = {0, 0, 0, 0};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * bb;
+                __m512 lo, hi;
+                block_q(kind, blk, &lo, &hi);
+                const float d = f16(blk);
+                const float m = kind == Q4_1 ? f16(blk + 2) : -8.0f * d; /* Q4_0: d (q - 8) = d q - 8 d */
+                const __m512 vd = _mm512_set1_ps(d);
+                for (int t = 0; t < tn; t++) {
+                    const float *xb = xr + t * K + b * QK;
+                    __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+                    dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+                    acc[t] = _mm512_fmadd_ps(dot, vd, acc[t]);
+                    if (sr) accm[t] += m * sr[t * nb + b];
+                }
+            }
+            for (int t = 0; t < tn; t++) y[(t0 + ta + t) * N + n] = _mm512_reduce_add_ps(acc[t]) + accm[t];
+        }
+    }
+}
+#else
+/* portable: gcc vectorises the loops over the 32 weights of a block */
+static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t N,
+                      float *y, int64_t n0, int64_t n1, int64_t t0, int nt) {
+    const int64_t nb = K / QK, bb = BLOCK_BYTES[kind], rs = nb * bb;
+    float q[QK] __attribute__((aligned(64)));
+    float acc[TMAX][QK] __attribute__((aligned(64)));
+    float accm[TMAX];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * rs;
+        memset(acc, 0, sizeof(acc));
+        memset(accm, 0, sizeof(accm));
+        for (int64_t b = 0; b < nb; b++) {
+            float d, m;
+            unpack(kind, row + b * bb, q, &d, &m);
+            for (int j = 0; j < QK; j++) q[j] *= d;
+            for (int t = 0; t < nt; t++) {
+                const float *xb = x + (t0 + t) * K + b * QK;
+                for (int j = 0; j < QK; j++) acc[t][j] += q[j] * xb[j];
+                if (xsum) accm[t] += m * xsum[(t0 + t) * nb + b];
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float s = accm[t];
+            for (int j = 0; j < QK; j++) s += acc[t][j];
+            y[(t0 + t) * N + n] = s;
+        }
+    }
+}
+#endif
+
+/* Returns 0, or -1 for a bad argument. */
+int tpi_qmatmul(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
+                int threads) {
+    if (kind < 0 || kind > 2 || K % QK || T < 1 || N < 1) return -1;
+    const int64_t nb = K / QK;
+    float *xsum = NULL;
+    if (kind != Q8_0) { /* sum of each x block, for the m term */
+        xsum = malloc(sizeof(float) * T * nb);
+        if (!xsum) return -1;
+        for (int64_t i = 0; i < T * nb; i++) {
+            float s = 0.0f;
+            for (int j = 0; j < QK; j++) s += x[i * QK + j];
+            xsum[i] = s;
+        }
+    }
+    /* small matrices stay on one thread: waking the others costs more than they save */
+    if (N * K < (1 << 16)) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < (N + 15) / 16; c++) {
+            int64_t n0 = c * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+            for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
+                int nt = T - t0 < TMAX ? (int)(T - t0) : TMAX;
+                rows_pass(kind, x, xsum, K, w, N, y, n0, n1, t0, nt);
+            }
+        }
+    }
+    free(xsum);
+    return 0;
+}
+
+/* W's rows [n0, n1) as fp32 into out ([n1 - n0][K]): for big steps (dequantise once, then one
+ * GEMM) and for embedding lookups. */
+int tpi_dequant(int kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, float *out, int threads) {
+    if (kind < 0 || kind > 2 || K % QK || n1 < n0) return -1;
+    const int64_t nb = K / QK, bb = BLOCK_BYTES[kind];
+    if ((n1 - n0) * K < (1 << 16)) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        float q[QK];
+        for (int64_t b = 0; b < nb; b++) {
+            float d, m;
+            unpack(kind, w + (n * nb + b) * bb, q, &d, &m);
+            float *o = out + (n - n0) * K + b * QK;
+            for (int j = 0; j < QK; j++) o[j] = q[j] * d + m;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,126 @@
+"""Quantised weight matrices, kept in GGUF's own block formats end to end.
+
+A QMatrix is a [N, K] weight stored as N rows of K/32 blocks, each block exactly as llama.cpp
+writes it (see model/kernels/qmatmul.c for the byte layout):
+
+    q4_0  18 bytes / 32 weights   w = d (q - 8)      (GGUF Q4_0)
+    q4_1  20 bytes / 32 weights   w = d q + m        (GGUF Q4_1; what --quant int4 writes)
+    q8_0  34 bytes / 32 weights   w = d q            (GGUF Q8_0; what --quant int8 writes)
+
+`data` is uint8 [N, K/32, block bytes]; the last dimension names the format, so a shard file
+needs no extra metadata. Rows slice freely; columns slice at multiples of 32 (head dims and the
+plan's FFN blocks are). A GGUF's blocks are copied as they are: no dequantised copy exists
+anywhere, and dequantising gives bit for bit what transformers (gguf-py) computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpi_node.errors import UserError
+from tpi_node.settings import QUANTS
+
+BLOCK = 32  # weights per block, every format
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+FORMAT_OF_BYTES = {v: k for k, v in BLOCK_BYTES.items()}
+KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # the kernel's format codes
+
+QUANT_FORMAT = {"int8": "q8_0", "int4": "q4_1"}  # what --quant writes for a float weight
+
+
+@dataclass(frozen=True)
+class QMatrix:
+    data: torch.Tensor  # uint8 [N, K/32, block bytes]
+
+    @property
+    def fmt(self) -> str:
+        return FORMAT_OF_BYTES[self.data.shape[-1]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.data.shape[1] * BLOCK
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, start: int, end: int) -> QMatrix:
+        return QMatrix(self.data[start:end])
+
+    def cols(self, start: int, end: int) -> QMatrix:
+        if start % BLOCK or end % BLOCK:
+            raise UserError(f"a {self.fmt} matrix can only be cut at multiples of {BLOCK} columns, not {start}:{end}")
+        return QMatrix(self.data[:, start // BLOCK : end // BLOCK])
+
+    def take(self, index: torch.Tensor) -> QMatrix:
+        """Rows in the given order (GGUF's q/k row permutation is undone this way)."""
+        return QMatrix(self.data[index])
+
+    def contiguous(self) -> QMatrix:
+        return QMatrix(self.data.contiguous())
+
+    def to(self, device) -> QMatrix:
+        return QMatrix(self.data.to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] in `dtype`, computed in fp32 as gguf-py does (pure torch: any device)."""
+        d = self.data
+        scale = d[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
+        if self.fmt == "q8_0":
+            w = d[..., 2:].contiguous().view(torch.int8).float() * scale
+        else:
+            qs = d[..., 4:] if self.fmt == "q4_1" else d[..., 2:]
+            q = torch.cat([qs & 15, qs >> 4], dim=-1).float()  # byte j: weights j and j + 16
+            if self.fmt == "q4_1":
+                w = q * scale + d[..., 2:4].contiguous().view(torch.float16).float()
+            else:
+                w = (q - 8) * scale
+        return w.reshape(self.shape).to(dtype)
+
+
+def cat_rows(parts: list) -> torch.Tensor | QMatrix:
+    """Stack row blocks: tensors with torch.cat, QMatrix blocks of one format block-wise."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    if all(isinstance(p, QMatrix) for p in parts) and len({p.fmt for p in parts}) == 1:
+        return QMatrix(torch.cat([p.data for p in parts]))
+    # mixed (a GGUF may quantise q and v differently): the float form holds them all
+    return torch.cat([p.dequantize() if isinstance(p, QMatrix) else p.float() for p in parts])
+
+
+def quantize(w: torch.Tensor, fmt: str) -> QMatrix:
+    """A float [N, K] weight (K a multiple of 32) -> QMatrix in q4_1 or q8_0, as llama.cpp's
+    reference quantisers do: per block, q8_0 scales by max|w| / 127; q4_1 maps [min, max] to 0..15.
+    """
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        raise UserError(f"cannot quantise a {list(w.shape)} weight: columns must be a multiple of {BLOCK}")
+    n, k = w.shape
+    b = w.float().reshape(n, k // BLOCK, BLOCK)
+    if fmt == "q8_0":
+        d = (b.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
+        inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+        q = (b * inv).round().clamp(-127, 127).to(torch.int8)
+        return QMatrix(torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=-1).contiguous())
+    if fmt == "q4_1":
+        lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+        d = ((hi - lo) / 15).to(torch.float16)
+        m = lo.to(torch.float16)
+        inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+        q = ((b - m.float()) * inv).round().clamp(0, 15).to(torch.uint8)
+        packed = q[..., :16] | (q[..., 16:] << 4)
+        return QMatrix(torch.cat([d.view(torch.uint8), m.view(torch.uint8), packed], dim=-1).contiguous())
+    raise UserError(f"unknown quantised format {fmt!r}; use one of {', '.join(BLOCK_BYTES)}")
+
+
+def quantize_for(w: torch.Tensor, quant: str) -> torch.Tensor | QMatrix:
+    """--quant applied to one float matrix: 'none' keeps it; int8 / int4 quantise it."""
+    if quant == "none":
+        return w
+    if quant not in QUANT_FORMAT:
+        raise UserError(f"unknown --quant {quant!r}; use one of {', '.join(QUANTS)}")
+    return quantize(w, QUANT_FORMAT[quant])
