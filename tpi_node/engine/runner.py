@@ -70,21 +70,18 @@ class NodeRunner:
         self.rope = Rope(cfg, self.device)
         self.stats = StepStats()
         self.max_threads = torch.get_num_threads()
-        self.decode_threads = 1
         sample = store.sample_matrix()
         if sample is not None and self.device.type == "cpu":
-            # which way each step size runs, and on how many threads a decode step's quantised
-            # matmuls run, measured on this machine with this node's own matrix
-            tuning = tune(sample, self.max_threads)
-            self.decode_threads = tuning.decode_threads
-            print(f"[tpi-node] {tuning.describe()}", file=sys.stderr, flush=True)
+            # which way each step size runs, and on how many threads the kernel's own pool runs a
+            # decode step's quantised matmuls, measured on this machine with this node's matrix
+            print(f"[tpi-node] {tune(sample, self.max_threads).describe()}", file=sys.stderr, flush=True)
 
     def _threads_for(self, tokens: int) -> None:
-        """Small steps (decode) run on one thread: their float matrix-vector products are too short
-        for a thread team's wake-up to pay (measured on 2 cores: 22 ms/token on 1 thread vs 30 on 2
-        for SmolLM2 in fp32); quantised slices use what `tune` measured. Prefill chunks use every
-        thread."""
-        want = self.decode_threads if tokens < PARALLEL_MIN_TOKENS else self.max_threads
+        """Small steps (decode) run torch on one thread: their float matrix-vector products are too
+        short for a thread team's wake-up to pay (measured on 2 cores: 22 ms/token on 1 thread vs 30
+        on 2 for SmolLM2 in fp32); quantised matmuls use the kernel's own pool, as `tune` measured.
+        Prefill chunks use every thread."""
+        want = 1 if tokens < PARALLEL_MIN_TOKENS else self.max_threads
         if self.device.type == "cpu" and torch.get_num_threads() != want:
             torch.set_num_threads(want)
 

@@ -34,7 +34,7 @@ from tpi_node.model.quant import KIND, QMatrix, quantize
 from tpi_node.paths import kernels_dir
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
 STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
 
 _lib: ctypes.CDLL | None = None
@@ -103,9 +103,9 @@ def library_error() -> str | None:
 
 @dataclass
 class Tuning:
-    """How this node runs a quantised matmul (set once by `tune`, read by every call). Threads
-    follow torch's count at the time of the call: the runner sets it per step size (decode_threads
-    for small steps, every thread for big ones), and a local cluster gives each node its share."""
+    """How this node runs a quantised matmul (set once by `tune`, read by every call). The kernel
+    (small steps) runs on decode_threads of its own pool; dequantise + GEMM (big steps) on torch's
+    threads. `tune` tries at most torch's count at start: a local cluster gives each node its share."""
 
     kernel_max_tokens: int = 16  # steps of up to this many tokens use the kernel, bigger ones dequant
     decode_threads: int = 1  # threads for small steps: 1 unless more measured clearly faster
@@ -129,6 +129,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _kernel_threads() -> int:
+    """The kernel runs small steps (decode) on its own pool: as many threads as `tune` found
+    faster, however many torch uses for its own small ops meanwhile (one, see engine/runner.py)."""
+    return TUNING.decode_threads
+
+
 def kernel_matmul(x: torch.Tensor, w: QMatrix, threads: int | None = None) -> torch.Tensor:
     """x [T, K] -> [T, N] float32 through qmatmul.c (CPU, contiguous blocks)."""
     lib = library()
@@ -137,7 +143,7 @@ def kernel_matmul(x: torch.Tensor, w: QMatrix, threads: int | None = None) -> to
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     data = w.data if w.data.is_contiguous() else w.data.contiguous()
     rc = lib.tpi_qmatmul(
-        KIND[w.fmt], xf.data_ptr(), xf.shape[0], k, data.data_ptr(), n, y.data_ptr(), threads or _threads()
+        KIND[w.fmt], xf.data_ptr(), xf.shape[0], k, data.data_ptr(), n, y.data_ptr(), threads or _kernel_threads()
     )
     if rc != 0:
         raise ValueError(f"qmatmul refused x {list(x.shape)} against a {w.fmt} {list(w.shape)} matrix")

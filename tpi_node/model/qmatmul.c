@@ -9,8 +9,10 @@
  * times x, accumulated in fp32: the result equals x @ dequantise(W).T up to summation order.
  *
  * Plain C written so that gcc -O3 -march=native vectorises it for the CPU it is built on (AVX2,
- * AVX-512, NEON); rows are split across OpenMP threads (the process's libgomp, shared with torch).
+ * AVX-512, NEON); rows are split across a small pool of worker threads of its own (see `run_parts`).
  */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +127,113 @@ static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, co
 }
 #endif
 
+/* ---- worker pool -----------------------------------------------------------------------------
+ * Why not OpenMP: called from a thread that is not the process's first (the engine's step thread,
+ * a worker's session loop), a libgomp parallel region cost ~70 us more than from the main thread
+ * here, more than a decode step's matmul takes. These workers live as long as the process: after
+ * a job they spin for ~0.1 ms (the next matmul of a decode step comes within that), then sleep on a
+ * condition variable. One job at a time: a second caller meanwhile runs its job on its own thread. */
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+#define MAX_WORKERS 63
+#define SPINS 4096
+
+typedef void (*part_fn)(void *arg, int part, int parts);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;          /* workers running (ids 1..started) */
+    atomic_int gen;       /* bumped for every job */
+    atomic_int pending;   /* workers that have not finished the current job */
+    atomic_flag busy;     /* a job is in flight */
+    part_fn fn;
+    void *arg;
+    int parts;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, ATOMIC_FLAG_INIT, NULL, NULL, 0};
+
+static void *worker_main(void *p) {
+    /* p: the worker's id in the low 8 bits, above them the job generation it was created in (it
+     * takes part in that job: it may start only after the job was posted) */
+    const int id = (int)((intptr_t)p & 0xff);
+    int seen = (int)((intptr_t)p >> 8) - 1;
+    for (;;) {
+        int g, spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            if (++spins < SPINS) {
+                CPU_RELAX();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = g;
+        if (id < pool.parts) pool.fn(pool.arg, id, pool.parts);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* fn(arg, p, parts) for p in 0..parts-1: part 0 on the calling thread, the rest on workers. */
+static void run_parts(part_fn fn, void *arg, int parts) {
+    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+    if (parts <= 1 || atomic_flag_test_and_set(&pool.busy)) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&pool.mu);
+    while (pool.started < parts - 1) {
+        pthread_t t;
+        const intptr_t arg = ((intptr_t)(atomic_load(&pool.gen) + 1) << 8) | (pool.started + 1);
+        if (pthread_create(&t, NULL, worker_main, (void *)arg) != 0) break;
+        pthread_detach(t);
+        pool.started++;
+    }
+    if (parts > pool.started + 1) parts = pool.started + 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.parts = parts;
+    atomic_store(&pool.pending, pool.started);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    fn(arg, 0, parts);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) CPU_RELAX();
+    atomic_flag_clear(&pool.busy);
+}
+
+static inline void share(int64_t total, int part, int parts, int64_t *a, int64_t *b) {
+    *a = total * part / parts;
+    *b = total * (part + 1) / parts;
+}
+
+struct mm_job {
+    int kind;
+    const float *x, *xsum;
+    int64_t T, K, N;
+    const uint8_t *w;
+    float *y;
+};
+
+static void mm_part(void *p, int part, int parts) {
+    const struct mm_job *j = p;
+    int64_t c0, c1;
+    share((j->N + 15) / 16, part, parts, &c0, &c1); /* chunks of 16 rows */
+    for (int64_t c = c0; c < c1; c++) {
+        int64_t n0 = c * 16, n1 = n0 + 16 < j->N ? n0 + 16 : j->N;
+        for (int64_t t0 = 0; t0 < j->T; t0 += TMAX) {
+            int nt = j->T - t0 < TMAX ? (int)(j->T - t0) : TMAX;
+            rows_pass(j->kind, j->x, j->xsum, j->K, j->w, j->N, j->y, n0, n1, t0, nt);
+        }
+    }
+}
+
 /* Returns 0, or -1 for a bad argument. */
 int tpi_qmatmul(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
                 int threads) {
@@ -142,36 +251,41 @@ int tpi_qmatmul(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w
     }
     /* small matrices stay on one thread: waking the others costs more than they save */
     if (N * K < (1 << 16)) threads = 1;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < (N + 15) / 16; c++) {
-            int64_t n0 = c * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
-            for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
-                int nt = T - t0 < TMAX ? (int)(T - t0) : TMAX;
-                rows_pass(kind, x, xsum, K, w, N, y, n0, n1, t0, nt);
-            }
-        }
-    }
+    struct mm_job job = {kind, x, xsum, T, K, N, w, y};
+    run_parts(mm_part, &job, threads);
     free(xsum);
     return 0;
+}
+
+struct dq_job {
+    int kind;
+    const uint8_t *w;
+    int64_t K, n0, n1;
+    float *out;
+};
+
+static void dq_part(void *p, int part, int parts) {
+    const struct dq_job *j = p;
+    const int64_t nb = j->K / QK, bb = BLOCK_BYTES[j->kind];
+    int64_t a, b;
+    share(j->n1 - j->n0, part, parts, &a, &b);
+    for (int64_t n = j->n0 + a; n < j->n0 + b; n++) {
+        float q[QK];
+        for (int64_t blk = 0; blk < nb; blk++) {
+            float d, m;
+            unpack(j->kind, j->w + (n * nb + blk) * bb, q, &d, &m);
+            float *o = j->out + (n - j->n0) * j->K + blk * QK;
+            for (int k = 0; k < QK; k++) o[k] = q[k] * d + m;
+        }
+    }
 }
 
 /* W's rows [n0, n1) as fp32 into out ([n1 - n0][K]): for big steps (dequantise once, then one
  * GEMM) and for embedding lookups. */
 int tpi_dequant(int kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, float *out, int threads) {
     if (kind < 0 || kind > 2 || K % QK || n1 < n0) return -1;
-    const int64_t nb = K / QK, bb = BLOCK_BYTES[kind];
     if ((n1 - n0) * K < (1 << 16)) threads = 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = n0; n < n1; n++) {
-        float q[QK];
-        for (int64_t b = 0; b < nb; b++) {
-            float d, m;
-            unpack(kind, w + (n * nb + b) * bb, q, &d, &m);
-            float *o = out + (n - n0) * K + b * QK;
-            for (int j = 0; j < QK; j++) o[j] = q[j] * d + m;
-        }
-    }
+    struct dq_job job = {kind, w, K, n0, n1, out};
+    run_parts(dq_part, &job, threads);
     return 0;
 }
