@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    qkernel.TUNING.threads = a.threads
+    qkernel.TUNING.decode_threads = a.threads  # the kernel's own pool
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"{cpu}, {a.threads} threads, {time.strftime('%Y-%m-%d')}; microseconds per call, weights cold\n")
     for shape in a.shapes:
