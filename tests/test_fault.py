@@ -155,8 +155,9 @@ def test_silent_worker_detected_by_its_missing_heartbeats_and_readmitted(tmp_pat
         health = wait_health(url, 2, 60, [master, workers[0]])  # re-planned over the survivors
         # the heartbeat watch found it, not the stream breaking ("disconnected"), and it judged
         # the silence by the master's clock: more than the timeout, whatever the test's delays
+        # (the log rounds it to 0.1 s: 2.54 s reads "2.5")
         silent = float(re.search(r"sent no heartbeat for ([\d.]+) s: lost", master.log()).group(1))
-        assert silent > HEARTBEAT_TIMEOUT_S and "left: disconnected" not in master.log(), master.log()[-2000:]
+        assert silent >= HEARTBEAT_TIMEOUT_S and "left: disconnected" not in master.log(), master.log()[-2000:]
         print(f"\nfrozen worker declared lost after {silent:.1f} s of silence (seen by the test after {seen:.1f} s)")
         # it wakes up: told to join again, it is admitted at the next idle moment
         os.kill(frozen.proc.pid, signal.SIGCONT)
