@@ -57,14 +57,6 @@ def wire_nbytes(numel: int, dtype: torch.dtype) -> int:
     return numel * BLOCK_BYTES["q8_0"] // BLOCK if dtype == INT8 else numel * dtype.itemsize
 
 
-def as_sent(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What a receiver decodes from `t` sent as `dtype`, in fp32 (the master keeps this copy of a
-    sum it sends, so that every node continues from the very same values)."""
-    if dtype == INT8:
-        return quantize(t.reshape(-1, t.shape[-1]), "q8_0").dequantize().view(t.shape)
-    return t.to(dtype).float()
-
-
 def dtype_enum(dtype: str | torch.dtype) -> int:
     """'fp32' / torch.float32 -> the wire enum."""
     return _TO_ENUM[wire_dtype(dtype)]

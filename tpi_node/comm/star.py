@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from tpi_node.comm.codec import FrameError, as_sent, dtype_enum, from_pb, to_pb, wire_dtype, wire_nbytes
+from tpi_node.comm.codec import FrameError, dtype_enum, from_pb, to_pb, wire_dtype, wire_nbytes
 from tpi_node.comm.collective import Collective
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.errors import TpiError
@@ -140,8 +140,8 @@ class StarHub(Collective):
         to_pb(acc, self.wire, out=reduced.reduced.tensor)
         for r in range(1, self.world_size):
             await self.links.send(r, reduced)
-        if self.wire != torch.float32:  # every node must see the very same (rounded) sum
-            acc = as_sent(acc, self.wire)
+        if self.wire != torch.float32:  # every node must see the very same (rounded) sum: what it sent
+            acc = from_pb(reduced.reduced.tensor, shape, copy=False, what="reduced sum").float()
         return acc.to(t.device, t.dtype)
 
     async def _wait_all(self, key: tuple[int, int]) -> None:

@@ -10,7 +10,7 @@ import torch
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import can_prepack, linear, prepack
 from tpi_node.model.qkernel import dequantize
-from tpi_node.model.quant import QMatrix, quantize
+from tpi_node.model.quant import QMatrix, quantizable, quantize
 from tpi_node.weights.checkpoint import open_checkpoint
 from tpi_node.weights.slicer import EMBED, LM_HEAD
 
@@ -21,7 +21,7 @@ def _load_rows(reader, name: str, dtype: torch.dtype, device, quant: str, block:
     --quant int8 / int4 (llama.cpp's Q4 files keep their output layer at 8 bits, too)."""
     rows, cols = reader.shape(name)
     first = reader.rows(name, 0, min(block, rows))
-    if isinstance(first, QMatrix) or (quant != "none" and cols % 32 == 0):
+    if isinstance(first, QMatrix) or (quant != "none" and quantizable(first)):
         parts = [first] + [reader.rows(name, a, min(a + block, rows)) for a in range(block, rows, block)]
         parts = [p if isinstance(p, QMatrix) else quantize(p, "q8_0") for p in parts]
         return QMatrix(torch.cat([p.data for p in parts])).to(device)

@@ -117,6 +117,11 @@ def quantize(w: torch.Tensor, fmt: str) -> QMatrix:
     raise UserError(f"unknown quantised format {fmt!r}; use one of {', '.join(BLOCK_BYTES)}")
 
 
+def quantizable(w: torch.Tensor) -> bool:
+    """A float matrix whose rows split into whole blocks (others stay in --dtype)."""
+    return w.dim() == 2 and w.shape[1] % BLOCK == 0
+
+
 def quantize_for(w: torch.Tensor, quant: str) -> torch.Tensor | QMatrix:
     """--quant applied to one float matrix: 'none' keeps it; int8 / int4 quantise it."""
     if quant == "none":

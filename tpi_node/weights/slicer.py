@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from tpi_node.dtypes import torch_dtype
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.quant import QMatrix, cat_rows, quantize_for
+from tpi_node.model.quant import QMatrix, cat_rows, quantizable, quantize_for
 from tpi_node.paths import shards_dir
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.weights.checkpoint import CheckpointReader, GgufReader, Weight, open_checkpoint
@@ -116,7 +116,7 @@ def stored_layer(tensors: dict[str, Weight], dtype: torch.dtype, quant: str) -> 
     is not a multiple of 32 stays float), quantised ones as their blocks, the rest in dtype."""
     out = {}
     for k, v in tensors.items():
-        if k in MATRICES and not isinstance(v, QMatrix) and v.shape[1] % 32 == 0:
+        if k in MATRICES and not isinstance(v, QMatrix) and quantizable(v):
             v = quantize_for(v, quant)
         out[k] = v.data if isinstance(v, QMatrix) else v.to(dtype)
     return out

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from tpi_node.model.presets import get_preset
-from tpi_node.model.quant import QUANT_FORMAT, quantize
+from tpi_node.model.quant import QUANT_FORMAT, quantizable, quantize
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 WEIGHT_STD = 0.02
@@ -106,7 +106,7 @@ def _make(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype: torch.
 
 def _stored(name: str, t: torch.Tensor, quant: str) -> torch.Tensor:
     """A weight as written: its blocks under --quant (the embedding / lm_head at q8_0)."""
-    if quant == "none" or t.dim() != 2 or t.shape[1] % 32:
+    if quant == "none" or not quantizable(t):
         return t
     fmt = "q8_0" if name in ("model.embed_tokens.weight", "lm_head.weight") else QUANT_FORMAT[quant]
     return quantize(t, fmt).data
