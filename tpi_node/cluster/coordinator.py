@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from tpi_node import heap
 from tpi_node.cluster.deployment import ClusterSpec, Deployment, MakeCollective, deploy
 from tpi_node.cluster.membership import ClusterState, Member, Membership
 from tpi_node.cluster.sessions import Sessions
@@ -110,6 +111,7 @@ class Coordinator:
         if old is not None:
             old.close()
             old.sessions.shutdown_all(pb.REJOIN, f"the plan changed ({why}); join again")
+            heap.trim()  # the old slice and KV pool were freed: give the pages back
 
     def _wait_connected(self, timeout_s: float = REJOIN_TIMEOUT_S) -> bool:
         """Block until every rank of the plan in force has a live session."""

@@ -52,6 +52,8 @@ class TestbedCluster:
         self.serve_args, self.join_args = tuple(serve_args), tuple(join_args)
         self.extra_env = env or {}
         self.procs: list[subprocess.Popen] = []
+        self.argv: dict[str, list[str]] = {}  # node -> the command it was started with
+        self.running: dict[str, subprocess.Popen] = {}  # node -> its latest process
         self.master_ip = tb.resolve("n0").ip
 
     @property
@@ -62,7 +64,7 @@ class TestbedCluster:
         home = self.home_root / node
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.tb.env(node), **self.extra_env, "TPI_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        log = open(self.home_root / f"{node}.log", "wb")
+        log = open(self.home_root / f"{node}.log", "ab")
         p = subprocess.Popen(
             self.tb.command(node, argv),
             env=env,
@@ -72,7 +74,16 @@ class TestbedCluster:
             start_new_session=True,
         )
         self.procs.append(p)
+        self.argv[node], self.running[node] = argv, p
         return p
+
+    def restart(self, node: str) -> subprocess.Popen:
+        """Start `node` again with the command it was first started with (same TPI_HOME: its node
+        id and shard cache survive, as on a machine that rebooted); the log is appended to."""
+        p = self.running.get(node)
+        if p is not None and p.poll() is None:
+            raise RuntimeError(f"{node} is still running (pid {p.pid})")
+        return self._start(node, self.argv[node])
 
     def start(self, timeout: float = 120.0) -> str:
         tpi = tpi_node_argv()
@@ -115,9 +126,9 @@ class TestbedCluster:
             code, body = self.health()
             if code == 200 and body and len(body.get("nodes", [])) >= self.n:
                 return body
-            for i, p in enumerate(self.procs):
+            for node, p in self.running.items():
                 if p.poll() is not None:
-                    raise RuntimeError(f"node n{i} exited with {p.returncode}:\n{self.log(f'n{i}')}")
+                    raise RuntimeError(f"node {node} exited with {p.returncode}:\n{self.log(node)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"the cluster was not ready after {timeout:.0f} s (/health {code}):\n"
