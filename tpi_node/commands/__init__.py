@@ -21,6 +21,6 @@ class Command:
 def commands() -> list[Command]:
     """Every subcommand, in the order `tpi-node --help` lists them (imported here, when asked,
     so that `tpi-node --version` loads no torch)."""
-    from tpi_node.commands import certs, generate, join, prepare, run, serve, status, synth, token
+    from tpi_node.commands import cache, certs, generate, join, prepare, run, serve, status, synth, token
 
-    return [m.COMMAND for m in (prepare, synth, generate, serve, join, run, status, token, certs)]
+    return [m.COMMAND for m in (prepare, synth, generate, serve, join, run, status, cache, token, certs)]
