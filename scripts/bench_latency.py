@@ -216,16 +216,16 @@ def timed_request(engine, ids: list[int], tokens: int) -> tuple[list[int], list[
 
 
 def layer_file_bytes(running) -> int:
-    """Bytes of every rank's layer files as the master sliced them (one pass over all layers)."""
+    """Bytes of every rank's layer files (one pass over all layers): the workers' as the master
+    sliced them, the master's own as it reads them from the checkpoint in place."""
     from tpi_node.weights.slicer import layer_file
 
     c = running.master.coordinator
     d = c.deployment
-    return sum(
-        (d.shard_dir(c.spec, r) / layer_file(i)).stat().st_size
-        for r in range(d.plan.world_size)
-        for i in range(c.spec.cfg.num_layers)
-    )
+    names = [layer_file(i) for i in range(c.spec.cfg.num_layers)]
+    own = d.runner.store.source
+    master = sum(own.data_size(n) if own is not None else (d.shard_dir(c.spec, 0) / n).stat().st_size for n in names)
+    return master + sum((d.shard_dir(c.spec, r) / n).stat().st_size for r in range(1, d.plan.world_size) for n in names)
 
 
 # ---- the transformers baselines (--baselines) ----------------------------------------------------

@@ -117,7 +117,7 @@ def membership():
     return Membership(cfg, "digest", "fp32", _member("m", 2.0), expected=3)
 
 
-def test_membership_forms_replans_in_join_order_and_gets_its_old_plan_back(membership):
+def test_membership_forms_replans_and_gets_its_old_plan_back(membership):
     m = membership
     assert m.state is ClusterState.WAITING
     m.add(_member("a"))
@@ -134,7 +134,7 @@ def test_membership_forms_replans_in_join_order_and_gets_its_old_plan_back(membe
     m.install(*m.propose(survivors))
     assert m.replans == 1 and m.plan.world_size == 2 and m.rank_of("a") is None and m.lost
 
-    # "a" returns (listed last): join order puts it back in its old place, so the plan is the old one
+    # "a" returns (listed last): ranks by node id put it back in its old place, so the plan is the old one
     m.install(*m.propose(survivors + [_member("a")]))
     assert m.plan.digest == whole and not m.lost and m.rank_of("a") == 1
 

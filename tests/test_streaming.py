@@ -17,7 +17,8 @@ from tpi_node.model.config import ModelConfig
 from tpi_node.units import format_size, parse_size
 from tpi_node.weights.counters import request_line, snapshot
 from tpi_node.weights.plan import NodeCapacity, PlanError, make_plan
-from tpi_node.weights.slicer import layer_file
+from tpi_node.weights.slicer import layer_file, write_node_shards
+from tpi_node.weights.source import CheckpointSlices
 from tpi_node.weights.store import ShardError, ShardStore, rss_bytes
 from tpi_node.weights.synth import synthesize
 
@@ -42,8 +43,9 @@ def _tpi_home(tmp_path_factory, monkeypatch):
 
 
 def _layer_files_bytes(model: OurModel) -> int:
-    d = model.runner.store.dir
-    return sum((d / layer_file(i)).stat().st_size for i in range(model.cfg.num_layers))
+    """Bytes of one pass over the layers (rank 0 reads them from the checkpoint in place)."""
+    src = model.runner.store.source
+    return sum(src.data_size(layer_file(i)) for i in range(model.cfg.num_layers))
 
 
 def test_streaming_w2_gives_the_resident_tokens_and_counts_its_reads(medium_model):
@@ -81,11 +83,20 @@ def test_streaming_w2_gives_the_resident_tokens_and_counts_its_reads(medium_mode
     streamed.runner.close()
 
 
-def test_streaming_rss_stays_within_the_window(medium_model):
+# A store over shard files (a worker's) reads each layer into its slot (measured: 2.0 layers above
+# base); one over the checkpoint (rank 0, in place) copies it there from the mapped file, whose
+# pages it holds until the copy is done (measured: 2.5 layers).
+@pytest.mark.parametrize("source", ["files", "in place"])
+def test_streaming_rss_stays_within_the_window(medium_model, tmp_path, source):
     """Walk the layers like the forward pass; RSS never holds much more than W layers."""
-    m = OurModel(medium_model, window=2)
-    store, L = m.runner.store, m.cfg.num_layers
-    layer_bytes = _layer_files_bytes(m) // L
+    cfg = ModelConfig.from_dir(medium_model)
+    plan, L = make_plan(cfg, [NodeCapacity("n", 0)]), cfg.num_layers
+    src = CheckpointSlices(medium_model, cfg, plan.share_of(0), "fp32", "none")
+    layer_bytes = src.data_size(layer_file(0))
+    if source == "files":
+        write_node_shards(medium_model, cfg, plan, 0, tmp_path, progress=False)
+        src = tmp_path
+    store = ShardStore(src, cfg, plan.share_of(0), window=2)
     store.settle()
     gc.collect()
     base = rss_bytes() - 2 * layer_bytes  # what is not the two prefetched layers
@@ -97,17 +108,17 @@ def test_streaming_rss_stays_within_the_window(medium_model):
                 torch.mv(w.w13, torch.ones(w.w13.shape[1]))  # touch the weights
                 high = max(high, rss_bytes())
             del w
-    # W layers plus at most one layer's worth of allocator slack; a store that leaked released
-    # layers would be at 6 layers + after three passes.
+    # W layers plus at most one layer's worth of slack; a store that leaked released layers would
+    # be at 6 layers + after three passes.
     assert high - base < 3.5 * layer_bytes, (format_size(high - base), format_size(layer_bytes))
-    m.runner.close()
+    store.close()
 
 
 def test_out_of_order_access_restarts_the_window_with_the_right_weights(medium_model, monkeypatch):
     monkeypatch.setenv("TPI_PREPACK", "0")  # the resident copy as read, to compare bytes
     m = OurModel(medium_model)
     res = m.runner.store
-    st = ShardStore(res.dir, m.cfg, res.share, window=2)
+    st = ShardStore(CheckpointSlices(medium_model, m.cfg, res.share, "fp32", "none"), m.cfg, res.share, window=2)
     for i in [0, 1, 4, 5, 0, 3, 3, 2, 5, 1]:
         with st.layer(i) as w, res.layer(i) as r:
             assert torch.equal(w.w2, r.w2) and torch.equal(w.wqkv, r.wqkv)
@@ -118,10 +129,9 @@ def test_out_of_order_access_restarts_the_window_with_the_right_weights(medium_m
 
 def test_a_corrupt_layer_file_fails_the_forward_pass_instead_of_hanging(medium_model, tmp_path):
     m = OurModel(medium_model)
-    src = m.runner.store.dir
-    for f in src.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    good = (src / layer_file(3)).read_bytes()
+    plan = make_plan(m.cfg, [NodeCapacity("n", 0)])
+    write_node_shards(medium_model, m.cfg, plan, 0, tmp_path, progress=False)
+    good = (tmp_path / layer_file(3)).read_bytes()
     (tmp_path / layer_file(3)).write_bytes(good[: len(good) // 2])  # data cut short
     st = ShardStore(tmp_path, m.cfg, m.runner.store.share, window=2)
     with pytest.raises(ShardError, match="loading layer 3 failed: .*truncated"):

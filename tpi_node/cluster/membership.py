@@ -7,15 +7,17 @@
                                                UNSERVABLE ──a node back / admitted──> READY
 
 Pure bookkeeping: no gRPC, no slicing (the Coordinator does those and tells Membership what
-happened). Node order is join order, so a returning node takes its old place and an unchanged
-cluster gets its old plan back (and its shard caches).
+happened). Ranks are the master first, then the workers by node id: the same nodes get the same
+plan (and their shard caches) whatever order they joined in, on every start, and a returning
+node takes its old place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from enum import Enum
 
 from tpi_node.engine.budget import plan_memory
@@ -56,10 +58,12 @@ class PlanMemory:
 
 @dataclass
 class PendingJoin:
-    """A node not in the plan, waiting in its Join RPC for the next idle moment."""
+    """A node not in the plan, waiting in its Join RPC for the next idle moment (or, in a
+    cluster that is never idle, for ADMIT_BUSY_AFTER_S: cluster/coordinator.py)."""
 
     member: Member
     answered: asyncio.Event  # set (on the master's loop) once the re-plan took it in, or failed
+    since: float = field(default_factory=time.monotonic)
 
 
 class Membership:
@@ -79,7 +83,6 @@ class Membership:
         self.expected, self.auto_admit = expected, auto_admit
         self.context, self.kv_blocks = context, kv_blocks  # --max-context, --kv-blocks
         self.members: list[Member] = [master]  # rank order once planned; master first
-        self.join_order: list[str] = [master.node_id]  # every node ever seen, first join first
         self.pending: dict[str, PendingJoin] = {}
         self.lost: list[Member] = []  # members that left and may come back
         self.plan: PartitionPlan | None = None
@@ -99,7 +102,6 @@ class Membership:
     # ---- forming ----------------------------------------------------------------------------------
     def add(self, member: Member) -> bool:
         """A node joined before the plan is formed. True when enough have to form it."""
-        self._remember(member.node_id)
         ids = [m.node_id for m in self.members]
         if member.node_id in ids:
             self.members[ids.index(member.node_id)] = member
@@ -111,9 +113,8 @@ class Membership:
     def propose(self, members: list[Member]) -> tuple[list[Member], PartitionPlan, PlanMemory]:
         """(members in rank order, their plan, how their memory splits); PlanError when they
         cannot hold the model, even streaming with the smallest window and KV cache."""
-        for m in members:
-            self._remember(m.node_id)
-        members = sorted(members, key=lambda m: self.join_order.index(m.node_id))
+        master = self.members[0].node_id
+        members = sorted(members, key=lambda m: (m.node_id != master, m.node_id))
         caps = [m.capacity for m in members]
         plan = make_plan(self.cfg, caps, self.model_digest, self.weights.layer if self.weights else 4)
         nodes = {
@@ -144,10 +145,6 @@ class Membership:
 
     def fail(self, state: ClusterState, reason: str) -> None:
         self.state, self.reason = state, reason
-
-    def _remember(self, node_id: str) -> None:
-        if node_id not in self.join_order:
-            self.join_order.append(node_id)
 
     # ---- questions --------------------------------------------------------------------------------
     def rank_of(self, node_id: str) -> int | None:

@@ -195,7 +195,18 @@ BENCH_SHAPE = (16, 1024, 4096)  # T, K, N
 @functools.cache
 def measure_speed(device: str | torch.device = "cpu", dtype: str = "fp32", seconds: float = 0.1) -> float:
     """GFLOP/s of BENCH_SHAPE products on `device` in `dtype`, over about `seconds`: the best of
-    several timed rounds, so a neighbour's burst on a shared machine does not decide the plan."""
+    several timed rounds, so a neighbour's burst on a shared machine does not decide the plan.
+
+    A CPU is measured on one thread, times the threads torch computes with: all threads at once
+    wait for the slowest at every product, so any other busy process scatters the result
+    (measured on a shared 2-core VM: 3.5 to 112 GFLOP/s on 2 threads; 108 to 127 on one, x2)."""
+    if torch.device(device).type == "cpu" and torch.get_num_threads() > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return threads * measure_speed.__wrapped__(device, dtype, seconds)
+        finally:
+            torch.set_num_threads(threads)
     dev = torch.device(device)
     T, K, N = BENCH_SHAPE
     gen = torch.Generator().manual_seed(0)

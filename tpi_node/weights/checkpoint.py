@@ -18,12 +18,15 @@ import hashlib
 import json
 import os
 import re
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import UserError
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES, FORMAT_OF_BYTES, QMatrix
 from tpi_node.weights.gguf import GGUF_NAME, GgufFile
@@ -49,6 +52,8 @@ class CheckpointReader:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}  # file -> (safetensors header, data offset)
+        self._maps: dict[str, np.memmap] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -56,10 +61,13 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _slice(self, name: str):
+    def _file_of(self, name: str) -> str:
         if name not in self.weight_map:
             raise UserError(f"{self.dir}: tensor '{name}' is missing from the checkpoint")
-        fname = self.weight_map[name]
+        return self.weight_map[name]
+
+    def _slice(self, name: str):
+        fname = self._file_of(name)
         if fname not in self._handles:
             self._handles[fname] = safe_open(self.dir / fname, "pt")
         return self._handles[fname].get_slice(name)
@@ -94,8 +102,42 @@ class CheckpointReader:
             return QMatrix(sl[:]).cols(start, end).contiguous()
         return sl[:, start:end]
 
+    def _header(self, name: str) -> tuple[str, dict, int]:
+        """(file, the tensor's header entry, where the file's data starts)."""
+        fname = self._file_of(name)
+        if fname not in self._headers:
+            with open(self.dir / fname, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[fname] = (json.loads(f.read(n)), 8 + n)
+        header, base = self._headers[fname]
+        return fname, header[name], base
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset of the tensor's data, bytes per row): rows in HF order read straight
+        from the file (mapped() says when a reader stores them otherwise)."""
+        fname, meta, base = self._header(name)
+        a, b = meta["data_offsets"]
+        return self.dir / fname, base + a, (b - a) // meta["shape"][0]
+
+    def mapped(self, name: str) -> tuple[torch.Tensor, None]:
+        """(the tensor as a view of the mapped file, None): nothing copied; float [N, K] or [N],
+        or U8 blocks [N, K/32, block bytes]. None: its rows are stored in HF order (see GgufReader)."""
+        fname, meta, base = self._header(name)
+        if fname not in self._maps:  # copy-on-write: writable for torch, never written
+            self._maps[fname] = np.memmap(self.dir / fname, dtype=np.uint8, mode="c")
+        a, b = meta["data_offsets"]
+        raw = torch.from_numpy(self._maps[fname][base + a : base + b])
+        return raw.view(SAFETENSORS[meta["dtype"]]).view(meta["shape"]), None
+
+    def release_pages(self) -> None:
+        """Let go of the files' mappings (reopened on the next read): the pages read so far leave
+        this process's RSS, so a node streaming its layers from here holds only its window."""
+        self._handles.clear()
+        self._maps.clear()
+
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()
 
 
 # HF tensor name <-> GGUF tensor name (llama.cpp's names for the Llama / Mistral / Qwen2 family);
@@ -214,6 +256,30 @@ class GgufReader:
     def cols(self, name: str, start: int, end: int) -> Weight:
         w = self.get(name)
         return w.cols(start, end).contiguous() if isinstance(w, QMatrix) else w[:, start:end].contiguous()
+
+    def mapped(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the tensor as a view of the mapped file, the stored row of each HF row or None when
+        they are the same): nothing copied; float [N, K] or [N], or U8 blocks [N, K/32, bytes]."""
+        t = self._info(name)
+        with warnings.catch_warnings():  # a read-only mapping: the views are never written
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(self.file.raw(t.name))
+        if t.type in _FLOATS:
+            view = raw.view(_FLOATS[t.type]).view(t.shape)
+        else:
+            fmt = t.type.lower()
+            view = raw.view(t.shape[0], t.shape[1] // BLOCK, BLOCK_BYTES[fmt])
+        index = self._row_index(name, 0, t.shape[0])
+        return view, None if isinstance(index, slice) else torch.from_numpy(index)
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """As CheckpointReader.location (rows as stored: mapped() gives the order)."""
+        t = self._info(name)
+        return self.path, t.offset, t.nbytes // t.shape[0]
+
+    def release_pages(self) -> None:
+        """As CheckpointReader.release_pages (the file is mapped afresh; its header stays parsed)."""
+        self.file.remap()
 
     def close(self) -> None:
         self.file.close()

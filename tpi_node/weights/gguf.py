@@ -235,6 +235,12 @@ class GgufFile:
             raise GgufError(f"{self.path}: tensor {name} has ggml type {t.type[4:]}, which tpi-node does not know")
         return self._mm[t.offset : t.offset + t.nbytes]
 
+    def remap(self) -> None:
+        """Map the file afresh: the pages read through the old mapping leave this process's RSS
+        (they stay in the page cache), once the views raw() handed out are released."""
+        if self._mm is not None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+
     def close(self) -> None:
         """Drop this object's mapping; views handed out by raw() stay valid until released."""
         self._mm = None

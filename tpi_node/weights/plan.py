@@ -1,17 +1,18 @@
 """The partition plan: which KV-head groups and FFN columns each node holds.
 
 Units are KV-head groups (a KV head with its q_per_kv query heads) and FFN column blocks. Every
-node gets a share of the layer's work proportional to its capacity weight (measured speed when
-every node has one, else CPU cores); uneven splits are normal (3 KV heads over 2 nodes, or more
-nodes than KV heads, where some nodes hold FFN columns only). The plan is a frozen value; its
-digest names the shard cache on disk. Rank 0 is always the master.
+node gets a share of the layer's work proportional to its capacity weight (measured speed in
+coarse steps when every node has one, else CPU cores: `capacity_weights`); uneven splits are
+normal (3 KV heads over 2 nodes, or more nodes than KV heads, where some nodes hold FFN columns
+only). The plan is a frozen value; each node's share of it names its slice set in the shard
+cache. Rank 0 is always the master; ranks follow the order of `caps` (cluster/membership.py
+sorts the workers by node id, so the order they joined in does not matter).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 
 from tpi_node.errors import UserError
@@ -115,12 +116,34 @@ def _largest_remainder(total: int, weights: list[float]) -> list[int]:
     return out
 
 
+SPEED_TIE = 2.0  # speeds within this factor of the slowest node's count as equal
+SPEED_STEP = 4.0  # beyond it, a node's weight grows in steps of this factor
+
+
+def speed_weight(ratio: float) -> float:
+    """The weight of a node `ratio` times as fast as the slowest: 1 up to SPEED_TIE, then
+    SPEED_STEP**k for a ratio in (SPEED_TIE * SPEED_STEP**(k-1), SPEED_TIE * SPEED_STEP**k]
+    (4 for 2x-8x, 16 for 8x-32x, ...). Each step is centred on its weight (in log scale), so a
+    node whose true ratio is a weight (1, 4, 16, ...) stays in its step while the measurements
+    err by less than 2x between them (+-30% on every node: at most 1.3 / 0.7 = 1.86x)."""
+    k = 0
+    while ratio > SPEED_TIE * SPEED_STEP**k:
+        k += 1
+    return SPEED_STEP**k
+
+
 def capacity_weights(caps: list[NodeCapacity]) -> list[float]:
-    """Measured speed when every node has one, rounded to a power of two so that the noise of a
-    short measurement does not change the plan (and with it the shard cache) from run to run;
-    else CPU cores."""
+    """Measured speed when every node has one, else CPU cores.
+
+    Speeds are coarse on purpose: a node's share names the slices it caches, so the same machines
+    must get the same plan on every start. A short measurement on shared cores is noisy (one gave the
+    master 6 of 8 KV heads of two equal nodes), so equal machines (within SPEED_TIE of the
+    slowest) get equal shares, and faster ones whole steps of SPEED_STEP (`speed_weight`): a
+    real change of capacity (a GPU, a machine several times faster) changes the plan, noise does
+    not, unless a node sits near a step's edge (a 2x or 8x ratio)."""
     if all(c.speed for c in caps):
-        return [2.0 ** round(math.log2(c.speed)) for c in caps]
+        slowest = min(c.speed for c in caps)
+        return [speed_weight(c.speed / slowest) for c in caps]
     return [float(max(1, c.cores)) for c in caps]
 
 
