@@ -22,6 +22,7 @@ import torch
 
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.client import ClusterNotReady, EngineError, ErrorKind, QueueFull, TokenEvent
+from tpi_node.engine.draft import DraftModel
 from tpi_node.engine.head import ModelHead
 from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.scheduler import Scheduler, Work
@@ -92,10 +93,15 @@ class Engine:
         prefix_cache: bool = True,
         max_context: int | None = None,
         speculative: str = "auto",
+        draft: DraftModel | None = None,
     ) -> None:
-        """speculative: auto | lookup (drafts by prompt lookup, engine/speculative.py) | off."""
+        """speculative: lookup (drafts by prompt lookup, engine/speculative.py) | draft (by the
+        draft model `draft`, engine/draft.py) | auto (draft when there is one, else lookup) | off."""
+        if speculative == "draft" and draft is None:
+            raise ValueError("speculative decoding by a draft model needs one (--draft-model)")
         self.cfg, self.head, self.tokenizer, self.driver = cfg, head, tokenizer, driver
         self.speculative = speculative != "off"
+        self.draft = draft if speculative in ("auto", "draft") else None
         self.model_name = model_name
         self.context_limit = min(cfg.max_position, max_context or cfg.max_position)  # --max-context
         self.limits = limits or DEFAULT_LIMITS
@@ -148,8 +154,9 @@ class Engine:
                 "(the model's context, --max-context, or the KV cache --memory-budget leaves)",
                 ErrorKind.CONTEXT_LENGTH,
             )
+        seq_id = next(self._ids)
         seq = Sequence(
-            next(self._ids),
+            seq_id,
             request_id,
             list(prompt_ids),
             len(prompt_ids),
@@ -161,7 +168,7 @@ class Engine:
             node_counters=snapshot(self.driver.stats()),
             constraint=constraint,
             pooling=pooling,
-            drafter=PromptLookup() if self.speculative else None,
+            drafter=self._drafter(seq_id),
             max_len=self.max_context,
         )
         with self._cv:
@@ -171,6 +178,11 @@ class Engine:
             self.counters.requests += 1
             self._cv.notify()
         return seq
+
+    def _drafter(self, seq_id: int):
+        if not self.speculative:
+            return None
+        return PromptLookup() if self.draft is None else self.draft.drafter(seq_id)
 
     def cancel(self, seq_id: int) -> None:
         with self._cv:
@@ -269,7 +281,11 @@ class Engine:
             "cached_prompt_tokens": c.cached_prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "steps": c.steps,
-            "speculative": {"proposed": c.drafts_proposed, "accepted": c.drafts_accepted},
+            "speculative": {
+                "proposed": c.drafts_proposed,
+                "accepted": c.drafts_accepted,
+                **({"draft": self.draft.stats_dict()} if self.draft is not None else {}),
+            },
             "kv": kv,
             "nodes": self.driver.stats(),
         }
@@ -280,6 +296,8 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout=10)
         self._mask_pool.shutdown(wait=False)
+        if self.draft is not None and not self._thread.is_alive():
+            self.draft.close()
 
     # ---- step thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -320,7 +338,7 @@ class Engine:
         or smaller nodes) can never run: fail them, each with the limit."""
         cap = self.scheduler.pool.capacity_tokens
         for s in [s for s in self.scheduler.waiting if len(s.tokens) > cap]:
-            self.scheduler.remove(s)
+            self._remove(s)
             s.sink.put(
                 EngineError(
                     f"the sequence has {len(s.tokens)} tokens; the cluster's KV cache now holds {cap}",
@@ -336,7 +354,7 @@ class Engine:
         self._cancelled.clear()
         for s in gone:
             s.cancelled = True
-            sch.remove(s)
+            self._remove(s)
         if gone:
             self.driver.free([s.seq_id for s in gone])
 
@@ -371,23 +389,39 @@ class Engine:
                 if mask is not None:
                     lg = lg.masked_fill(~mask, float("-inf"))
                 self._verify(s, lg)
+            if self.draft is not None:
+                self._draft_ahead([s for s, _ in sampled])
+
+    def _draft_ahead(self, seqs: list[Sequence]) -> None:
+        """The draft model drafts the next step's tokens of the sequences just sampled, all in the
+        same forwards (their `propose` in the next schedule finds them ready)."""
+        wants = []
+        for s in seqs:
+            if s.finished or s.drafter is None or s.constraint is not None or s.seq_id in self._cancelled:
+                continue
+            room = s.draft_room(self.limits.max_step_tokens)
+            if room > 0:
+                wants.append((s.drafter, s.tokens, min(room, s.drafter.k)))
+        if wants:
+            self.draft.prepare(wants)
 
     def _verify(self, s: Sequence, logits: torch.Tensor) -> None:
         """logits [1 + drafts, V]: sample row after row, as plain decoding would, while each
         sampled token is the draft whose KV the next row saw; the first that differs ends the step
         (it is still the model's own sample: one draw per token, so seeded text is unchanged)."""
         draft, accepted = s.draft, 0
+        s.drafts_proposed += len(draft)  # counted before a token can end it (its log line says them)
+        self.counters.drafts_proposed += len(draft)
         for i in range(len(logits)):
+            if i:  # row i saw draft i - 1, which the sampled token matched
+                accepted += 1
+                s.drafts_accepted += 1
+                self.counters.drafts_accepted += 1
             self._advance(s, logits[i])
             if s.finished or i == len(draft) or s.tokens[-1] != draft[i]:
                 break
-            accepted += 1
         if draft:
             s.drafter.record(len(draft), accepted)
-            s.drafts_proposed += len(draft)
-            s.drafts_accepted += accepted
-            self.counters.drafts_proposed += len(draft)
-            self.counters.drafts_accepted += accepted
             if not s.finished:
                 with self._cv:
                     self.scheduler.accepted(s, accepted)
@@ -507,7 +541,7 @@ class Engine:
         n = len(s.generated)
         self.counters.finished += 1
         with self._cv:
-            self.scheduler.remove(s)
+            self._remove(s)
         self.driver.free([s.seq_id])
         log.info(
             "request %s: %d prompt + %d generated tokens in %.2f s (ttft %.3f s)%s",
@@ -545,10 +579,17 @@ class Engine:
             for s in failed:
                 s.sink.put(err)
                 self.counters.failed += 1
-                self.scheduler.remove(s)
+                self._remove(s)
         self.driver.free([s.seq_id for s in failed])
 
     def _fail_all(self, err: EngineError) -> None:
         for s in list(self.scheduler.running) + list(self.scheduler.waiting):
             s.sink.put(err)
-            self.scheduler.remove(s)
+            self._remove(s)
+
+    def _remove(self, s: Sequence) -> None:
+        """Step thread. The sequence ended: its blocks go back, and what its drafter holds (the
+        draft model's KV)."""
+        self.scheduler.remove(s)
+        if s.drafter is not None:
+            s.drafter.release()

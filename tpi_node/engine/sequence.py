@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpi_node.engine.client import TokenEvent
-from tpi_node.engine.speculative import PromptLookup
+from tpi_node.engine.speculative import Drafter
 from tpi_node.model.grammar import TokenConstraint
 from tpi_node.model.sampling import Sampler
 from tpi_node.model.sampling_params import SamplingParams
@@ -55,7 +55,7 @@ class Sequence:
     # prompt logprobs by position ([0] stays None), filled as prefill chunks go through; handed to
     # the first event and then None. Filled by position, so a recomputed chunk does not add twice.
     prompt_lps: list | None = None
-    drafter: PromptLookup | None = None  # speculative decoding (None: one token per step)
+    drafter: Drafter | None = None  # speculative decoding (None: one token per step)
     max_len: int = 1 << 62  # the longest it may grow (the engine's context): drafts stay within
     draft: list[int] = field(default_factory=list)  # the draft tokens in this step's chunk
     drafts_proposed: int = 0
@@ -87,12 +87,17 @@ class Sequence:
         chunk = self.tokens[self.cached : self.cached + budget]
         self.draft = []
         if self.drafter is not None and self.cached == len(self.tokens) - 1 and self.constraint is None:
-            room = min(
-                budget - 1, self.params.max_tokens - len(self.generated) - 1, self.max_len - len(self.tokens) - 1
-            )
-            if room > 0 and not self.prefill_only:
+            room = self.draft_room(budget)
+            if room > 0:
                 self.draft = self.drafter.propose(self.tokens)[:room]
         return chunk + self.draft
+
+    def draft_room(self, budget: int) -> int:
+        """How many drafts its next decode step may check: within the step's `budget`, its
+        max_tokens and max_len (the last token it may still generate is never a draft)."""
+        if self.prefill_only:
+            return 0
+        return min(budget - 1, self.params.max_tokens - len(self.generated) - 1, self.max_len - len(self.tokens) - 1)
 
     def emit(self, event: TokenEvent) -> None:
         if self.prompt_lps is not None:  # the first event carries the prompt's logprobs
