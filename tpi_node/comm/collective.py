@@ -9,6 +9,11 @@ the same shape. `allreduce_add_norm` is the one the forward loop uses:
 Implementations: LocalCollective (one node; `fused=True` on a CUDA node: the fused add+RMSNorm
 kernel of gpu/fused.py), the gRPC star (comm/star.py), gloo (comm/torch_dist.py), and the NCCL
 collective of GPUs in one NVLink domain (comm/nccl.py). commands/compose.py picks one.
+
+The async form, for the token split (engine/runner.py): `start_add_norm` begins one (the partial
+leaves), `wait_add_norm` later gives (x, h), so the forward loop computes the other half of the
+step in between. Only an `AsyncCollective` (the star) really overlaps; every other collective
+completes in `start_add_norm`. Every node starts and waits in the same order.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +38,17 @@ class CommStats:
 
     def reset(self) -> None:
         self.seconds, self.calls, self.bytes_sent = 0.0, 0, 0
+
+
+@dataclass
+class InFlight:
+    """An allreduce_add_norm begun by `start_add_norm` and not yet waited for."""
+
+    handle: Any  # the collective's own token for the allreduce in flight
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    result: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, h) once known
 
 
 class Collective(ABC):
@@ -70,8 +87,50 @@ class Collective(ABC):
         x = residual + total.to(residual.dtype)
         return x, rms_norm(x, norm_weight, eps)
 
+    def start_add_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> InFlight:
+        """Begin allreduce_add_norm; a collective without an async form completes it here."""
+        return InFlight(None, result=self.allreduce_add_norm(partial, residual, norm_weight, eps))
+
+    def wait_add_norm(self, f: InFlight) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, h) of an allreduce_add_norm begun by `start_add_norm`."""
+        return f.result
+
     def close(self) -> None:
         pass
+
+
+class AsyncCollective(Collective):
+    """A collective whose allreduce is begun and waited for apart: `allreduce_start` sends the
+    partial and returns at once, `allreduce_wait` gives the sum. Waits come in start order."""
+
+    @abstractmethod
+    def allreduce_start(self, t: torch.Tensor) -> Any:
+        """Send this node's part of the next allreduce -> a handle for `allreduce_wait`."""
+
+    @abstractmethod
+    def allreduce_wait(self, handle: Any) -> torch.Tensor:
+        """The sum of the allreduce `handle` began (every earlier one is complete after it)."""
+
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.allreduce_wait(self.allreduce_start(t))
+
+    def start_add_norm(self, partial, residual, norm_weight, eps) -> InFlight:
+        t0 = time.perf_counter()
+        f = InFlight(self.allreduce_start(partial), residual, norm_weight, eps)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        return f
+
+    def wait_add_norm(self, f: InFlight) -> tuple[torch.Tensor, torch.Tensor]:
+        if f.result is None:
+            t0 = time.perf_counter()
+            total = self.allreduce_wait(f.handle)
+            self.stats.seconds += time.perf_counter() - t0
+            x = f.residual + total.to(f.residual.dtype)
+            f.result, f.residual = (x, rms_norm(x, f.norm_weight, f.eps)), None
+        return f.result
 
 
 class LocalCollective(Collective):

@@ -9,9 +9,11 @@ attention, and B's allreduce while A computes its MLP. B's stage k never starts 
 stage k is done, so B's attention sees the KV entries A wrote in that layer (A holds the earlier
 tokens of any sequence cut by the split). All nodes issue collectives in the same order.
 
-`split_point` picks s; `split_schedule` gives the issue order; `run_split` runs stage functions
-in that order, inline (CPU / gRPC engine, which may hand the comm stages to a thread) or on two
-CUDA streams (GPU path). Nothing here imports CUDA or triton.
+`split_point` picks s for a GPU group (wave-aware), `half_point` for the gRPC star (the middle);
+`split_schedule` gives the issue order; `run_split` runs stage functions in that order, inline
+(the star: each stage computes, then *starts* its allreduce, and the next stage of the same half
+waits for it, so the issue order A.compute A.start B.compute B.start A.wait ... overlaps A's
+allreduce with B's compute) or on two CUDA streams (GPU path). Nothing here imports CUDA or triton.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-DEFAULT_THRESHOLD = 1024
+DEFAULT_THRESHOLD = 1024  # an NVLink group's --token-split auto
+# The gRPC star's --token-split auto, measured (scripts/bench_split.py: TTFT at 3 nodes, every step
+# split vs none): on 100-300 Mbit/s links the split pays from 64 tokens (0.6-0.7x), on gigabit and
+# unshaped links it costs below 256 (1.1-1.5x: twice the round trips, little wire to hide) and
+# breaks even or pays from 256 (0.75-1.05x); a prefill chunk (512) splits.
+STAR_THRESHOLD = 256
 DEFAULT_TILE = 128  # rows of a GEMM tile (M) in the projection kernels
 SLACK = 0.125  # the split may move up to 1/8 of the tokens away from the middle
 
@@ -57,6 +64,22 @@ def split_point(
         return (wave_waste(s, wave) + wave_waste(n_tokens - s, wave), abs(s - half), s)
 
     return min(range(lo, hi + 1, tile), key=cost)
+
+
+def split_threshold(mode: str | int, default: int) -> int:
+    """--token-split (auto, off or a token count) -> the threshold a collective splits at (0: never)."""
+    if mode == "auto":
+        return default
+    return 0 if mode == "off" else int(mode)
+
+
+def half_point(n_tokens: int, threshold: int) -> int:
+    """The star's cut: the middle of a step of at least `threshold` tokens (>= 2), else 0. The
+    star's cost per half is bytes on the wire and rows of compute, both linear in tokens, so the
+    halves are even."""
+    if threshold <= 0 or n_tokens < max(threshold, 2):
+        return 0
+    return n_tokens // 2
 
 
 def split_schedule(n_stages: int, n_parts: int = 2) -> list[tuple[int, int]]:
