@@ -46,7 +46,7 @@ run: install
 
 test: lint
 	$(VENV)/bin/tpi-node prepare
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Style and shape: ruff (lint + format check) and the import-linter contracts in pyproject.toml.
 lint: install-test

@@ -15,8 +15,8 @@ prompts, one after another, while a schedule of faults runs:
     find it again by themselves.
 Each request ends as one of: completed (its text is the reference), clean error (an HTTP error or
 an SSE event with the OpenAI error shape), lost text (it ended without error but with other
-text), hung (no end within --hang-s of its start), refused (no connection: the master was down;
-the client waits a second and goes on). The table: those counts, the master's RSS after the
+text), hung (no end within --hang-s of its start), refused (no answer to the request at all: the
+master was down; the client waits a second and goes on). The table: those counts, the master's RSS after the
 first --warmup seconds of load and at the end, and whether the cluster is back to full size.
 """
 
@@ -67,9 +67,10 @@ def stream(url: str, model: str, prompt: str, tokens: int, hang_s: float) -> tup
         "temperature": 0,
         "stream": True,
     }
-    text, t0 = [], time.monotonic()
+    text, t0, answered = [], time.monotonic(), False
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=hang_s) as r:
+            answered = True
             if r.status_code != 200:
                 r.read()
                 return (
@@ -89,12 +90,12 @@ def stream(url: str, model: str, prompt: str, tokens: int, hang_s: float) -> tup
                 for ch in event.get("choices", []):
                     text.append(ch.get("delta", {}).get("content") or "")
         return "unclean error", "the stream ended without [DONE]"
-    except httpx.ConnectError as e:
-        return "refused", str(e)
     except httpx.TimeoutException:
         return "hung", f"no byte for {hang_s:.0f} s"
     except (httpx.HTTPError, ValueError) as e:
-        return "unclean error", f"{type(e).__name__}: {e}"
+        # No answer at all: nothing listened (the node's delay relay accepts, then drops the
+        # connection when the master's port is closed), so the request never reached a server.
+        return ("unclean error" if answered else "refused"), f"{type(e).__name__}: {e}"
 
 
 def _is_error_shape(text: str) -> bool:

@@ -1,7 +1,7 @@
 """The C heap under torch and grpc (glibc malloc): how much of what Python frees goes back.
 
-    limit_arenas()   at import (tpi_node/__init__.py), before threads start
-    trim()           after big frees (a re-plan drops a whole deployment)
+limit_arenas()   at import (tpi_node/__init__.py), before threads start
+trim()           after big frees (a re-plan drops a whole deployment)
 """
 
 from __future__ import annotations

@@ -64,6 +64,12 @@ def unit_interval(s: str) -> float:
     return v
 
 
+def token_split(s: str) -> str | int:
+    """--token-split: auto, off, or the fewest tokens of a step that splits (a whole number)."""
+    v = str(s).strip().lower()
+    return v if v in ("auto", "off") else positive_int(v)
+
+
 def port_number(s: str) -> int:
     v = _number(s, int, "a port number")
     if not 0 <= v <= 65535:
@@ -153,6 +159,13 @@ class BudgetOptions:
         type=size,
         metavar="SIZE",
     )
+    cache_size: int | None = setting(
+        None,
+        "disk this node's shard cache may use (e.g. 20GiB): the least recently used slice sets are removed "
+        "first, never one a running process uses (default: unbounded; see `tpi-node cache`)",
+        type=size,
+        metavar="SIZE",
+    )
 
 
 @dataclass(frozen=True)
@@ -174,16 +187,28 @@ class KVOptions:
     )
 
 
-SPECULATIVE_MODES = ("auto", "off", "lookup")  # engine/speculative.py
+SPECULATIVE_MODES = ("auto", "off", "lookup", "draft")  # engine/speculative.py, engine/draft.py
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
     speculative: str = setting(
         "auto",
-        "speculative decoding: lookup drafts tokens from the prompt and the text so far and the cluster checks "
-        "them in one step (auto: lookup; off: one token per step)",
+        "speculative decoding: draft tokens that the cluster checks in one step - lookup: from the prompt and "
+        "the text so far; draft: by --draft-model (auto: draft when --draft-model is given, else lookup; "
+        "off: one token per step)",
         choices=SPECULATIVE_MODES,
+    )
+    draft_model: str | None = setting(
+        None,
+        "a draft model the master runs alone for speculative decoding: a model name, directory or .gguf with "
+        "--model's tokenizer (a small model of its family, or --model itself with --draft-quant int4)",
+        metavar="MODEL",
+    )
+    draft_quant: str = setting(
+        "none",
+        "weight-only quantisation of the draft model's float weights, as --quant does for --model",
+        choices=QUANTS,
     )
 
 
@@ -270,6 +295,14 @@ class MasterOptions:
         "ring (every node must reach the master's gloo port; no re-plan after a lost node)",
         choices=("star", "gloo"),
     )
+    token_split: str | int = setting(
+        "auto",
+        "token split: steps of at least N tokens (long prefill chunks, big batches) run as two halves, one "
+        "half's allreduce overlapping the other's compute (the star and NVLink groups; gloo never splits). "
+        "auto: the threshold measured for the collective in use (the line said at start names it); off: never",
+        type=token_split,
+        metavar="auto|off|N",
+    )
     peer_timeout: float = setting(
         5.0, "seconds without a partial sum before a worker counts as lost (default 5)", type=non_negative_float
     )
@@ -319,6 +352,13 @@ class WorkerOptions:
     discover_timeout: float = setting(
         5.0, "seconds to look for the master by mDNS when --master is not given (default 5)", type=non_negative_float
     )
+    master_retry_s: float = setting(
+        3600.0,
+        "seconds a worker keeps looking for a master it lost (killed, restarting, unreachable; found again by "
+        "mDNS when it was found that way) before it exits; 0: exit at once (default 3600)",
+        type=non_negative_float,
+        metavar="S",
+    )
     cert_name: str | None = setting(None, "use NAME.crt/NAME.key from --certs (default: worker)", metavar="NAME")
 
 
@@ -363,6 +403,18 @@ class StatusOptions:
         metavar="URL",
     )
     json: bool = setting(False, "print the raw JSON state", kind="switch")
+
+
+CACHE_ACTIONS = ("list", "prune")  # commands/cache.py
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    action: str = setting("list", "list (default): the cached slice sets; prune: remove unused ones", kind="positional")
+    keep: int | None = setting(
+        None, "prune: remove least recently used unused sets until the cache fits in SIZE", type=size, metavar="SIZE"
+    )
+    prune_all: bool = setting(False, "prune: remove every set no running process uses", kind="switch", flag="--all")
 
 
 @dataclass(frozen=True)
@@ -457,6 +509,11 @@ class TokenSettings:
 
 @dataclass(frozen=True)
 class CertsSettings(OutOption, CertsOptions, ClusterNameOption):
+    pass
+
+
+@dataclass(frozen=True)
+class CacheSettings(CacheOptions):
     pass
 
 
@@ -568,4 +625,5 @@ def families() -> list[type]:
         StatusSettings,
         TokenSettings,
         CertsSettings,
+        CacheSettings,
     ]

@@ -63,12 +63,13 @@ class ClusterDriver:
                 raise KVStale(f"KV epoch {d.kv_epoch()} is not the step's {kv_epoch}")
             self.live.update(layout.seq_ids)
             self.step_id += 1
-            msg = pb.MasterMsg(step=pb.Step(step_id=self.step_id, layout=layout.to_pb()))
+            cut = d.runner.split_at(layout.num_tokens)  # the token split: every node cuts here
+            msg = pb.MasterMsg(step=pb.Step(step_id=self.step_id, layout=layout.to_pb(), split=cut))
             to_pb(x, out=msg.step.hidden)  # the compute dtype, lossless
             try:
                 with d.sessions.step():
                     c.shared.run(d.sessions.broadcast(msg))
-                    return d.runner.forward(layout, x, self.step_id)
+                    return d.runner.forward(layout, x, self.step_id, cut)
             except Exception as e:
                 abort = pb.MasterMsg(abort=pb.Abort(step_id=self.step_id, reason=str(e)))
                 c.shared.run(d.sessions.send_all(abort))

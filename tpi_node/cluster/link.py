@@ -24,7 +24,11 @@ class MasterLink:
         self.loop = new_event_loop()
         self.channel = self.call = None
         self._read: asyncio.Future | None = None
-        self.run(self._open(timeout_s))
+        try:
+            self.run(self._open(timeout_s))
+        except BaseException:  # a worker dials again and again while its master is away: leak nothing
+            self.close()
+            raise
 
     def run(self, coro: Awaitable):
         return self.loop.run_until_complete(coro)

@@ -33,6 +33,7 @@ from tpi_node.errors import UserError
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.proto import tpi_pb2_grpc as rpc
 from tpi_node.weights.plan import NodeCapacity
+from tpi_node.weights.slicer import PartError, part_file, spans
 
 log = logging.getLogger("tpi_node.master")
 
@@ -122,6 +123,8 @@ class ClusterMaster(rpc.MasterServicer):
 
         with contextlib.suppress(Exception):
             self.shared.run(_stop(), timeout=5)
+        if self.coordinator.deployment is not None:  # its runner, and its leases on the shard cache
+            self.coordinator.deployment.close()
         self.shared.close()
 
     @property
@@ -223,22 +226,27 @@ class ClusterMaster(rpc.MasterServicer):
         if request.name not in files:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no shard file '{request.name}' for rank {request.rank}")
         f = files[request.name]
-        with open(d.shard_dir(self.spec, request.rank) / f.name, "rb") as fh:
-            offset = 0
-            while True:
-                data = fh.read(CHUNK)
-                last = offset + len(data) >= f.size
-                yield pb.ShardChunk(
-                    name=f.name,
-                    offset=offset,
-                    data=data,
-                    total_size=f.size,
-                    sha256=f.sha256 if offset == 0 or last else "",
-                    last=last,
-                )
-                offset += len(data)
-                if last or not data:
-                    return
+        path = d.shard_dir(self.spec, request.rank) / f.name
+        if request.part:  # some units of a layer file: cut, sent as a file of their own
+            pieces = await self._part(d, request, path, context)
+            for chunk in _chunks(f.name, pieces, sum(map(len, pieces)), ""):  # (the whole file's is checked)
+                yield chunk
+            return
+        with open(path, "rb") as fh:
+            for chunk in _chunks(f.name, iter(lambda: fh.read(CHUNK), b""), f.size, f.sha256):
+                yield chunk
+
+    async def _part(self, d, request: pb.ShardRequest, path, context) -> list[memoryview]:
+        """Units [kv_start, kv_end) and [ffn_start, ffn_end) of a worker rank's layer file
+        (weights/slicer.py read_part), cut on a pool thread, not on the loop."""
+        have = spans(d.plan.share_of(request.rank))
+        kv, ffn = (request.kv_start, request.kv_end), (request.ffn_start, request.ffn_end)
+        if not request.name.startswith("layer-"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.name} has no units to cut")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, part_file, path, self.spec.cfg, have, kv, ffn)
+        except PartError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def Session(self, request_iterator, context):
         first = await context.read()
@@ -315,3 +323,24 @@ class ClusterMaster(rpc.MasterServicer):
             for n in self.node_rows()
         ]
         return {"nodes": nodes, "plan": d.plan.digest[:16] if d else None}
+
+
+def _chunks(name: str, blocks, size: int, sha256: str):
+    """A file's bytes (`blocks`, in order: a file read block by block, or a part's pieces) as
+    FetchShard's chunks of at most CHUNK bytes, the first and the last with the sha256."""
+    offset = 0
+    for block in blocks:
+        for a in range(0, len(block), CHUNK):
+            data = bytes(block[a : a + CHUNK])
+            last = offset + len(data) >= size
+            yield pb.ShardChunk(
+                name=name,
+                offset=offset,
+                data=data,
+                total_size=size,
+                sha256=sha256 if offset == 0 or last else "",
+                last=last,
+            )
+            offset += len(data)
+    if offset == 0:  # an empty file: one empty, last chunk
+        yield pb.ShardChunk(name=name, offset=0, data=b"", total_size=size, sha256=sha256, last=True)

@@ -11,9 +11,19 @@ Every allreduce is tagged (step id, stage); stage = 0, 1, 2, ... within a step, 
 out-of-order frame is detected. A peer that disconnects, or sends nothing within `timeout_s`,
 raises `PeerLost` on the master within that time (default 5 s).
 
-Transport cost, measured on loopback (576 floats, 2 processes, 2-core VM): grpc.aio + uvloop
-~170 us per allreduce; grpc.aio + asyncio ~225 us; sync grpc with queue hand-offs ~380 us;
-unary Reduce calls ~370 us (scripts/bench_allreduce.py has the side-by-side table with gloo).
+Async form (the token split, engine/runner.py): `allreduce_start` sends this node's partial (the
+master keeps its own as the sum's start) and returns; `allreduce_wait` gives the sum. Two or more
+may be in flight: every worker sends in start order, the master reduces and answers in that
+order, so each stream's frames arrive in key order and any other key is refused. No side waits
+for a write to complete (gRPC completes it a wake-up later): the write is handed over, and the
+time goes to computing or to waiting for the next frame.
+
+Transport cost on loopback (576 floats, 2 processes, 2-core VM, `scripts/bench_allreduce.py
+--breakdown`): ~0.75 ms a round trip, where the same gRPC stream echoing prebuilt frames takes
+~0.25 ms; each hop ~0.2 ms (gRPC's core thread, its poller thread, then this event loop: two
+wake-ups a frame), and ~0.1 ms of Python per side and direction (codec, sum, an event-loop run).
+Earlier choices, same bench: grpc.aio + uvloop beat plain asyncio (~25%), sync gRPC with queue
+hand-offs (~2x) and unary calls (~2x).
 """
 
 from __future__ import annotations
@@ -22,19 +32,29 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from tpi_node.comm.codec import FrameError, dtype_enum, from_pb, to_pb, wire_dtype, wire_nbytes
-from tpi_node.comm.collective import Collective
+from tpi_node.comm.collective import AsyncCollective
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.errors import TpiError
+from tpi_node.gpu.split import half_point
 from tpi_node.proto import tpi_pb2 as pb
 
 
 class PeerLost(TpiError):
     """A node of the allreduce disconnected, stopped answering, or was refused."""
+
+
+class SessionEnded(PeerLost):
+    """The master ended the session on purpose; `code` (a pb.ShutdownCode) says what to do next."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class StepAborted(TpiError):
@@ -59,7 +79,18 @@ class HubLinks(Protocol):
         """A malformed frame came from `rank`: end its session with this reason."""
 
 
-class StarHub(Collective):
+@dataclass
+class _Begun:
+    """One allreduce begun on the master: its key, the fp32 sum so far, and how to return it."""
+
+    key: tuple[int, int]
+    acc: torch.Tensor | None  # [T, H] fp32 on the host
+    device: torch.device
+    dtype: torch.dtype
+    out: torch.Tensor | None = None  # the sum, once reduced
+
+
+class StarHub(AsyncCollective):
     """The master's side: sum(own partial, every worker's partial) in fp32, the sum sent back."""
 
     rank = 0
@@ -71,9 +102,12 @@ class StarHub(Collective):
         links: HubLinks,
         wire: str | torch.dtype = "fp32",
         timeout_s: float = 5.0,
+        split_threshold: int = 0,
     ) -> None:
         super().__init__()
         self.shared, self.world_size, self.links, self.timeout_s = shared, world_size, links, timeout_s
+        self.split_threshold = split_threshold  # steps of at least this many tokens split (0: never)
+        self._begun: collections.deque[_Begun] = collections.deque()  # started, not yet reduced
         self.wire = wire_dtype(wire)
         self._wire_enum = dtype_enum(self.wire)
         self._inbox: dict[int, collections.deque] = {r: collections.deque() for r in range(1, world_size)}
@@ -101,24 +135,40 @@ class StarHub(Collective):
     # ---- the collective --------------------------------------------------------------------------
     def begin_step(self, step_id: int) -> None:
         self.step_id, self.stage = step_id, 0
+        self._begun.clear()  # what an aborted step left in flight
         for box in self._inbox.values():  # leftovers of an aborted step
             while box and box[0].step_id < step_id:
                 box.popleft()
 
-    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+    def split_at(self, n_tokens: int) -> int:
+        return half_point(n_tokens, self.split_threshold) if self.world_size > 1 else 0
+
+    def allreduce_start(self, t: torch.Tensor) -> _Begun:
+        """Keep this node's partial as the sum's start; the workers' come on their streams."""
         key = (self.step_id, self.stage)
         self.stage += 1
-        out = self.shared.run(self._reduce(t, key))
-        self.stats.bytes_sent += wire_nbytes(out.numel(), self.wire) * (self.world_size - 1)
-        return out
-
-    async def _reduce(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
         # [T, H] fp32 accumulator on the host, where the wire is (a GPU node's partial comes over)
-        acc = t.detach().to("cpu", torch.float32, copy=True)
+        b = _Begun(key, t.detach().to("cpu", torch.float32, copy=True), t.device, t.dtype)
         if self.world_size == 1:
-            return acc.to(t.device, t.dtype)
+            b.out = b.acc.to(t.device, t.dtype)
+        else:
+            self._begun.append(b)
+        return b
+
+    def allreduce_wait(self, b: _Begun) -> torch.Tensor:
+        if b.out is None:
+            self.shared.run(self._reduce_through(b))
+        return b.out
+
+    async def _reduce_through(self, b: _Begun) -> None:
+        while b.out is None:  # the earlier ones first: every worker sends in start order
+            await self._reduce(self._begun[0])
+
+    async def _reduce(self, b: _Begun) -> None:
+        key, acc = b.key, b.acc
         await self._wait_all(key)
-        shape = tuple(t.shape)
+        self._begun.popleft()
+        shape = tuple(acc.shape)
         for r in range(1, self.world_size):
             box = self._inbox[r]
             msg = box.popleft()
@@ -138,11 +188,16 @@ class StarHub(Collective):
                 raise self._refuse(r, str(e)) from None
         reduced = pb.MasterMsg(reduced=pb.Reduced(step_id=key[0], stage=key[1]))
         to_pb(acc, self.wire, out=reduced.reduced.tensor)
+        # Not awaited: a write completes ~0.2 ms after gRPC took it (a wake-up of this loop), time
+        # the master computes instead. Each peer's writes keep their order (Peer.write's lock); a
+        # failed one ends that session, which the next wait reports (link_lost).
         for r in range(1, self.world_size):
-            await self.links.send(r, reduced)
+            _soon(self.links.send(r, reduced))
+        self.stats.bytes_sent += wire_nbytes(acc.numel(), self.wire) * (self.world_size - 1)
+        await asyncio.sleep(0)  # every write is handed to gRPC before the loop stops
         if self.wire != torch.float32:  # every node must see the very same (rounded) sum: what it sent
             acc = from_pb(reduced.reduced.tensor, shape, copy=False, what="reduced sum").float()
-        return acc.to(t.device, t.dtype)
+        b.out, b.acc = acc.to(b.device, b.dtype), None
 
     async def _wait_all(self, key: tuple[int, int]) -> None:
         missing = self.links.missing()
@@ -177,6 +232,24 @@ class StarHub(Collective):
         return FrameError(reason)
 
 
+_WRITES: set[asyncio.Task] = set()  # writes in flight, held until done (the loop keeps weak refs)
+
+
+def _soon(coro: Awaitable) -> asyncio.Task:
+    """Start `coro` on the running loop without waiting for it (its first step runs at the loop's
+    next turn); its failure is retrieved here, and the session layer sees the broken stream."""
+    task = asyncio.ensure_future(coro)
+    _WRITES.add(task)
+    task.add_done_callback(_written)
+    return task
+
+
+def _written(task: asyncio.Task) -> None:
+    _WRITES.discard(task)
+    if not task.cancelled():
+        task.exception()
+
+
 class SpokeChannel(Protocol):
     """A worker's end of its Session stream (implemented by cluster/link.py MasterLink)."""
 
@@ -187,7 +260,18 @@ class SpokeChannel(Protocol):
     async def recv(self, timeout: float | None) -> pb.MasterMsg | None: ...
 
 
-class StarSpoke(Collective):
+@dataclass
+class _Sent:
+    """One allreduce whose partial a worker sent: its key and the shape of the sum to expect."""
+
+    key: tuple[int, int]
+    shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    out: torch.Tensor | None = None  # the sum, once received
+
+
+class StarSpoke(AsyncCollective):
     """A worker's side: send the partial, wait for the sum (validated and tagged)."""
 
     def __init__(
@@ -198,40 +282,80 @@ class StarSpoke(Collective):
         self.wire = wire_dtype(wire)
         self._wire_enum = dtype_enum(self.wire)
         self.step_id, self.stage = 0, 0
+        self._sent: collections.deque[_Sent] = collections.deque()  # sent, sum not yet received
+        self._writing: asyncio.Task | None = None  # the last partial's write
 
     def begin_step(self, step_id: int) -> None:
         self.step_id, self.stage = step_id, 0
+        self._sent.clear()
 
-    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+    def _partial(self, t: torch.Tensor) -> tuple[pb.WorkerMsg, _Sent]:
         key = (self.step_id, self.stage)
         self.stage += 1
-        self.stats.bytes_sent += wire_nbytes(t.numel(), self.wire)
-        return self.link.run(self._exchange(t, key))
-
-    async def _exchange(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
         # A fresh message every time: protobuf (upb) keeps every value ever assigned to a field of
         # a reused message in that message's arena, so a reused frame grew by its payload per call.
         msg = pb.WorkerMsg(partial=pb.Partial(step_id=key[0], stage=key[1]))
         to_pb(t, self.wire, out=msg.partial.tensor)
+        self.stats.bytes_sent += wire_nbytes(t.numel(), self.wire)
+        s = _Sent(key, tuple(t.shape), t.device, t.dtype)
+        self._sent.append(s)
+        return msg, s
+
+    def allreduce_start(self, t: torch.Tensor) -> _Sent:
+        msg, s = self._partial(t)
+        self.link.run(self._submit(msg))
+        return s
+
+    def allreduce_wait(self, s: _Sent) -> torch.Tensor:
+        if s.out is None:
+            self.link.run(self._receive_through(s))
+        return s.out
+
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """One turn of the loop for the whole round trip (decode's many small allreduces)."""
+        msg, s = self._partial(t)
+        self.link.run(self._submit_and_receive(msg, s))
+        return s.out
+
+    async def _submit_and_receive(self, msg: pb.WorkerMsg, s: _Sent) -> None:
+        await self._submit(msg)
+        await self._receive_through(s)
+
+    async def _submit(self, msg: pb.WorkerMsg) -> None:
+        """Hand the frame to gRPC, not waiting for the write to complete (a wake-up ~0.2 ms later,
+        which the wait for the sum absorbs); writes stay in order, each after the one before."""
+        before = self._writing
+        self._writing = _soon(self._write_after(before, msg))
+        await asyncio.sleep(0)  # its first step runs now: gRPC has the frame
+
+    async def _write_after(self, before: asyncio.Task | None, msg: pb.WorkerMsg) -> None:
+        if before is not None:
+            await before
         await self.link.send(msg)
+
+    async def _receive_through(self, s: _Sent) -> None:
+        """Read frames until the sum for `s` is in; the master sends sums in start order. (A
+        partial that could not be sent broke the stream: the read says PeerLost.)"""
         deadline = time.monotonic() + self.timeout_s
-        while True:
+        while s.out is None:
+            key = self._sent[0].key
             reply = await self.link.recv(max(0.0, deadline - time.monotonic()))
             if reply is None:
                 raise PeerLost(f"the master sent no sum for step {key[0]} stage {key[1]} within {self.timeout_s:g} s")
             kind = reply.WhichOneof("kind")
             if kind == "reduced":
-                r = reply.reduced
+                r, head = reply.reduced, self._sent[0]
                 if (r.step_id, r.stage) != key or r.tensor.dtype != self._wire_enum:
                     raise FrameError(
                         f"the master sent a sum for step {r.step_id} stage {r.stage} "
                         f"(dtype code {r.tensor.dtype}) while step {key[0]} stage "
                         f"{key[1]} (dtype code {self._wire_enum}) was expected"
                     )
-                total = from_pb(r.tensor, tuple(t.shape), copy=True, what="reduced sum")
-                return total.to(t.device, t.dtype)
-            if kind == "abort":
+                total = from_pb(r.tensor, head.shape, copy=True, what="reduced sum")
+                head.out = total.to(head.device, head.dtype)
+                self._sent.popleft()
+            elif kind == "abort":
                 raise StepAborted(reply.abort.reason)
-            if kind == "shutdown":
-                raise PeerLost(f"the master ended the session: {reply.shutdown.reason}")
+            elif kind == "shutdown":
+                raise SessionEnded(f"the master ended the session: {reply.shutdown.reason}", reply.shutdown.code)
             # heartbeats (and anything else that is not for this allreduce) are skipped

@@ -37,6 +37,7 @@ from tpi_node.comm.torch_dist import GlooCollective
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.budget import plan_memory
 from tpi_node.engine.device import DeviceInfo, default_dtype, device_capacity, select_device
+from tpi_node.engine.draft import DraftModel, vocab_difference
 from tpi_node.engine.engine import Engine
 from tpi_node.engine.head import ModelHead
 from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
@@ -44,7 +45,7 @@ from tpi_node.engine.local import LocalDriver
 from tpi_node.engine.runner import open_runner
 from tpi_node.errors import UserError
 from tpi_node.gpu.detect import GpuDecision, detect, detect_and_log
-from tpi_node.gpu.split import DEFAULT_THRESHOLD
+from tpi_node.gpu.split import DEFAULT_THRESHOLD, STAR_THRESHOLD, split_threshold
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.tokenizer import Tokenizer
 from tpi_node.settings import MasterSettings, TlsOptions
@@ -114,8 +115,8 @@ class FastPath:
                 + ("in the fused Triton kernel" if self.fused_kernel else "in torch (no Triton)")
             )
             return (
-                f"fast path: {sums} between {self.nodes} GPUs; steps of >= {DEFAULT_THRESHOLD} tokens run as "
-                f"two halves on two CUDA streams ({self.reason})"
+                f"fast path: {sums} between {self.nodes} GPUs; long steps run as two halves on two CUDA "
+                f"streams (--token-split) ({self.reason})"
             )
         return f"fast path off: {self.reason} (add+RMSNorm in torch{self.between and ', ' + self.between})"
 
@@ -199,25 +200,47 @@ def detect_for(info: DeviceInfo, decision: GpuDecision | None = None) -> GpuDeci
     return detect_and_log()
 
 
-def group_collective(kind: str, init_method: str, rank: int, world_size: int, device: str) -> NcclCollective:
-    """This rank's NCCL collective of an NVLink group (joined in its first collective)."""
+def group_collective(
+    kind: str, init_method: str, rank: int, world_size: int, device: str, split: int = DEFAULT_THRESHOLD
+) -> NcclCollective:
+    """This rank's NCCL collective of an NVLink group (joined in its first collective); `split`:
+    the fewest tokens of a step that splits (the master's; a worker follows its Step frames)."""
     decision = dataclasses.replace(detect(), collective=kind)  # the master chose the kind for all
-    return NcclCollective(decision, init=GroupInit(init_method, rank, world_size, device=device))
+    return NcclCollective(decision, init=GroupInit(init_method, rank, world_size, device=device), split_threshold=split)
+
+
+def token_split_line(mode: str | int, fast: FastPath, collective: str) -> str:
+    """What --token-split means for this master's collective, said at start."""
+    if fast.kind in GROUP_KINDS:
+        n, over = split_threshold(mode, DEFAULT_THRESHOLD), "on two CUDA streams"
+    elif collective == "gloo":
+        return "token split: off (a gloo ring does not split)"
+    else:
+        n, over = split_threshold(mode, STAR_THRESHOLD), "over the star (one half's sum travels, the other computes)"
+    if n == 0:
+        return "token split: off (--token-split off)"
+    return f"token split: steps of >= {n} tokens run as two halves {over} (--token-split {mode})"
 
 
 # ---- collectives ---------------------------------------------------------------------------------
-def make_master_collective(spec: ClusterSpec, alone: FastPath | None = None) -> MakeCollective:
+def make_master_collective(
+    spec: ClusterSpec, alone: FastPath | None = None, token_split: str | int = "auto"
+) -> MakeCollective:
     """What rank 0 sums with, for each plan: one node alone needs no network (`alone`: its fast
     path, the fused kernel on a CUDA node); an NVLink group of local GPUs sums with NCCL; the star
     hub meets the workers' partials on their sessions; with --collective gloo a gloo ring sums
-    instead (the sessions then only carry steps)."""
+    instead (the sessions then only carry steps). `token_split`: --token-split, for the star and
+    the NVLink group (gloo never splits)."""
 
     def make(plan: PartitionPlan, sessions: Sessions) -> Collective:
         if plan.world_size == 1:
             return LocalCollective(fused=alone is not None and alone.kind == "fused")
         kind, plus, url = spec.collective_init.partition("+")
         if plus and kind in GROUP_KINDS:
-            return group_collective(kind, url.replace("tcp://:", "tcp://127.0.0.1:"), 0, plan.world_size, spec.device)
+            split = split_threshold(token_split, DEFAULT_THRESHOLD)
+            return group_collective(
+                kind, url.replace("tcp://:", "tcp://127.0.0.1:"), 0, plan.world_size, spec.device, split
+            )
         if spec.collective_init:
             return GlooCollective(
                 spec.collective_init.replace("tcp://:", "tcp://127.0.0.1:"),
@@ -227,7 +250,8 @@ def make_master_collective(spec: ClusterSpec, alone: FastPath | None = None) -> 
                 timeout_s=max(30.0, spec.peer_timeout_s),
                 lazy=True,
             )
-        hub = StarHub(sessions.shared, plan.world_size, sessions, spec.wire, spec.peer_timeout_s)
+        split = split_threshold(token_split, STAR_THRESHOLD)
+        hub = StarHub(sessions.shared, plan.world_size, sessions, spec.wire, spec.peer_timeout_s, split)
         sessions.partials = hub
         return hub
 
@@ -267,11 +291,14 @@ def build_local_engine(
     quant: str = "none",
     fast_path: str = "auto",
     decision: GpuDecision | None = None,
+    draft_model: str | Path | None = None,
+    draft_quant: str = "none",
 ) -> Engine:
     """A single-node engine over a model name (prepared on first use) or a model directory. Its
     memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window;
     on a CUDA device the forward loop runs the fused add+RMSNorm kernel unless `fast_path` is off
-    (`decision`: detection's, default: asked of this machine)."""
+    (`decision`: detection's, default: asked of this machine). `draft_model` (--draft-model):
+    speculative decoding's draft model (build_draft)."""
     model_dir = resolve_model(str(model), progress=progress)
     cfg = ModelConfig.from_dir(model_dir)
     info = select_device(device)
@@ -318,17 +345,100 @@ def build_local_engine(
     say_memory("local", window, mem.kv_blocks, progress)
     if progress:
         say(fast.summary())
+    tokenizer = Tokenizer.from_dir(model_dir)
+    draft = build_draft(
+        draft_model,
+        speculative,
+        cfg,
+        tokenizer,
+        head.vocab_size,
+        dtype,
+        str(info.device),
+        draft_quant,
+        kv_blocks=kv_blocks,
+        max_context=max_context,
+        fused=fast.kind == "fused",
+        limits=limits,
+        progress=progress,
+    )
     return Engine(
         cfg,
         head,
-        Tokenizer.from_dir(model_dir),
+        tokenizer,
         LocalDriver(runner),
         name,
         limits,
         prefix_cache=prefix_cache,
         max_context=max_context,
         speculative=speculative,
+        draft=draft,
     )
+
+
+def build_draft(
+    model: str | Path | None,
+    speculative: str,
+    target: ModelConfig,
+    tokenizer: Tokenizer,
+    vocab_rows: int,
+    dtype: str,
+    device: str,
+    quant: str = "none",
+    *,
+    kv_blocks: int | None = None,
+    max_context: int | None = None,
+    fused: bool = False,
+    limits: EngineLimits | None = None,
+    progress: bool = True,
+) -> DraftModel | None:
+    """The draft model of --speculative draft / auto (`model`: --draft-model; None when not
+    given), which the master runs alone on its device in the target's dtype (engine/draft.py): its
+    weights resident (--draft-quant quantises float ones), its KV cache --kv-blocks blocks, else
+    the pool a node gets without a budget (at most 16k tokens). Both come on top of the master's
+    --memory-budget. UserError for --speculative draft without a model, or another tokenizer."""
+    if not model:
+        if speculative == "draft":
+            raise UserError("--speculative draft needs a draft model: --draft-model M")
+        return None
+    if speculative not in ("auto", "draft"):
+        say(f"--draft-model {model} is not used with --speculative {speculative}")
+        return None
+    model_dir = resolve_model(str(model), progress=progress)
+    diff = vocab_difference(tokenizer, Tokenizer.from_dir(model_dir))
+    if diff is not None:
+        raise UserError(f"--draft-model {model} has another tokenizer than the model it drafts for: {diff}")
+    cfg = ModelConfig.from_dir(model_dir)
+    info = select_device(device)
+    weights = weight_bytes(model_dir, dtype, quant)
+    plan = make_plan(cfg, [device_capacity("draft", info, None, dtype)], model_digest(model_dir), weights.layer)
+    limits = limits or DEFAULT_LIMITS
+    if kv_blocks is None:
+        mem = plan_memory(
+            cfg, plan.share_of(0), None, dtype, is_master=True, context=max_context, limits=limits, weights=weights
+        )
+        kv_blocks = mem.kv_blocks
+    runner = open_runner(
+        model_dir,
+        cfg,
+        plan,
+        0,
+        LocalCollective(fused=fused),
+        dtype,
+        device=device,
+        progress=progress,
+        kv_blocks=kv_blocks,
+        quant=quant,
+    )
+    head = ModelHead(model_dir, cfg, torch_dtype(dtype), info.device, quant=quant)
+    name = Path(model).name if Path(str(model)).exists() else str(model)
+    if progress:
+        quantised = "" if quant == "none" else f", --draft-quant {quant}"
+        say(
+            f"draft model {name}{quantised}: {cfg.num_layers} layers resident on {device}, KV cache {kv_blocks} blocks "
+            f"({kv_blocks * BLOCK_TOKENS} tokens)"
+        )
+    eos = set(tokenizer.eos_token_ids) | set(target.eos_token_ids)
+    return DraftModel(name, cfg, runner, head, vocab_limit=vocab_rows, stop_ids=eos, limits=limits)
 
 
 def say_memory(who: str, window: int | None, kv_blocks: int, progress: bool = True) -> None:
@@ -372,6 +482,20 @@ def start_master(
     secured = bool(resolve_token(s.token)) or tls_for(s, "master") is not None
     fast = choose_fast_path(s.fast_path, decision, str(info.device), nodes, gpus, s.collective, secured)
     alone = choose_fast_path(s.fast_path, decision, str(info.device))  # the plans of this node alone
+    tokenizer = Tokenizer.from_dir(model_dir)
+    draft = build_draft(  # before the gRPC port opens: a draft model refused stops the start
+        s.draft_model,
+        s.speculative,
+        cfg,
+        tokenizer,
+        cfg.vocab_size,
+        dtype,
+        str(info.device),
+        s.draft_quant,
+        kv_blocks=s.kv_blocks,
+        max_context=s.max_context,
+        fused=alone.kind == "fused",
+    )
     # workers reach a gloo group's or an NVLink group's port at the address they dial the master by
     gloo = f"tcp://:{_free_port()}" if s.collective == "gloo" else ""
     if fast.kind in GROUP_KINDS:
@@ -389,11 +513,12 @@ def start_master(
         kv_blocks=s.kv_blocks,
         quant=s.quant,
         weights=weight_bytes(model_dir, dtype, s.quant),
+        cache_size=s.cache_size,
     )
     master = ClusterMaster(
         spec,
         cap,
-        make_master_collective(spec, alone),
+        make_master_collective(spec, alone, s.token_split),
         nodes=nodes,
         token=resolve_token(s.token),
         tls=tls_for(s, "master"),
@@ -401,6 +526,8 @@ def start_master(
     )
     gpu = fast.summary()
     say(gpu)
+    if nodes > 1:
+        say(token_split_line(s.token_split, fast, s.collective))
     host = s.grpc_host or s.host
     port = master.start(f"{host}:{grpc_port}")
     say(f"master {cap.node_id}: workers join at {host}:{port} (waiting for {nodes - 1} more node(s))")
@@ -408,11 +535,12 @@ def start_master(
     engine = Engine(
         cfg,
         head,
-        Tokenizer.from_dir(model_dir),
+        tokenizer,
         ClusterDriver(master.coordinator),
         Path(s.model).name,
         prefix_cache=not s.no_prefix_cache,
         max_context=s.max_context,
         speculative=s.speculative,
+        draft=draft,
     )
     return RunningMaster(master, engine, port, gpu)

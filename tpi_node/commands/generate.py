@@ -14,6 +14,7 @@ from tpi_node.engine.device import default_dtype, select_device
 from tpi_node.errors import UserError
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.settings import GenerateSettings, MasterSettings
+from tpi_node.weights import cache
 from tpi_node.weights.prepare import resolve_model
 
 
@@ -45,7 +46,10 @@ def run(s: GenerateSettings) -> int:
             prefix_cache=not s.no_prefix_cache,
             speculative=s.speculative,
             fast_path=s.fast_path,
+            draft_model=s.draft_model,
+            draft_quant=s.draft_quant,
         )
+        cache.make_room(s.cache_size)  # a --quant slice set it wrote (its runner holds it)
         close = engine.shutdown
     try:
         _generate(engine, s, params)

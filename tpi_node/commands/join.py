@@ -37,6 +37,10 @@ def run(s: JoinSettings) -> int:
         tls=tls,
         address=os.uname().nodename,
         expect_model=s.expect_model,
+        cache_size=s.cache_size,
+        master_retry_s=s.master_retry_s,
+        # a master found by mDNS is found that way again should it be lost (it may come back elsewhere)
+        rediscover=None if s.master else lambda: master_address(_find_master(s)),
     )
     try:
         return run_worker(spec, make_worker_collective)

@@ -47,7 +47,8 @@ def spawn_workers(
     return [
         subprocess.Popen(
             cmd
-            + ["join", "--master", address, "--node-id", f"{base_id}-w{i}"]
+            # their master is this process: should it die, they go too (no --master-retry-s wait)
+            + ["join", "--master", address, "--node-id", f"{base_id}-w{i}", "--master-retry-s", "0"]
             + (extra or [])
             + (["--device", devices[i - 1]] if devices else []),
             env=env,
@@ -58,10 +59,12 @@ def spawn_workers(
 
 def worker_flags(s: MasterSettings) -> list[str]:
     """The settings the master's local workers take from it: every node it starts gets the same
-    --memory-budget and the master's TLS: with --certs DIR they present the master's own
+    --memory-budget, the same --cache-size (they share this machine's shard cache) and the
+    master's TLS: with --certs DIR they present the master's own
     certificate (they run on its machine, and DIR may hold no worker.*), with --tls-* the same
     files. The token goes through worker_env, never argv (which any local user can read)."""
     flags = ["--memory-budget", str(s.memory_budget)] if s.memory_budget else []
+    flags += ["--cache-size", str(s.cache_size)] if s.cache_size else []
     if s.certs:
         flags += ["--certs", s.certs, "--cert-name", "master"]
     tls = (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key), ("--tls-ca", s.tls_ca))

@@ -1,5 +1,6 @@
 """NodeRunner: the one forward loop every node runs over its own slice of every layer, and
-`open_runner`, which makes sure a rank's slices are in the shard cache and opens them."""
+`open_runner`, which opens a rank's slices where the checkpoint is (read in place) or, for float
+weights that --quant quantises, in the shard cache."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from pathlib import Path
 
 import torch
 
-from tpi_node.comm.collective import Collective
+from tpi_node.comm.collective import Collective, InFlight
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.kv_cache import PagedKVCache
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
 from tpi_node.model.qkernel import tune
+from tpi_node.weights.cache import Lease, hold
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 from tpi_node.weights.slicer import shard_dir, write_node_shards
+from tpi_node.weights.source import CheckpointSlices, in_place
 from tpi_node.weights.store import ShardStore
 
 
@@ -28,6 +31,7 @@ class StepStats:
 
     steps: int = 0
     tokens: int = 0
+    split_steps: int = 0  # of them, run as two halves (the token split)
     wall_s: float = 0.0
     comm_s: float = 0.0
     stall_s: float = 0.0
@@ -40,6 +44,7 @@ class StepStats:
         return {
             "steps": self.steps,
             "tokens": self.tokens,
+            "split_steps": self.split_steps,
             "wall_s": self.wall_s,
             "comm_s": self.comm_s,
             "stall_s": self.stall_s,
@@ -60,8 +65,10 @@ class NodeRunner:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         kv_blocks: int = 0,
+        lease: Lease | None = None,
     ) -> None:
         self.cfg, self.store, self.share, self.coll = cfg, store, share, coll
+        self.lease = lease  # on the shard cache's slice set the store reads, released at close
         self.dtype, self.device = dtype, torch.device(device)
         # the paged KV cache of this node's heads; an FFN-only node holds none
         self.kv = PagedKVCache(
@@ -85,10 +92,18 @@ class NodeRunner:
         if self.device.type == "cpu" and torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
+    def split_at(self, n_tokens: int) -> int:
+        """Where a step of n_tokens is cut in two halves (0: not split): the collective says."""
+        return self.coll.split_at(n_tokens)
+
     @torch.inference_mode()
-    def forward(self, layout: BatchLayout, x: torch.Tensor, step_id: int = 0) -> torch.Tensor:
+    def forward(self, layout: BatchLayout, x: torch.Tensor, step_id: int = 0, cut: int | None = None) -> torch.Tensor:
         """x: [T, H] embedded tokens of the step -> [T, H] final-normed hidden states.
-        `step_id` tags the step's collectives (every node of the step passes the same one)."""
+        `step_id` tags the step's collectives and `cut` splits its tokens (default: `split_at`);
+        every node of the step passes the same ones (the master's, from the Step frame)."""
+        cut = self.split_at(layout.num_tokens) if cut is None else cut  # 0 unless the collective overlaps halves
+        if not 0 <= cut < max(layout.num_tokens, 1):
+            raise ValueError(f"cannot split a step of {layout.num_tokens} tokens at {cut}")
         self.coll.begin_step(step_id)
         self._threads_for(layout.num_tokens)
         if self.share.n_kv:
@@ -98,9 +113,9 @@ class NodeRunner:
         x = x.to(self.device, self.dtype)
         rope_cs = self.rope.tables(layout.positions().to(self.device), self.dtype)
         h = rms_norm(x, norms.input[0], eps)
-        cut = self.coll.split_at(layout.num_tokens)  # 0 unless the collective overlaps halves
         if cut:
             h = self._split_layers(layout, x, h, rope_cs, cut)
+            self.stats.split_steps += 1
         for i in range(0 if cut else cfg.num_layers):
             with self.store.layer(i) as w:
                 a = attention_partial(h, w, self.kv.layer(i), layout, rope_cs, cfg.head_dim)
@@ -117,11 +132,13 @@ class NodeRunner:
     def _split_layers(self, layout: BatchLayout, x, h, rope_cs, cut: int) -> torch.Tensor:
         """The same layer loop over the step cut in two halves (TokenWeave, gpu/split.py): stage
         k of the second half runs after stage k of the first (its attention sees the keys the
-        first half wrote), and on the collective's two CUDA streams one half's allreduce overlaps
-        the other half's compute. -> h [T, H]."""
-        from tpi_node.gpu.split import run_split  # only collectives of GPU groups split
+        first half wrote). On the collective's two CUDA streams one half's allreduce overlaps
+        the other half's compute; without streams (the star) each stage computes and *starts* its
+        allreduce, and the half's next stage waits for it, so A's sum travels while B computes.
+        -> h [T, H]."""
+        from tpi_node.gpu.split import run_split  # only the star and GPU groups split
 
-        cfg, norms, eps = self.cfg, self.store.norms, self.cfg.rms_eps
+        cfg, norms, eps, coll = self.cfg, self.store.norms, self.cfg.rms_eps, self.coll
         parts, bounds = layout.split(cut), (slice(0, cut), slice(cut, layout.num_tokens))
         index = []
         for part in parts:
@@ -129,7 +146,11 @@ class NodeRunner:
                 self.kv.begin(part)
             index.append(self.kv.index)
         ropes = [(rope_cs[0][b], rope_cs[1][b]) for b in bounds]
-        states, streams = [(x[b], h[b]) for b in bounds], self.coll.split_streams()
+        states, streams = [(x[b], h[b]) for b in bounds], coll.split_streams()
+
+        def settle(s):  # a half's (x, h), waiting for its sum when it is still on the wire
+            return coll.wait_add_norm(s) if isinstance(s, InFlight) else s
+
         for i in range(cfg.num_layers):
             nxt = norms.input[i + 1] if i + 1 < cfg.num_layers else norms.final
             with self.store.layer(i) as w:
@@ -137,19 +158,34 @@ class NodeRunner:
 
                 def attn(p, _, s, w=w, i=i):
                     kv = self.kv.layer(i, index[p])
-                    return s[0], attention_partial(s[1], w, kv, parts[p], ropes[p], cfg.head_dim)
+                    x, h = settle(s)
+                    return x, attention_partial(h, w, kv, parts[p], ropes[p], cfg.head_dim)
 
                 def post(p, _, s, i=i):
-                    return self.coll.allreduce_add_norm(s[1], s[0], norms.post[i], eps)
+                    return coll.allreduce_add_norm(s[1], s[0], norms.post[i], eps)
 
                 def mlp(p, _, s, w=w):
-                    return s[0], mlp_partial(s[1], w)
+                    x, h = settle(s)
+                    return x, mlp_partial(h, w)
 
                 def pre(p, _, s, nxt=nxt):
-                    return self.coll.allreduce_add_norm(s[1], s[0], nxt, eps)
+                    return coll.allreduce_add_norm(s[1], s[0], nxt, eps)
 
-                states = run_split(states, bounds, (attn, post, mlp, pre), streams)
-        return torch.cat([s[1] for s in states])
+                if streams is None:  # [attention + start its sum, wait + mlp + start its sum]
+
+                    def attn_start(p, b, s, i=i):
+                        x, a = attn(p, b, s)
+                        return coll.start_add_norm(a, x, norms.post[i], eps)
+
+                    def mlp_start(p, b, s, nxt=nxt):
+                        x, m = mlp(p, b, s)
+                        return coll.start_add_norm(m, x, nxt, eps)
+
+                    stages = (attn_start, mlp_start)
+                else:
+                    stages = (attn, post, mlp, pre)
+                states = run_split(states, bounds, stages, streams)
+        return torch.cat([settle(s)[1] for s in states])
 
     def node_stats(self) -> dict:
         """This node's counters for Driver.stats(): steps, weights streamed, KV pool, memory."""
@@ -158,6 +194,8 @@ class NodeRunner:
     def close(self) -> None:
         self.store.close()
         self.coll.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _used_on(w, streams) -> None:
@@ -182,9 +220,20 @@ def open_runner(
     kv_blocks: int = 0,
     quant: str = "none",
 ) -> NodeRunner:
-    """Make sure rank's slices are in the shard cache (slicing the checkpoint if not) and open
-    them, with a paged KV cache of `kv_blocks` blocks."""
-    out = shard_dir(plan.model_digest, plan, rank, dtype, quant)
-    write_node_shards(model_dir, cfg, plan, rank, out, dtype, progress, quant)
-    store = ShardStore(out, cfg, plan.share_of(rank), window=window, device=device)
-    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device, kv_blocks)
+    """Open rank's slices with a paged KV cache of `kv_blocks` blocks: read from the checkpoint
+    in place (no copy on disk), unless --quant quantises float weights, which are sliced once into
+    the shard cache (weights/source.py says why)."""
+    share, lease = plan.share_of(rank), None
+    try:
+        if in_place(model_dir, quant):
+            source = CheckpointSlices(model_dir, cfg, share, dtype, quant)
+        else:
+            source = shard_dir(plan.model_digest, plan, rank, dtype, quant)
+            lease = hold(source)  # no cache eviction or prune removes the set while this runner reads it
+            write_node_shards(model_dir, cfg, plan, rank, source, dtype, progress, quant)
+        store = ShardStore(source, cfg, share, window=window, device=device)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device, kv_blocks, lease)
