@@ -21,9 +21,10 @@ from tpi_node.model.config import ModelConfig
 from tpi_node.model.quant import QMatrix
 from tpi_node.units import format_size
 from tpi_node.weights.plan import NodeCapacity, make_plan
+from tpi_node.weights.shard_file import read_safetensors
 from tpi_node.weights.slicer import layer_file, shard_files, write_node_shards
 from tpi_node.weights.source import CheckpointSlices, in_place
-from tpi_node.weights.store import ShardStore, read_safetensors
+from tpi_node.weights.store import ShardStore
 
 try:
     import httpx

@@ -33,9 +33,9 @@ from tpi_node.model.config import ModelConfig
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES
 from tpi_node.weights.checkpoint import open_checkpoint
 from tpi_node.weights.plan import NodeShare
+from tpi_node.weights.shard_file import ShardError
 from tpi_node.weights.sizes import LAYER_SAMPLE
 from tpi_node.weights.slicer import MATRICES, Part, layer_file, layer_parts, read_norms, slice_layer, stored_layer
-from tpi_node.weights.store import ShardError
 
 ALIGN = 64  # byte offset of each tensor in a slot: every dtype's view is aligned
 NORMS = "norms.safetensors"
