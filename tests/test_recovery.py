@@ -251,6 +251,49 @@ def test_a_restarted_master_finds_its_workers_serving_within_30s_with_nothing_fe
         master.stop()
 
 
+def test_a_returning_worker_is_admitted_while_requests_never_stop(smollm2_dir, tmp_path):
+    """Two clients keep a sequence running at every moment: the worker that comes back is still
+    taken in (after ADMIT_BUSY_AFTER_S, between two steps), and every request keeps its text."""
+    http, grpc = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    master = _serve(smollm2_dir, tmp_path, 2, http, grpc)
+    join = ["join", "--master", f"127.0.0.1:{grpc}", "--memory-budget", "1GiB", "--speed", "1"]
+    worker = Node("worker", tmp_path, join)
+    texts, stop = [], threading.Event()
+
+    def client(delay: float) -> None:
+        time.sleep(delay)  # staggered: one of the two is always mid-request
+        while not stop.is_set():
+            texts.append(_complete(url, 24))
+
+    try:
+        wait_health(url, 2, 120, [master, worker])
+        want = _complete(url, 24)
+        worker.kill9()
+        assert _complete(url, 24) == want  # the master re-plans alone
+        clients = [threading.Thread(target=client, args=(d,), daemon=True) for d in (0.0, 0.7)]
+        for c in clients:
+            c.start()
+        worker.start()
+        deadline = time.monotonic() + 90
+        while "re-planning (admitting" not in master.log():
+            assert time.monotonic() < deadline and worker.alive(), master.log()[-3000:]
+            time.sleep(0.5)
+        wait_health(url, 2, 60, [master, worker])
+        n = len(texts)
+        while len(texts) < n + 2:  # requests on the new plan
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.2)
+        stop.set()
+        for c in clients:
+            c.join(120)
+        assert texts and all(t == want for t in texts), texts
+    finally:
+        stop.set()
+        worker.stop()
+        master.stop()
+
+
 @pytest.mark.root
 def test_a_master_found_by_mdns_is_found_again_when_it_comes_back_elsewhere(tiny_model_dir, tmp_path):
     """Emulated LAN (tests/netns_lan.py): the master is killed and started again on another
