@@ -60,6 +60,7 @@ def cluster(
     collective: str = "star",
     speculative: str = "auto",
     quant: str = "none",
+    head_split: str = "auto",
 ):
     """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
     s = MasterSettings(
@@ -73,6 +74,7 @@ def cluster(
         collective=collective,
         speculative=speculative,
         quant=quant,
+        head_split=head_split,
     )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port
@@ -113,7 +115,7 @@ def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, 
     try:
         layout = BatchLayout.one(0, len(PROMPT))  # blocks 0.. of an idle engine's cache
         x = ref.head.embed(PROMPT)
-        want_logits = ref.head.logits(ref.driver.step(layout, x, ref.driver.kv_epoch()))
+        want_logits = ref.head.logits(ref.driver.step(layout, x, ref.driver.kv_epoch())[0])
         ref.driver.free([1])
         want_tokens = [e.token_id for e in ref.generate_sync(PROMPT, GREEDY)]
     finally:
@@ -123,7 +125,7 @@ def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, 
         assert len(shares) == nodes
         if preset == "tiny-qwen2" and nodes == 2:
             assert sorted(s.n_kv for s in shares) == [1, 2], (shares, master.membership.members)  # 3 KV heads / 2
-        got_logits = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch()))
+        got_logits = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch())[0])
         engine.driver.free([1])
         assert (got_logits - want_logits).abs().max().item() < 1e-3
         got_tokens = [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)]
@@ -139,7 +141,7 @@ def test_smollm2_at_three_nodes_matches_the_single_node_engine_and_transformers(
         want = [e.token_id for e in ref.generate_sync(PROMPT, params)]
         layout = BatchLayout.one(0, len(PROMPT))  # blocks 0.. of an idle engine's cache
         x = ref.head.embed(PROMPT)
-        want_logits = ref.head.logits(ref.driver.step(layout, x, ref.driver.kv_epoch()))
+        want_logits = ref.head.logits(ref.driver.step(layout, x, ref.driver.kv_epoch())[0])
         chat = ref.tokenizer.encode(
             ref.tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a robot."}]),
             add_special_tokens=False,
@@ -152,7 +154,7 @@ def test_smollm2_at_three_nodes_matches_the_single_node_engine_and_transformers(
         greedy32 = SamplingParams(max_tokens=32, temperature=0.0)
         assert [e.token_id for e in engine.generate_sync(chat, greedy32)][: len(hf_chat)] == hf_chat
         assert [e.token_id for e in engine.generate_sync(PROMPT, params)] == want
-        got_logits = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch()))
+        got_logits = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch())[0])
         assert (got_logits - want_logits).abs().max().item() < 1e-3
 
 
@@ -190,7 +192,7 @@ def test_int8_wire_at_three_nodes_stays_close_to_the_fp32_wire(smollm2_dir, home
                 add_special_tokens=False,
             )
             layout = BatchLayout.one(0, len(chat))
-            h = engine.driver.step(layout, engine.head.embed(chat), engine.driver.kv_epoch())
+            h = engine.driver.step(layout, engine.head.embed(chat), engine.driver.kv_epoch())[0]
             logits[wire] = engine.head.logits(h)[-1]
             engine.driver.free([1])
             coll = master.coordinator.deployment.runner.coll

@@ -15,7 +15,7 @@ from tests.hf_util import OurModel, make_hf_model
 from tpi_node.model import qkernel
 from tpi_node.model.quant import BLOCK_BYTES, QMatrix, quantize
 from tpi_node.weights.checkpoint import CheckpointReader
-from tpi_node.weights.slicer import LM_HEAD
+from tpi_node.weights.head_rows import LM_HEAD
 
 
 def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:

@@ -115,20 +115,20 @@ def test_no_seed_is_random():
 def test_draws_follow_the_distribution_and_respect_masks():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     temperature = 0.7
-    sampler = Sampler(SamplingParams(temperature=temperature, seed=0), [])
-    n = 20000
-    counts = torch.bincount(torch.tensor([sampler(logits, []).token_id for _ in range(n)]), minlength=6).double() / n
+    n = 20000  # a draw is a function of (seed, token index): one sampler per seed
+    draws = [Sampler(SamplingParams(temperature=temperature, seed=i), [])(logits, []).token_id for i in range(n)]
+    counts = torch.bincount(torch.tensor(draws), minlength=6).double() / n
     expected = torch.softmax(logits.double() / temperature, dim=-1)
     assert torch.allclose(counts, expected, atol=0.015)
 
     # top-k 3, then top-p 0.8 of those three renormalized (0.63, 0.23, 0.14): the best two.
-    sampler = Sampler(SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=0), [])
-    seen = {sampler(logits, []).token_id for _ in range(2000)}
+    params = [SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=i) for i in range(2000)]
+    seen = {Sampler(p, [])(logits, []).token_id for p in params}
     assert seen == {0, 1}
     big = _logits(50000, 5, 4.0)
-    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=0), [])
     nucleus = _nucleus_reference(big, 0.6)
-    assert {sampler(big, []).token_id for _ in range(500)} <= nucleus
+    drawn = {Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=i), [])(big, []).token_id for i in range(500)}
+    assert drawn <= nucleus and len(drawn) > 1
 
 
 def test_logprobs_are_of_the_raw_distribution():

@@ -152,7 +152,7 @@ def test_three_nodes_with_the_split_give_the_unsplit_logits_and_text(smollm2_dir
         for threshold in (64, 0):
             hub.split_threshold = threshold
             splits = runner.stats.split_steps
-            logits[threshold] = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch()))
+            logits[threshold] = engine.head.logits(engine.driver.step(layout, x, engine.driver.kv_epoch())[0])
             engine.driver.free([1])
             tokens[threshold] = [e.token_id for e in engine.generate_sync(prompt, params)]
             assert runner.stats.split_steps - splits == (2 if threshold else 0)  # the prefills, not decode

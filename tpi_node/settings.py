@@ -303,6 +303,13 @@ class MasterOptions:
         type=token_split,
         metavar="auto|off|N",
     )
+    head_split: str = setting(
+        "auto",
+        "split the lm_head by vocabulary rows across the nodes: each computes its rows' logits and sends the "
+        "master only what sampling needs (one more gather per step). auto: with 2 or more nodes when the "
+        "lm_head has at least 64M parameters (the line said at start tells)",
+        choices=("auto", "on", "off"),
+    )
     peer_timeout: float = setting(
         5.0, "seconds without a partial sum before a worker counts as lost (default 5)", type=non_negative_float
     )

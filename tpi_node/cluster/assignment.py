@@ -32,6 +32,7 @@ class Assignment:
     ticket: bytes  # secret of this join: FetchShard and Session must show it
     collective_init: str = ""  # tcp://HOST:PORT of a gloo group that sums instead of the star
     shard_quant: str = "none"  # --quant of the shard files (names the worker's cache)
+    split_head: bool = False  # the lm_head is split by vocabulary: head.safetensors is in `files`
 
     @property
     def world_size(self) -> int:
@@ -60,6 +61,7 @@ class Assignment:
             window=self.window or 0,
             kv_blocks=self.kv_blocks,
             shard_quant=self.shard_quant,
+            split_head=self.split_head,
         )
 
     @classmethod
@@ -90,4 +92,5 @@ class Assignment:
             ticket=bytes(reply.ticket),
             collective_init=reply.collective_init,
             shard_quant=reply.shard_quant or "none",
+            split_head=reply.split_head,
         )

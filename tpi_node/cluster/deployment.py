@@ -48,6 +48,7 @@ class ClusterSpec:
     quant: str = "none"  # --quant of float weights (model/quant.py)
     weights: WeightBytes | None = None  # bytes per parameter as stored (default: dtype's)
     cache_size: int | None = None  # --cache-size: the shard cache's bound (None: unbounded)
+    split_head: bool = False  # --head-split: every node holds lm_head rows (NodeShare.vocab_rows)
 
     @property
     def model_name(self) -> str:
@@ -102,7 +103,9 @@ def deploy(
         _make_room(spec, plan, dirs)
         manifests = {}
         for rank, out in dirs.items():
-            sums = write_node_shards(spec.model_dir, spec.cfg, plan, rank, out, spec.dtype, progress, spec.quant)
+            sums = write_node_shards(
+                spec.model_dir, spec.cfg, plan, rank, out, spec.dtype, progress, spec.quant, spec.split_head
+            )
             manifests[rank] = manifest(out, sums)
         sessions = Sessions(shared, plan.world_size, tuple(s.node_id for s in plan.shares))
         coll = make_collective(plan, sessions)
@@ -118,6 +121,7 @@ def deploy(
             progress,
             kv_blocks=memory.kv_blocks,
             quant=spec.quant,
+            split_head=spec.split_head,
         )
     except BaseException:
         for lease in leases:

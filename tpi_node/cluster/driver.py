@@ -16,6 +16,7 @@ from tpi_node.comm.star import PeerLost
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.engine.client import ClusterNotReady
 from tpi_node.engine.engine import KVStale
+from tpi_node.engine.vocab import HeadAsk, HeadResult
 from tpi_node.proto import tpi_pb2 as pb
 
 log = logging.getLogger("tpi_node.driver")
@@ -49,7 +50,10 @@ class ClusterDriver:
         d = self.c.deployment
         return None if d is None else d.kv_epoch()
 
-    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch) -> torch.Tensor:
+    def step(
+        self, layout: BatchLayout, x: torch.Tensor, kv_epoch, ask: HeadAsk | None = None
+    ) -> tuple[torch.Tensor, HeadResult | None]:
+        """-> (hidden, the split head's answer to `ask`, gathered in the same step)."""
         c = self.c
         if not c.ready():
             missing = c.sessions.missing() if c.sessions is not None else []
@@ -66,10 +70,13 @@ class ClusterDriver:
             cut = d.runner.split_at(layout.num_tokens)  # the token split: every node cuts here
             msg = pb.MasterMsg(step=pb.Step(step_id=self.step_id, layout=layout.to_pb(), split=cut))
             to_pb(x, out=msg.step.hidden)  # the compute dtype, lossless
+            if ask:
+                msg.step.head.CopyFrom(ask.to_pb())
             try:
                 with d.sessions.step():
                     c.shared.run(d.sessions.broadcast(msg))
-                    return d.runner.forward(layout, x, self.step_id, cut)
+                    h = d.runner.forward(layout, x, self.step_id, cut)
+                    return h, d.runner.vocab_step(h, ask) if ask else None
             except Exception as e:
                 abort = pb.MasterMsg(abort=pb.Abort(step_id=self.step_id, reason=str(e)))
                 c.shared.run(d.sessions.send_all(abort))

@@ -79,6 +79,7 @@ class ClusterMaster(rpc.MasterServicer):
             context=spec.max_context,
             kv_blocks=spec.kv_blocks,
             weights=spec.weights,
+            split_head=spec.split_head,
         )
         self.coordinator = Coordinator(spec, self.membership, self.shared, make_collective)
         self.server: grpc.aio.Server | None = None
@@ -184,6 +185,7 @@ class ClusterMaster(rpc.MasterServicer):
             ticket=self.auth.tickets.issue(request.node_id),
             collective_init=self.spec.collective_init,
             shard_quant=self.spec.quant,
+            split_head=self.spec.split_head,
         ).to_pb()
 
     async def _admit(self, member: Member) -> str | None:

@@ -78,8 +78,10 @@ class Membership:
         context: int | None = None,
         kv_blocks: int | None = None,
         weights: WeightBytes | None = None,
+        split_head: bool = False,
     ) -> None:
         self.cfg, self.model_digest, self.dtype, self.weights = cfg, model_digest, dtype, weights
+        self.split_head = split_head  # --head-split: every node's memory holds its lm_head rows
         self.expected, self.auto_admit = expected, auto_admit
         self.context, self.kv_blocks = context, kv_blocks  # --max-context, --kv-blocks
         self.members: list[Member] = [master]  # rank order once planned; master first
@@ -128,6 +130,7 @@ class Membership:
                 context=self.context,
                 kv_blocks=self.kv_blocks,
                 weights=self.weights,
+                split_head=self.split_head,
             )
             for s in plan.shares
         }

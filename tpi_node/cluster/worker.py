@@ -36,12 +36,15 @@ from tpi_node.comm.collective import Collective
 from tpi_node.comm.star import PeerLost, SessionEnded, StepAborted
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.head import VocabShard
 from tpi_node.engine.runner import NodeRunner
+from tpi_node.engine.vocab import HeadAsk
 from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.weights import cache
 from tpi_node.weights.disk import DiskFullError, disk_full
+from tpi_node.weights.head_rows import HEAD_FILE
 from tpi_node.weights.plan import NodeCapacity
 from tpi_node.weights.slicer import shard_dir
 from tpi_node.weights.store import ShardError, ShardRepair, ShardStore
@@ -229,7 +232,14 @@ def _join_and_serve(
     # the master split this node's memory from the capacity it reported (engine/budget.py)
     store = ShardStore(out, cfg, share, window=a.window, device=spec.device, repair=repair)
     coll = make_collective(a, link, link.address)
-    runner = NodeRunner(cfg, store, share, coll, torch_dtype(a.shard_dtype), spec.device, a.kv_blocks)
+    head, ranges = None, None
+    if a.split_head:  # its lm_head rows (engine/vocab.py)
+        rows, td = share.vocab_rows(cfg), torch_dtype(a.shard_dtype)
+        head = VocabShard.from_file(out / HEAD_FILE, rows, td, spec.device, prepacked=a.window is None)
+        ranges = [s.vocab_rows(cfg) for s in a.plan.shares]
+    runner = NodeRunner(
+        cfg, store, share, coll, torch_dtype(a.shard_dtype), spec.device, a.kv_blocks, None, head, ranges
+    )
     say(
         f"memory: {'resident' if a.window is None else f'window {a.window} layers'}, KV cache {a.kv_blocks} "
         f"blocks ({runner.kv.nbytes() / 2**20:.0f} MiB)"
@@ -339,4 +349,6 @@ def _report(link: MasterLink, text: str, step_id: int) -> None:
 def _step(runner: NodeRunner, cfg: ModelConfig, step: pb.Step) -> None:
     layout = BatchLayout.from_pb(step.layout)
     x = from_pb(step.hidden, (layout.num_tokens, cfg.hidden_size), what="step hidden states")
-    runner.forward(layout, x, step.step_id, step.split)  # [T, H]; the master keeps the result
+    h = runner.forward(layout, x, step.step_id, step.split)  # [T, H]; the master keeps the result
+    if step.HasField("head"):  # the split head: this node's candidates go to the master
+        runner.vocab_step(h, HeadAsk.from_pb(step.head, layout.num_tokens))

@@ -64,6 +64,16 @@ class Collective(ABC):
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise sum of `t` over all nodes; every node gets the sum."""
 
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Rank r's 1-D float32 `t` of sizes[r] values -> on rank 0, every rank's in rank order;
+        None on the others. Exact: the values arrive as sent (the split head's candidates). This
+        form sums disjoint slots with `allreduce` (x + 0 is x in fp32); the star sends them."""
+        at = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+        slots = torch.zeros(at[-1], dtype=torch.float32, device=t.device)
+        slots[at[self.rank] : at[self.rank + 1]] = t.float()
+        total = self.allreduce(slots).float().cpu() if self.world_size > 1 else slots.cpu()
+        return [total[at[r] : at[r + 1]] for r in range(len(sizes))] if self.rank == 0 else None
+
     def begin_step(self, step_id: int) -> None:
         """A new forward step starts: collectives that tag their frames (the star) restart
         their count; the others ignore it."""

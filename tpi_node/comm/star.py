@@ -170,22 +170,7 @@ class StarHub(AsyncCollective):
         self._begun.popleft()
         shape = tuple(acc.shape)
         for r in range(1, self.world_size):
-            box = self._inbox[r]
-            msg = box.popleft()
-            while msg.step_id < key[0] and box:  # left over from an aborted step
-                msg = box.popleft()
-            if (msg.step_id, msg.stage) != key:
-                raise self._refuse(
-                    r,
-                    f"sent a partial for step {msg.step_id} stage {msg.stage} "
-                    f"while step {key[0]} stage {key[1]} was being reduced",
-                )
-            if msg.tensor.dtype != self._wire_enum:
-                raise self._refuse(r, f"sent a partial of dtype code {msg.tensor.dtype}, expected {self._wire_enum}")
-            try:
-                acc += from_pb(msg.tensor, shape, copy=False, what="partial")
-            except FrameError as e:
-                raise self._refuse(r, str(e)) from None
+            acc += self._take(r, key, shape, self._wire_enum, "partial")
         reduced = pb.MasterMsg(reduced=pb.Reduced(step_id=key[0], stage=key[1]))
         to_pb(acc, self.wire, out=reduced.reduced.tensor)
         # Not awaited: a write completes ~0.2 ms after gRPC took it (a wake-up of this loop), time
@@ -198,6 +183,44 @@ class StarHub(AsyncCollective):
         if self.wire != torch.float32:  # every node must see the very same (rounded) sum: what it sent
             acc = from_pb(reduced.reduced.tensor, shape, copy=False, what="reduced sum").float()
         b.out, b.acc = acc.to(b.device, b.dtype), None
+
+    def _take(
+        self, r: int, key: tuple[int, int], shape: tuple[int, ...], dtype: int, what: str, copy: bool = False
+    ) -> torch.Tensor:
+        """Rank r's next frame, which must be `key`'s, of `dtype` and `shape` (a view unless `copy`)."""
+        box = self._inbox[r]
+        msg = box.popleft()
+        while msg.step_id < key[0] and box:  # left over from an aborted step
+            msg = box.popleft()
+        if (msg.step_id, msg.stage) != key:
+            raise self._refuse(
+                r,
+                f"sent a {what} for step {msg.step_id} stage {msg.stage} "
+                f"while step {key[0]} stage {key[1]} was being reduced",
+            )
+        if msg.tensor.dtype != dtype:
+            raise self._refuse(r, f"sent a {what} of dtype code {msg.tensor.dtype}, expected {dtype}")
+        try:
+            return from_pb(msg.tensor, shape, copy=copy, what=what)
+        except FrameError as e:
+            raise self._refuse(r, str(e)) from None
+
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """Every worker's frame of this stage, in fp32 whatever the wire (it is exact); nothing
+        goes back. The split head's candidates (engine/vocab.py)."""
+        key = (self.step_id, self.stage)
+        self.stage += 1
+        t0 = time.perf_counter()
+        out = self.shared.run(self._gather(key, sizes)) if self.world_size > 1 else []
+        self.stats.seconds += time.perf_counter() - t0
+        return [t.float().cpu(), *out]
+
+    async def _gather(self, key: tuple[int, int], sizes: list[int]) -> list[torch.Tensor]:
+        while self._begun:  # the allreduces begun before it come first on every stream
+            await self._reduce(self._begun[0])
+        await self._wait_all(key)
+        fp32 = dtype_enum(torch.float32)
+        return [self._take(r, key, (sizes[r],), fp32, "head candidates", copy=True) for r in range(1, self.world_size)]
 
     async def _wait_all(self, key: tuple[int, int]) -> None:
         missing = self.links.missing()
@@ -300,6 +323,15 @@ class StarSpoke(AsyncCollective):
         s = _Sent(key, tuple(t.shape), t.device, t.dtype)
         self._sent.append(s)
         return msg, s
+
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> None:
+        """Send this node's part of the gather (fp32, exact); the master answers nothing."""
+        msg = pb.WorkerMsg(partial=pb.Partial(step_id=self.step_id, stage=self.stage))
+        self.stage += 1
+        to_pb(t.float().cpu(), torch.float32, out=msg.partial.tensor)
+        self.stats.bytes_sent += t.numel() * 4
+        self.link.run(self._submit(msg))
+        return None
 
     def allreduce_start(self, t: torch.Tensor) -> _Sent:
         msg, s = self._partial(t)

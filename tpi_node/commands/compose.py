@@ -43,6 +43,7 @@ from tpi_node.engine.head import ModelHead
 from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.local import LocalDriver
 from tpi_node.engine.runner import open_runner
+from tpi_node.engine.vocab import choose_head_split
 from tpi_node.errors import UserError
 from tpi_node.gpu.detect import GpuDecision, detect, detect_and_log
 from tpi_node.gpu.split import DEFAULT_THRESHOLD, STAR_THRESHOLD, split_threshold
@@ -496,6 +497,7 @@ def start_master(
         max_context=s.max_context,
         fused=alone.kind == "fused",
     )
+    split_head, head_line = choose_head_split(s.head_split, cfg.vocab_size, cfg.hidden_size, nodes)
     # workers reach a gloo group's or an NVLink group's port at the address they dial the master by
     gloo = f"tcp://:{_free_port()}" if s.collective == "gloo" else ""
     if fast.kind in GROUP_KINDS:
@@ -514,6 +516,7 @@ def start_master(
         quant=s.quant,
         weights=weight_bytes(model_dir, dtype, s.quant),
         cache_size=s.cache_size,
+        split_head=split_head,
     )
     master = ClusterMaster(
         spec,
@@ -528,10 +531,19 @@ def start_master(
     say(gpu)
     if nodes > 1:
         say(token_split_line(s.token_split, fast, s.collective))
+    say(head_line)
     host = s.grpc_host or s.host
     port = master.start(f"{host}:{grpc_port}")
     say(f"master {cap.node_id}: workers join at {host}:{port} (waiting for {nodes - 1} more node(s))")
-    head = ModelHead(model_dir, cfg, torch_dtype(dtype), info.device, prepacked=not s.memory_budget, quant=s.quant)
+    head = ModelHead(
+        model_dir,
+        cfg,
+        torch_dtype(dtype),
+        info.device,
+        prepacked=not s.memory_budget,
+        quant=s.quant,
+        lm_head=not split_head,
+    )
     engine = Engine(
         cfg,
         head,

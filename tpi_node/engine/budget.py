@@ -135,13 +135,19 @@ def estimate(
     runtime: int = RUNTIME_BYTES,
     limits: EngineLimits = DEFAULT_LIMITS,
     weights: WeightBytes | None = None,
+    split_head: bool = False,
 ) -> MemoryEstimate:
     """context: the longest sequence served (default: the model's context length). `weights`:
-    bytes per parameter of the matrices as stored (weights/sizes.py; default: dtype's)."""
+    bytes per parameter of the matrices as stored (weights/sizes.py; default: dtype's).
+    `split_head`: every node holds its lm_head rows (NodeShare.vocab_rows) and their logits; the
+    master's embedding is read from the memory-mapped checkpoint."""
     nbytes = dtype_bytes(dtype)
     weights = weights or float_bytes(dtype)
     context = cfg.max_position if context is None else context
-    if is_master and head is None:
+    if split_head:
+        a, b = share.vocab_rows(cfg)
+        head = int((b - a) * cfg.hidden_size * weights.head) + 4 * limits.max_running * (b - a)
+    elif is_master and head is None:
         head = head_bytes(cfg, weights.head, limits.max_running)
     return MemoryEstimate(
         layers=cfg.num_layers,
@@ -149,7 +155,7 @@ def estimate(
         runtime=runtime,
         norms=(2 * cfg.num_layers + 1) * cfg.hidden_size * nbytes,
         activations=activation_bytes(cfg, share, context, nbytes, limits),
-        head=head if is_master else 0,
+        head=head if is_master or split_head else 0,
         block_bytes=2 * cfg.num_layers * share.n_kv * BLOCK_TOKENS * cfg.head_dim * nbytes,
         min_blocks=blocks_for(min(min_kv_tokens, context)) if share.n_kv else 0,
     )
@@ -176,6 +182,7 @@ def plan_memory(
     kv_blocks: int | None = None,
     limits: EngineLimits = DEFAULT_LIMITS,
     weights: WeightBytes | None = None,
+    split_head: bool = False,
 ) -> NodeMemory:
     """Split `budget_bytes` (an explicit --memory-budget when `budgeted`, else the memory free at
     start, of which the KV pool takes at most UNBUDGETED_KV_TOKENS). `kv_blocks` (--kv-blocks):
@@ -184,7 +191,9 @@ def plan_memory(
     if not budget_bytes:
         budget_bytes, budgeted = 2**62, False
     who = "the master" if is_master else f"node {share.node_id}"
-    est = estimate(cfg, share, dtype, context=context, is_master=is_master, limits=limits, weights=weights)
+    est = estimate(
+        cfg, share, dtype, context=context, is_master=is_master, limits=limits, weights=weights, split_head=split_head
+    )
     if kv_blocks is not None and share.n_kv:
         return NodeMemory(dataclasses.replace(est, min_blocks=kv_blocks).largest_window(budget_bytes, who), kv_blocks)
     window = est.largest_window(budget_bytes, who)

@@ -28,7 +28,9 @@ from tpi_node.engine.limits import BLOCK_TOKENS, DEFAULT_LIMITS, EngineLimits
 from tpi_node.engine.scheduler import Scheduler, Work
 from tpi_node.engine.sequence import AsyncSink, Sequence
 from tpi_node.engine.speculative import PromptLookup
+from tpi_node.engine.vocab import HeadAsk, HeadResult, Row, StepAsk, step_ask
 from tpi_node.errors import TpiError
+from tpi_node.model.candidates import logprob
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.grammar import GrammarCompiler, GrammarError, TokenConstraint
 from tpi_node.model.sampling import Sampler
@@ -42,8 +44,11 @@ log = logging.getLogger("tpi_node.engine")
 class Driver(Protocol):
     """Runs one step over every node of the plan and returns the final-normed hidden states."""
 
-    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch: Hashable) -> torch.Tensor:
-        """KVStale (nothing computed) when the nodes' KV caches are not those of `kv_epoch`."""
+    def step(
+        self, layout: BatchLayout, x: torch.Tensor, kv_epoch: Hashable, ask: HeadAsk | None = None
+    ) -> tuple[torch.Tensor, HeadResult | None]:
+        """-> (hidden [T, H], the split head's answer to `ask`, engine/vocab.py). KVStale
+        (nothing computed) when the nodes' KV caches are not those of `kv_epoch`."""
 
     def kv_blocks(self) -> int:
         """Blocks of every node's paged KV cache (the same count on every node)."""
@@ -58,6 +63,15 @@ class Driver(Protocol):
     def ready(self) -> bool: ...
     def recover(self, error: BaseException) -> bool: ...
     def stats(self) -> dict: ...
+
+
+def _starts(sampled: list) -> list[int]:
+    """Where each sequence's rows start in the concatenation of every sequence's rows."""
+    out, at = [], 0
+    for _, rs in sampled:
+        out.append(at)
+        at += len(rs)
+    return out
 
 
 class KVStale(TpiError):
@@ -360,9 +374,10 @@ class Engine:
 
     def _step(self, work: Work, layout: BatchLayout, epoch) -> None:
         masks = self._start_masks(work)
+        asked = step_ask(work, self.head.vocab_size) if self.head.split else None
         try:
             x = self.head.embed([t for _, c in work for t in c])
-            hidden = self.driver.step(layout, x, epoch)
+            hidden, vocab = self.driver.step(layout, x, epoch, asked.ask if asked and asked.ask else None)
         except KVStale:
             return  # the next round follows the new epoch and replays
         except Exception as e:
@@ -372,7 +387,7 @@ class Engine:
         self.counters.steps += 1
         with self._cv:
             self.scheduler.computed(work)
-        self._every_row(work, layout, hidden)
+        self._every_row(work, layout, hidden, asked, vocab)
         rows, sampled = layout.last_rows(), []
         for (s, _), row in zip(work, rows):
             if s.cached == len(s.tokens):  # the sequence's last known token went through
@@ -381,14 +396,16 @@ class Engine:
                 else:  # the rows of its last token and of each draft after it
                     sampled.append((s, list(range(row - len(s.draft), row + 1))))
         if sampled:
-            logits = self.head.logits(hidden[[r for _, rs in sampled for r in rs]])  # [sum of rows, V]
-            at = 0
-            for s, rs in sampled:
-                lg, at = logits[at : at + len(rs)], at + len(rs)
+            if asked is None:
+                logits = self.head.logits(hidden[[r for _, rs in sampled for r in rs]])  # [sum of rows, V]
+                per_seq = [list(logits[a : a + len(rs)]) for a, (_, rs) in zip(_starts(sampled), sampled)]
+            else:  # the split head's merged candidates, or whole rows where sampling needs them
+                per_seq = [asked.rows_of(s.seq_id, vocab) for s, _ in sampled]
+            for (s, _), outs in zip(sampled, per_seq):
                 mask = allowed.get(s.seq_id)
-                if mask is not None:
-                    lg = lg.masked_fill(~mask, float("-inf"))
-                self._verify(s, lg)
+                if mask is not None:  # (a constrained sequence's rows are always whole)
+                    outs = [lg.masked_fill(~mask, float("-inf")) for lg in outs]
+                self._verify(s, outs)
             if self.draft is not None:
                 self._draft_ahead([s for s, _ in sampled])
 
@@ -405,10 +422,11 @@ class Engine:
         if wants:
             self.draft.prepare(wants)
 
-    def _verify(self, s: Sequence, logits: torch.Tensor) -> None:
-        """logits [1 + drafts, V]: sample row after row, as plain decoding would, while each
-        sampled token is the draft whose KV the next row saw; the first that differs ends the step
-        (it is still the model's own sample: one draw per token, so seeded text is unchanged)."""
+    def _verify(self, s: Sequence, logits: list[Row]) -> None:
+        """logits: 1 + drafts rows ([V] logits or a split head's candidates): sample row after row,
+        as plain decoding would, while each sampled token is the draft whose KV the next row saw;
+        the first that differs ends the step (it is still the model's own sample: one draw per
+        token, so seeded text is unchanged)."""
         draft, accepted = s.draft, 0
         s.drafts_proposed += len(draft)  # counted before a token can end it (its log line says them)
         self.counters.drafts_proposed += len(draft)
@@ -441,7 +459,9 @@ class Engine:
 
         return self._mask_pool.submit(masks)
 
-    def _every_row(self, work: Work, layout: BatchLayout, hidden: torch.Tensor) -> None:
+    def _every_row(
+        self, work: Work, layout: BatchLayout, hidden: torch.Tensor, asked: StepAsk | None, vocab: HeadResult | None
+    ) -> None:
         """The sequences that need every row of their chunks: pool an embedding's hidden states,
         record the logprob of each next prompt token. Both are kept by position, so a chunk
         computed again (after a preemption) adds nothing twice."""
@@ -452,7 +472,13 @@ class Engine:
                 part = rows[max(0, s.pooled_upto - past) :].double().sum(0)  # [H]
                 s.pooled = part if s.pooled is None else s.pooled + part
                 s.pooled_upto = past + len(chunk)
-            if s.prompt_lps is not None:
+            if s.prompt_lps is not None and asked is not None:
+                k = s.params.prompt_logprobs or 0
+                for pos, i in asked.prompt.get(s.seq_id, ()):  # the split head's candidates
+                    c = vocab.candidates[i]
+                    top = [(t, logprob(v, c.lse)) for t, v in zip(c.ids[:k], c.logits[:k])] if k else None
+                    s.prompt_lps[pos] = (logprob(c.target_logit, c.lse), top)
+            elif s.prompt_lps is not None:
                 self._prompt_logprobs(s, past, rows)
 
     def _prompt_logprobs(self, s: Sequence, past: int, rows: torch.Tensor, block: int = 256) -> None:
@@ -494,9 +520,13 @@ class Engine:
             )
         )
 
-    def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
-        """logits [V] of s's next token (-inf where its grammar forbids a token)."""
-        res = s.sampler(logits, s.generated)
+    def _advance(self, s: Sequence, logits: Row) -> None:
+        """logits [V] of s's next token (-inf where its grammar forbids a token), or a split head's
+        merged candidates for it."""
+        if isinstance(logits, torch.Tensor):
+            res = s.sampler(logits, s.generated)
+        else:
+            res = s.sampler.choose(logits, s.generated, self.head.vocab_size)
         if s.constraint is not None and not s.constraint.accept(res.token_id):
             log.error("request %s: the grammar refused token %d: %s", s.request_id, res.token_id, s.constraint.error)
         now = time.monotonic()

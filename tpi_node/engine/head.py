@@ -1,5 +1,7 @@
-"""What only the master computes: the token embedding before layer 0 and the lm_head after the
-final norm (with tied embeddings both are the same matrix, held once)."""
+"""The token embedding before layer 0 and the lm_head after the final norm (with tied embeddings
+both are the same matrix, held once). `ModelHead` is the master's: the embedding, and the whole
+lm_head unless the head is split by vocabulary (--head-split), where every node holds a
+`VocabShard` of its rows (engine/vocab.py runs it)."""
 
 from __future__ import annotations
 
@@ -10,26 +12,60 @@ import torch
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import can_prepack, linear, prepack
 from tpi_node.model.qkernel import dequantize
-from tpi_node.model.quant import QMatrix, quantizable, quantize
+from tpi_node.model.quant import QMatrix
 from tpi_node.weights.checkpoint import open_checkpoint
-from tpi_node.weights.slicer import EMBED, LM_HEAD
+from tpi_node.weights.head_rows import EMBED, head_name, load_rows, read_head
 
 
-def _load_rows(reader, name: str, dtype: torch.dtype, device, quant: str, block: int = 4096) -> torch.Tensor | QMatrix:
-    """A [V, H] matrix filled block by block: converting dtype never holds two whole copies.
-    Stored in blocks (a GGUF's Q8_0 / Q4_x), it stays so; a float one is quantised to q8_0 under
-    --quant int8 / int4 (llama.cpp's Q4 files keep their output layer at 8 bits, too)."""
-    rows, cols = reader.shape(name)
-    first = reader.rows(name, 0, min(block, rows))
-    if isinstance(first, QMatrix) or (quant != "none" and quantizable(first)):
-        parts = [first] + [reader.rows(name, a, min(a + block, rows)) for a in range(block, rows, block)]
-        parts = [p if isinstance(p, QMatrix) else quantize(p, "q8_0") for p in parts]
-        return QMatrix(torch.cat([p.data for p in parts])).to(device)
-    out = torch.empty(rows, cols, dtype=dtype, device=device)
-    out[:block] = first
-    for a in range(block, rows, block):
-        out[a : a + block] = reader.rows(name, a, min(a + block, rows))
-    return out
+def _held_bytes(w: torch.Tensor | QMatrix) -> int:
+    return w.nbytes() if isinstance(w, QMatrix) else w.numel() * w.element_size()
+
+
+class VocabShard:
+    """Rows [start, end) of the lm_head, held in memory on one node of a split head."""
+
+    def __init__(
+        self, w: torch.Tensor | QMatrix, start: int, dtype: torch.dtype, device, prepacked: bool = True
+    ) -> None:
+        self.start, self.end = start, start + w.shape[0]
+        self.dtype, self.device = dtype, torch.device(device)
+        if prepacked and isinstance(w, torch.Tensor) and can_prepack(self.device, dtype):
+            w = prepack(w)  # as ModelHead's: the same kernel gives the same logits
+        self.w = w
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str | Path,
+        cfg: ModelConfig,
+        rows: tuple[int, int],
+        dtype: torch.dtype,
+        device,
+        quant: str,
+        prepacked: bool = True,
+    ) -> VocabShard:
+        reader = open_checkpoint(model_dir)
+        try:
+            w = load_rows(reader, head_name(reader, cfg), dtype, device, quant, *rows)
+        finally:
+            reader.close()
+        return cls(w, rows[0], dtype, device, prepacked)
+
+    @classmethod
+    def from_file(
+        cls, path: Path, rows: tuple[int, int], dtype: torch.dtype, device, prepacked: bool = True
+    ) -> VocabShard:
+        """A worker's rows, from head.safetensors in its slice set (weights/head_rows.py)."""
+        return cls(read_head(path, rows, dtype, device), rows[0], dtype, device, prepacked)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[R, H] final-normed hidden -> [R, end - start] float32 logits of this node's rows."""
+        return linear(h.to(self.device, self.dtype), self.w).float()
+
+    def nbytes(self) -> int:
+        if isinstance(self.w, torch.Tensor) and self.w.is_mkldnn:
+            return (self.end - self.start) * self.w.shape[1] * self.w.element_size()
+        return _held_bytes(self.w)
 
 
 class ModelHead:
@@ -46,11 +82,19 @@ class ModelHead:
         device: str | torch.device = "cpu",
         prepacked: bool = True,
         quant: str = "none",
+        lm_head: bool = True,
     ) -> None:
+        """lm_head=False: the head is split by vocabulary (the nodes' VocabShards hold it); only
+        the embedding is looked up here, from the memory-mapped checkpoint."""
         reader = open_checkpoint(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
-        tied = cfg.tie_embeddings or not reader.has(LM_HEAD)
-        self.lm_head_w = _load_rows(reader, EMBED if tied else LM_HEAD, dtype, device, quant)  # [V, H]
+        tied = head_name(reader, cfg) == EMBED
+        if not lm_head:
+            self.lm_head_w, self.vocab_size = None, reader.shape(head_name(reader, cfg))[0]
+            reader.close()
+            self._reader = open_checkpoint(model_dir)
+            return
+        self.lm_head_w = load_rows(reader, head_name(reader, cfg), dtype, device, quant)  # [V, H]
         self.vocab_size = self.lm_head_w.shape[0]
         if prepacked and isinstance(self.lm_head_w, torch.Tensor) and can_prepack(self.device, dtype):
             # faster logits; the reorder holds two copies for a moment, so a node that runs
@@ -78,12 +122,15 @@ class ModelHead:
         rows = [r.dequantize(self.dtype) if isinstance(r, QMatrix) else r for r in rows]
         return torch.cat(rows).to(self.device, self.dtype)
 
+    @property
+    def split(self) -> bool:
+        """The lm_head is split by vocabulary across the nodes (not held here)."""
+        return self.lm_head_w is None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, H] final-normed hidden -> [B, V] float32 logits."""
         return linear(h.to(self.device, self.dtype), self.lm_head_w).float()
 
     def nbytes(self) -> int:
         """Bytes held in memory (the memory-mapped embedding is not held)."""
-        if isinstance(self.lm_head_w, QMatrix):
-            return self.lm_head_w.nbytes()
-        return self.lm_head_w.numel() * self.lm_head_w.element_size()
+        return 0 if self.lm_head_w is None else _held_bytes(self.lm_head_w)

@@ -13,9 +13,10 @@ class LocalDriver:
         self.runner = runner
         self.step_id = 0
 
-    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch=0) -> torch.Tensor:
+    def step(self, layout: BatchLayout, x: torch.Tensor, kv_epoch=0, ask=None) -> tuple[torch.Tensor, None]:
+        """One node holds the whole lm_head (ModelHead): there is never an ask."""
         self.step_id += 1
-        return self.runner.forward(layout, x, self.step_id)
+        return self.runner.forward(layout, x, self.step_id), None
 
     def kv_blocks(self) -> int:
         return self.runner.kv.num_blocks

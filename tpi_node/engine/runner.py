@@ -14,11 +14,14 @@ import torch
 from tpi_node.comm.collective import Collective, InFlight
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.head import VocabShard
 from tpi_node.engine.kv_cache import PagedKVCache
+from tpi_node.engine.vocab import HeadAsk, HeadResult, vocab_step
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
 from tpi_node.model.qkernel import tune
 from tpi_node.weights.cache import Lease, hold
+from tpi_node.weights.head_rows import HEAD_FILE
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 from tpi_node.weights.slicer import shard_dir, write_node_shards
 from tpi_node.weights.source import CheckpointSlices, in_place
@@ -35,6 +38,7 @@ class StepStats:
     wall_s: float = 0.0
     comm_s: float = 0.0
     stall_s: float = 0.0
+    head_s: float = 0.0  # the split head's part of the steps (its rows' logits + the gather)
 
     @property
     def compute_s(self) -> float:
@@ -49,6 +53,7 @@ class StepStats:
             "comm_s": self.comm_s,
             "stall_s": self.stall_s,
             "compute_s": self.compute_s,
+            "head_s": self.head_s,
         }
 
 
@@ -66,8 +71,13 @@ class NodeRunner:
         device: str | torch.device = "cpu",
         kv_blocks: int = 0,
         lease: Lease | None = None,
+        head: VocabShard | None = None,
+        vocab_ranges: list[tuple[int, int]] | None = None,
     ) -> None:
+        """head: this node's lm_head rows when the head is split by vocabulary; vocab_ranges:
+        every rank's rows (NodeShare.vocab_rows), in rank order."""
         self.cfg, self.store, self.share, self.coll = cfg, store, share, coll
+        self.head, self.vocab_ranges = head, vocab_ranges or []
         self.lease = lease  # on the shard cache's slice set the store reads, released at close
         self.dtype, self.device = dtype, torch.device(device)
         # the paged KV cache of this node's heads; an FFN-only node holds none
@@ -128,6 +138,17 @@ class NodeRunner:
         s.comm_s += self.coll.stats.seconds - comm0
         s.stall_s += self.store.stats.stall_s - stall0
         return h
+
+    @torch.inference_mode()
+    def vocab_step(self, h: torch.Tensor, ask: HeadAsk) -> HeadResult | None:
+        """The split head's part of the step (engine/vocab.py), right after `forward`: every node of
+        the step calls it with the same ask; the master gets the merged result."""
+        if self.head is None:
+            raise ValueError("this node holds no lm_head rows: the head is not split")
+        t0 = time.perf_counter()
+        out = vocab_step(self.head, h, ask, self.coll, self.vocab_ranges)
+        self.stats.head_s += time.perf_counter() - t0
+        return out
 
     def _split_layers(self, layout: BatchLayout, x, h, rope_cs, cut: int) -> torch.Tensor:
         """The same layer loop over the step cut in two halves (TokenWeave, gpu/split.py): stage
@@ -219,21 +240,29 @@ def open_runner(
     progress: bool = True,
     kv_blocks: int = 0,
     quant: str = "none",
+    split_head: bool = False,
 ) -> NodeRunner:
     """Open rank's slices with a paged KV cache of `kv_blocks` blocks: read from the checkpoint
     in place (no copy on disk), unless --quant quantises float weights, which are sliced once into
-    the shard cache (weights/source.py says why)."""
-    share, lease = plan.share_of(rank), None
+    the shard cache (weights/source.py says why). `split_head`: with its lm_head rows too."""
+    share, lease, head, td = plan.share_of(rank), None, None, torch_dtype(dtype)
     try:
         if in_place(model_dir, quant):
             source = CheckpointSlices(model_dir, cfg, share, dtype, quant)
+            if split_head:
+                head = VocabShard.from_checkpoint(
+                    model_dir, cfg, share.vocab_rows(cfg), td, device, quant, window is None
+                )
         else:
             source = shard_dir(plan.model_digest, plan, rank, dtype, quant)
             lease = hold(source)  # no cache eviction or prune removes the set while this runner reads it
-            write_node_shards(model_dir, cfg, plan, rank, source, dtype, progress, quant)
+            write_node_shards(model_dir, cfg, plan, rank, source, dtype, progress, quant, split_head)
+            if split_head:
+                head = VocabShard.from_file(source / HEAD_FILE, share.vocab_rows(cfg), td, device, window is None)
         store = ShardStore(source, cfg, share, window=window, device=device)
     except BaseException:
         if lease is not None:
             lease.release()
         raise
-    return NodeRunner(cfg, store, plan.share_of(rank), coll, torch_dtype(dtype), device, kv_blocks, lease)
+    ranges = [s.vocab_rows(cfg) for s in plan.shares] if split_head else None
+    return NodeRunner(cfg, store, share, coll, td, device, kv_blocks, lease, head, ranges)

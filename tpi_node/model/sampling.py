@@ -2,7 +2,8 @@
 
 Order (as vLLM and HF apply it): repetition penalty over prompt + generated ids, OpenAI
 presence/frequency penalties over generated ids, then argmax when greedy, else temperature,
-top-k, top-p and a draw from a per-sequence torch.Generator (same seed -> same tokens).
+top-k, top-p and a Gumbel-max draw whose noise depends only on (seed, token index, token id)
+(model/candidates.py: same seed -> same tokens, whole row or split head).
 Reported logprobs are those of the model's own distribution (log_softmax of the raw logits,
 vLLM's default), not of the penalized/truncated one.
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpi_node.model.candidates import Candidates, RowAsk, gumbel_choice, logprob, top_candidates
 from tpi_node.model.sampling_params import SamplingParams
 
 
@@ -122,36 +124,47 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
-def _inverse_cdf(weights: torch.Tensor, gen: torch.Generator) -> int:
-    """Index drawn with probability weights[i] / sum: one uniform number and a cumsum
-    (torch.multinomial over 150k entries costs ~20x more on CPU)."""
-    cdf = torch.cumsum(weights, dim=-1)
-    u = torch.rand(1, generator=gen, device=weights.device) * cdf[-1]
-    i = min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[-1] - 1)
-    return i if float(weights[i]) > 0 else int(torch.argmax(weights))  # rounding at the end
+MAX_CANDIDATES = 256  # a split head returns at most this many best ids per row (top-k, logprobs)
 
 
 class Sampler:
-    """One per sequence: holds its random generator and its penalty bookkeeping."""
+    """One per sequence: its seed and its penalty bookkeeping.
+
+    Every non-greedy draw is a Gumbel-max with noise that depends only on (seed, draw, token id)
+    (model/candidates.py), where `draw` is the index of the token in the generated text. So a
+    sequence samples the same tokens whether it draws from the whole row of logits (`__call__`)
+    or from the candidates a split head merged (`choose`), whatever the step it lands in."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.params = params
         self.prompt_ids = list(prompt_ids)
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self._gen: torch.Generator | None = None
         # Penalty state, built on the first call (vocab and device come with the logits) and
         # extended with each new generated id.
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
         self._n_recorded = 0
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device).manual_seed(self.seed)
-        return self._gen
+    def _top_k(self, vocab: int) -> int:
+        """The top-k in force (0: none)."""
+        k = self.params.top_k
+        return k if 0 < k < vocab else 0
+
+    def ask(self, draw: int, vocab: int) -> RowAsk | None:
+        """What a split head must return for this sequence's next token (draw `draw`), or None:
+        the whole row is needed (penalties, top-p over the whole vocabulary, a wide top-k)."""
+        p, top_k = self.params, self._top_k(vocab)
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            return None
+        if (p.top_p < 1.0 and not top_k and not p.greedy) or max(top_k, p.logprobs or 0) > MAX_CANDIDATES:
+            return None
+        sampled = not p.greedy
+        k = max(1, p.logprobs or 0, top_k if sampled else 0)
+        return RowAsk(k, sampled and not top_k, max(p.temperature, 1e-6), self.seed, draw)
 
     def __call__(self, logits: torch.Tensor, generated_ids: list[int]) -> SampleResult:
-        """logits [vocab] (float32) of the next position; generated_ids so far (no prompt)."""
+        """logits [vocab] (float32, -inf where a grammar forbids) of the next position;
+        generated_ids so far (no prompt)."""
         p = self.params
         logits = logits.float().reshape(-1)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -161,12 +174,28 @@ class Sampler:
         if p.greedy:
             token = int(torch.argmax(logits))
         else:
-            token = self._draw(logits / p.temperature)
+            token = self._draw(logits, len(generated_ids))
         top = None
         if p.logprobs:
             vals, ids = torch.topk(logprobs, min(p.logprobs, logprobs.shape[-1]))
             top = list(zip(ids.tolist(), vals.tolist()))
         return SampleResult(token, float(logprobs[token]), top)
+
+    def choose(self, c: Candidates, generated_ids: list[int], vocab: int) -> SampleResult:
+        """The next token from a split head's merged candidates for `ask(len(generated_ids))`."""
+        p, top_k = self.params, self._top_k(vocab)
+        if p.greedy:
+            token, logit = c.ids[0], c.logits[0]
+        elif top_k:
+            ids = torch.tensor(c.ids[:top_k], dtype=torch.int64)
+            token = self._among(torch.tensor(c.logits[:top_k]), ids, len(generated_ids))
+            logit = c.logits[c.ids.index(token)]
+        else:
+            token, logit = c.gumbel_id, c.gumbel_logit
+        top = None
+        if p.logprobs:
+            top = [(i, logprob(v, c.lse)) for i, v in zip(c.ids[: p.logprobs], c.logits[: p.logprobs])]
+        return SampleResult(token, logprob(logit, c.lse), top)
 
     def _penalty_state(self, logits: torch.Tensor, generated_ids: list[int]):
         n = len(generated_ids)
@@ -182,17 +211,26 @@ class Sampler:
         self._n_recorded = n
         return self._seen, self._counts
 
-    def _draw(self, logits: torch.Tensor) -> int:
-        """logits [vocab], already divided by the temperature -> a sampled token id."""
+    def _ask(self, draw: int) -> RowAsk:
+        return RowAsk(temperature=max(self.params.temperature, 1e-6), seed=self.seed, draw=draw)
+
+    def _among(self, vals: torch.Tensor, ids: torch.Tensor, draw: int) -> int:
+        """Draw among the top-k candidates (best first), top-p applied to their renormalized
+        probabilities."""
         p = self.params
-        gen = self._generator(logits.device)
-        if 0 < p.top_k < logits.shape[-1]:
-            vals, ids = torch.topk(logits, p.top_k)  # sorted, descending
-            probs = torch.softmax(vals, dim=-1)  # renormalized over the k
-        elif p.top_p < 1.0:
-            probs, ids = _sorted_head(torch.softmax(logits, dim=-1), p.top_p)
-        else:
-            return _inverse_cdf(torch.softmax(logits, dim=-1), gen)
         if p.top_p < 1.0:
-            probs = probs * _top_p_keep(probs, p.top_p)
-        return int(ids[_inverse_cdf(probs, gen)])
+            keep = _top_p_keep(torch.softmax(vals / p.temperature, dim=-1), p.top_p)
+            vals, ids = vals[keep], ids[keep]
+        return gumbel_choice(vals, ids, self._ask(draw))
+
+    def _draw(self, logits: torch.Tensor, draw: int) -> int:
+        """logits [vocab] (penalized) -> a sampled token id: temperature, top-k, top-p."""
+        p = self.params
+        if self._top_k(logits.shape[-1]):
+            vals, ids = top_candidates(logits, p.top_k)
+            return self._among(vals, ids, draw)
+        ids = torch.arange(logits.shape[-1], dtype=torch.int64, device=logits.device)
+        if p.top_p < 1.0:
+            probs, order = _sorted_head(torch.softmax(logits / p.temperature, dim=-1), p.top_p)
+            ids = order[_top_p_keep(probs, p.top_p)]
+        return gumbel_choice(logits[ids], ids, self._ask(draw))

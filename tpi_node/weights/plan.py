@@ -20,6 +20,7 @@ from tpi_node.model.config import ModelConfig
 from tpi_node.proto import tpi_pb2 as pb
 
 FFN_BLOCK = 32  # FFN columns are assigned in blocks of this many (a SIMD-friendly width)
+VOCAB_BLOCK = 64  # lm_head rows of a split head are assigned in blocks of this many
 
 
 class PlanError(UserError):
@@ -65,6 +66,18 @@ class NodeShare:
     @property
     def n_ffn(self) -> int:
         return self.ffn_end - self.ffn_start
+
+    def vocab_rows(self, cfg: ModelConfig, vocab: int | None = None) -> tuple[int, int]:
+        """The lm_head rows [a, b) this node holds when the head is split by vocabulary (--head-split):
+        its share of the FFN columns, in blocks of VOCAB_BLOCK, so a share's range is a function of
+        its FFN range (which names its slice set) and neighbours' ranges meet. A node without FFN
+        columns holds none."""
+        vocab, cols = vocab or cfg.vocab_size, cfg.intermediate_size
+
+        def at(col: int) -> int:
+            return vocab if col >= cols else vocab * col // cols // VOCAB_BLOCK * VOCAB_BLOCK
+
+        return at(self.ffn_start), at(self.ffn_end)
 
     def layer_params(self, cfg: ModelConfig) -> int:
         """Parameters of this node's slice of one layer."""

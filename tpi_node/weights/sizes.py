@@ -12,7 +12,7 @@ from pathlib import Path
 from tpi_node.dtypes import dtype_bytes
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES, QUANT_FORMAT
 from tpi_node.weights.checkpoint import open_checkpoint
-from tpi_node.weights.slicer import EMBED, LM_HEAD
+from tpi_node.weights.head_rows import EMBED, LM_HEAD
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,14 @@ import torch
 from safetensors import safe_open
 
 from tpi_node.dtypes import SAFETENSORS, dtype_bytes, torch_dtype
+from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.quant import BLOCK, QMatrix, cat_rows, quantizable, quantize_for
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.weights import cache
 from tpi_node.weights.cache import Span
 from tpi_node.weights.checkpoint import CheckpointReader, GgufReader, Weight, open_checkpoint
+from tpi_node.weights.head_rows import HEAD_FILE, head_name, load_rows
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 
 LAYER_NAMES = {
@@ -54,9 +56,7 @@ LAYER_NAMES = {
     "input_norm": "model.layers.{i}.input_layernorm.weight",
     "post_norm": "model.layers.{i}.post_attention_layernorm.weight",
 }
-EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -315,8 +315,9 @@ def layer_file(i: int) -> str:
     return f"layer-{i:03d}.safetensors"
 
 
-def shard_files(cfg: ModelConfig) -> list[str]:
-    return ["norms.safetensors"] + [layer_file(i) for i in range(cfg.num_layers)]
+def shard_files(cfg: ModelConfig, head: bool = False) -> list[str]:
+    """A slice set's files (`head`: with the rows of a split head)."""
+    return ["norms.safetensors"] + [layer_file(i) for i in range(cfg.num_layers)] + ([HEAD_FILE] if head else [])
 
 
 def sha256_file(path: Path) -> str:
@@ -374,6 +375,21 @@ def manifest(out_dir: Path, sums: dict[str, str]) -> list[ShardFile]:
     return [ShardFile(f, (out_dir / f).stat().st_size, h) for f, h in sums.items()]
 
 
+def write_head(
+    model_dir: str | Path, cfg: ModelConfig, rows: tuple[int, int], out: Path, dtype: torch.dtype, quant: str
+) -> str:
+    """Rows [a, b) of the lm_head into out/HEAD_FILE. -> the file's sha256."""
+    reader = open_checkpoint(model_dir)
+    try:
+        name = head_name(reader, cfg)
+        if reader.shape(name)[0] != cfg.vocab_size:
+            raise UserError(f"{name} has {reader.shape(name)[0]} rows but config.json says vocab_size {cfg.vocab_size}")
+        w = load_rows(reader, name, dtype, "cpu", quant, *rows)
+    finally:
+        reader.close()
+    return save_atomic({"lm_head": w.data if isinstance(w, QMatrix) else w}, out / HEAD_FILE)
+
+
 WRITERS = 2  # threads writing and hashing slices while the next layer is cut
 
 
@@ -386,8 +402,10 @@ def write_node_shards(
     dtype: str = "fp32",
     progress: bool = True,
     quant: str = "none",
+    head: bool = False,
 ) -> dict[str, str]:
-    """Write rank's slices (one file per layer + norms) into out_dir; returns {file: sha256}.
+    """Write rank's slices (one file per layer + norms, + its lm_head rows when `head`: the head is
+    split by vocabulary) into out_dir; returns {file: sha256}.
 
     Files already present (from an earlier run with the same plan) are kept; a `MANIFEST` file
     with the sha256 of each file is written last, so an interrupted run is simply resumed.
@@ -395,10 +413,11 @@ def write_node_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.label(out_dir, Path(model_dir).name)
     manifest = out_dir / "MANIFEST"
+    wanted = shard_files(cfg, head)
     if manifest.is_file():
         sums = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
-        if all((out_dir / f).is_file() for f in sums):
-            return sums
+        if all(f in sums and (out_dir / f).is_file() for f in wanted):
+            return {f: sums[f] for f in wanted}
     reader = open_checkpoint(model_dir)
     share, td = plan.share_of(rank), torch_dtype(dtype)
     t0, written, sums, writing = time.monotonic(), 0, {}, deque()
@@ -426,7 +445,9 @@ def write_node_shards(
     norms = out_dir / "norms.safetensors"
     if not norms.is_file():
         sums[norms.name] = save_atomic({k: v.to(td) for k, v in read_norms(reader, cfg).items()}, norms)
-    sums = {f: sums.get(f) or sha256_file(out_dir / f) for f in shard_files(cfg)}  # (hashed as written)
+    if head and not (out_dir / HEAD_FILE).is_file():
+        sums[HEAD_FILE] = write_head(model_dir, cfg, share.vocab_rows(cfg), out_dir, td, quant)
+    sums = {f: sums.get(f) or sha256_file(out_dir / f) for f in wanted}  # (hashed as written)
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text("".join(f"{h}  {f}\n" for f, h in sums.items()))
     os.replace(tmp, manifest)

@@ -1,0 +1,55 @@
+"""The lm_head's rows as one node of a split head holds them (--head-split,
+NodeShare.vocab_rows): read from the checkpoint (`load_rows`), written into a worker's slice set as
+head.safetensors (weights/slicer.py write_head: one tensor "lm_head", float rows or a quantised
+matrix's blocks) and read back (`read_head`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tpi_node.errors import UserError
+from tpi_node.model.config import ModelConfig
+from tpi_node.model.quant import QMatrix, quantizable, quantize
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+HEAD_FILE = "head.safetensors"
+
+
+def load_rows(
+    reader, name: str, dtype: torch.dtype, device, quant: str, start: int = 0, end: int | None = None, block: int = 4096
+) -> torch.Tensor | QMatrix:
+    """Rows [start, end) of a [V, H] matrix, filled block by block: converting dtype never holds
+    two whole copies. Stored in blocks (a GGUF's Q8_0 / Q4_x), it stays so; a float one is
+    quantised to q8_0 under --quant int8 / int4 (llama.cpp's Q4 files keep their output layer at
+    8 bits, too)."""
+    total, cols = reader.shape(name)
+    end = total if end is None else end
+    first = reader.rows(name, start, min(start + block, end))
+    if isinstance(first, QMatrix) or (quant != "none" and quantizable(first)):
+        parts = [first] + [reader.rows(name, a, min(a + block, end)) for a in range(start + block, end, block)]
+        parts = [p if isinstance(p, QMatrix) else quantize(p, "q8_0") for p in parts]
+        return QMatrix(torch.cat([p.data for p in parts])).to(device)
+    out = torch.empty(end - start, cols, dtype=dtype, device=device)
+    out[:block] = first
+    for a in range(start + block, end, block):
+        out[a - start : a - start + block] = reader.rows(name, a, min(a + block, end))
+    return out
+
+
+def head_name(reader, cfg: ModelConfig) -> str:
+    """The checkpoint tensor the lm_head's rows are: the embedding when they are tied."""
+    return EMBED if cfg.tie_embeddings or not reader.has(LM_HEAD) else LM_HEAD
+
+
+def read_head(path: Path, rows: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor | QMatrix:
+    """A HEAD_FILE's rows (UserError when it does not hold rows [a, b))."""
+    with safe_open(str(path), "pt") as f:
+        t = f.get_tensor("lm_head")
+    if t.shape[0] != rows[1] - rows[0]:
+        want = rows[1] - rows[0]
+        raise UserError(f"{path} holds {t.shape[0]} lm_head rows, not the {want} of rows {rows[0]}-{rows[1]}")
+    return QMatrix(t).to(device) if t.dtype == torch.uint8 else t.to(device, dtype)
