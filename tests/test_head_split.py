@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 from safetensors import safe_open
-from tests.test_cluster import PROMPT, _reference, cluster, home  # noqa: F401 (home: the fixture)
 
+from tests.test_cluster import PROMPT, _reference, cluster, home  # noqa: F401 (home: the fixture)
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.weights.head_rows import HEAD_FILE
 
@@ -39,7 +39,7 @@ def _run(engine) -> list:
 
 
 @pytest.mark.parametrize("preset, nodes", [("tiny-llama", 1), ("tiny-llama3", 2), ("tiny-llama", 4)])
-def test_split_head_gives_the_whole_heads_text(tiny_model_dir, home, preset, nodes):
+def test_split_head_gives_the_whole_heads_text(tiny_model_dir, home, preset, nodes):  # noqa: F811
     model = tiny_model_dir(preset)
     ref = _reference(model)
     try:
