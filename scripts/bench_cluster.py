@@ -1,11 +1,16 @@
 """Per-token decode latency of a local cluster (master in this process, workers as real
 `tpi-node join` processes on loopback) at 1, 2 and 3 nodes, with the master's breakdown, next to
-2 x layers x the measured star allreduce latency (one token, fp32 wire).
+2 x layers x the measured star allreduce latency (one token, fp32 wire), and the master's lm_head
+time per token with the head whole on the master and split by vocabulary (--head-split).
 
     python scripts/bench_cluster.py [--model smollm2-135m-instruct] [--tokens 32] [--nodes 1 2 3]
+    python scripts/bench_cluster.py --synth llama3.2-1b --nodes 4 --head-split off on --tokens 8
 
 compute = master's own layer math; comm = inside allreduces (wire + waiting for the slowest
 worker); stall = waiting for weights (streaming window). overhead = ms/token - 1-node ms/token.
+head = the master's lm_head time per token: the whole head's logits (off), or its own rows'
+logits + candidates + the gather of every node's (on; own = without the gather's wait).
+--synth PRESET serves a synthetic checkpoint of that shape (written once into --work).
 """
 
 from __future__ import annotations
@@ -23,14 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run_cluster(model_dir: Path, nodes: int, tokens: int, home: Path) -> dict:
+def run_cluster(
+    model_dir: Path, nodes: int, tokens: int, home: Path, head_split: str = "off", dtype: str = "fp32"
+) -> dict:
     from tpi_node.commands.compose import start_master
     from tpi_node.model.sampling_params import SamplingParams
     from tpi_node.settings import MasterSettings
 
     os.environ["TPI_HOME"] = str(home / "master")
     # one token per step (no speculative drafts): this measures what one step costs
-    s = MasterSettings(model=str(model_dir), dtype="fp32", device="cpu", node_id="master", speed=1.0, speculative="off")
+    s = MasterSettings(
+        model=str(model_dir),
+        dtype=dtype,
+        device="cpu",
+        node_id="master",
+        speed=1.0,
+        speculative="off",
+        head_split=head_split,
+    )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port
     workers = [
@@ -66,13 +81,18 @@ def run_cluster(model_dir: Path, nodes: int, tokens: int, home: Path) -> dict:
             stamps.append(time.perf_counter())
             if len(stamps) == 1:  # prefill done: measure decode steps only
                 r.stats.__init__()
+                head0 = engine.counters.head_s
         n = len(stamps) - 1
         s = r.stats
+        whole = engine.counters.head_s - head0
         return {
             "ms_token": (stamps[-1] - stamps[0]) / n * 1e3,
             "compute": s.compute_s / n * 1e3,
             "comm": s.comm_s / n * 1e3,
             "stall": s.stall_s / n * 1e3,
+            "head": (s.head_s + whole) / n * 1e3,
+            "head_own": (s.head_s - s.head_comm_s + whole) / n * 1e3,
+            "split": engine.head.split,
             "layers": engine.cfg.num_layers,
         }
     finally:
@@ -88,6 +108,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--head-split", nargs="+", default=["off"], choices=("off", "on"), help="run each (default off)")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--synth", metavar="PRESET", help="a synthetic checkpoint of this shape instead of --model")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/tpi-bench-cluster"), help="where --synth writes it")
     a = ap.parse_args()
     import bench_allreduce
     import torch
@@ -95,32 +119,44 @@ def main() -> None:
     from tpi_node.weights.prepare import resolve_model
 
     torch.set_num_threads(1)
-    model_dir = resolve_model(a.model)
+    if a.synth:
+        model_dir, name = a.work / a.synth, a.synth
+        if not (model_dir / "config.json").is_file():
+            cmd = [sys.executable, "-m", "tpi_node.cli", "synth", "--preset", a.synth, "--out", str(model_dir)]
+            subprocess.run(cmd, check=True)
+    else:
+        model_dir, name = resolve_model(a.model), a.model
     print(
-        f"# {time.strftime('%Y-%m-%d')} {platform.node()}, {os.cpu_count()} cores, {a.model}, fp32, "
+        f"# {time.strftime('%Y-%m-%d')} {platform.node()}, {os.cpu_count()} cores, {name}, {a.dtype}, "
         f"{a.tokens} decode tokens, loopback"
     )
     print(
-        f"{'nodes':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'overhead':>8} "
-        f"{'2*L*star':>8} {'ratio':>5}"
+        f"{'nodes':>5} {'head':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'head ms':>7} "
+        f"{'own':>6} {'vs off':>6} | {'overhead':>8} {'2*L*star':>8} {'ratio':>5}"
     )
-    base = None
+    base, head_off = None, {}
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in a.nodes:
-            r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}")
-            if nodes == 1:
-                base = r["ms_token"]
-                print(f"{nodes:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} {r['stall']:>6.2f} |")
-                continue
-            times = bench_allreduce.measure(bench_allreduce.star_rank, nodes, 1, 300, "fp32")
-            star_ms = times[len(times) // 2] * 1e3
-            budget = 2 * r["layers"] * star_ms
-            over = r["ms_token"] - base if base is not None else float("nan")
-            print(
-                f"{nodes:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} {r['stall']:>6.2f} | "
-                f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}",
-                flush=True,
-            )
+            star = ""
+            if nodes > 1:
+                times = bench_allreduce.measure(bench_allreduce.star_rank, nodes, 1, 300, "fp32")
+                star_ms = times[len(times) // 2] * 1e3
+            for mode in a.head_split:
+                r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype)
+                if not r["split"]:
+                    head_off[nodes] = r["head"]
+                vs = r["head"] / head_off[nodes] if r["split"] and nodes in head_off else float("nan")
+                if nodes == 1 and mode == a.head_split[0]:
+                    base = r["ms_token"]
+                if nodes > 1:
+                    budget = 2 * r["layers"] * star_ms
+                    over = r["ms_token"] - base if base is not None else float("nan")
+                    star = f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}"
+                print(
+                    f"{nodes:>5} {mode:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} "
+                    f"{r['stall']:>6.2f} | {r['head']:>7.2f} {r['head_own']:>6.2f} {vs:>6.2f} | {star}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

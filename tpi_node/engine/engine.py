@@ -92,6 +92,7 @@ class EngineCounters:
     steps: int = 0
     drafts_proposed: int = 0  # speculative decoding: draft tokens checked
     drafts_accepted: int = 0  # of them, those the model's own sampling agreed with
+    head_s: float = 0.0  # in the master's whole lm_head (unsplit; a split head's time is the runner's)
 
 
 class Engine:
@@ -397,7 +398,9 @@ class Engine:
                     sampled.append((s, list(range(row - len(s.draft), row + 1))))
         if sampled:
             if asked is None:
+                t0 = time.perf_counter()
                 logits = self.head.logits(hidden[[r for _, rs in sampled for r in rs]])  # [sum of rows, V]
+                self.counters.head_s += time.perf_counter() - t0
                 per_seq = [list(logits[a : a + len(rs)]) for a, (_, rs) in zip(_starts(sampled), sampled)]
             else:  # the split head's merged candidates, or whole rows where sampling needs them
                 per_seq = [asked.rows_of(s.seq_id, vocab) for s, _ in sampled]

@@ -39,6 +39,7 @@ class StepStats:
     comm_s: float = 0.0
     stall_s: float = 0.0
     head_s: float = 0.0  # the split head's part of the steps (its rows' logits + the gather)
+    head_comm_s: float = 0.0  # of it, in the gather (the master: waiting for every node's rows)
 
     @property
     def compute_s(self) -> float:
@@ -54,6 +55,7 @@ class StepStats:
             "stall_s": self.stall_s,
             "compute_s": self.compute_s,
             "head_s": self.head_s,
+            "head_comm_s": self.head_comm_s,
         }
 
 
@@ -145,9 +147,10 @@ class NodeRunner:
         the step calls it with the same ask; the master gets the merged result."""
         if self.head is None:
             raise ValueError("this node holds no lm_head rows: the head is not split")
-        t0 = time.perf_counter()
+        t0, comm0 = time.perf_counter(), self.coll.stats.seconds
         out = vocab_step(self.head, h, ask, self.coll, self.vocab_ranges)
         self.stats.head_s += time.perf_counter() - t0
+        self.stats.head_comm_s += self.coll.stats.seconds - comm0
         return out
 
     def _split_layers(self, layout: BatchLayout, x, h, rope_cs, cut: int) -> torch.Tensor:

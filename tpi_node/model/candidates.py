@@ -57,19 +57,13 @@ class Candidates:
 
 
 # ---- counter-based Gumbel noise ---------------------------------------------------------------
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x < 2**32, in two 16-bit halves (no int64 overflow)."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & M32
-
-
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding uint32 values (a bijection)."""
+    """A 32-bit integer finaliser (lowbias32's shape) on int64 tensors holding uint32 values: a
+    bijection. Its multipliers are under 2**31, so no int64 product overflows."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & M32
     return x ^ (x >> 16)
 
 
@@ -87,7 +81,7 @@ def gumbel(seed: int, draw: int, ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise [n] float32 for token ids [n] (int64) of draw `draw` of the sequence
     seeded `seed`: the same (seed, draw, id) gives the same value on every node."""
     b, c = _keys(seed, draw)
-    x = _mix((_mul32(ids.to(torch.int64), 0x9E3779B1) + b) & M32)
+    x = _mix((ids.to(torch.int64) * 0x9E3779B1 + b) & M32)  # ids < 2**24: no overflow
     x = _mix(x ^ c)
     u = (x.double() + 0.5) * (1.0 / 2**32)  # in (0, 1)
     return (-torch.log(-torch.log(u))).float()
