@@ -89,7 +89,8 @@ class GroupDriver:
             runner.coll.close()  # breaks the group's barrier: the other ranks stop waiting
             raise
 
-    def step(self, layout, x, kv_epoch=0):
+    def step(self, layout, x, kv_epoch=0, ask=None):
+        """-> (hidden, None): the master holds the whole lm_head here (no --head-split)."""
         futures = [self.pool.submit(self._rank, r, layout, x) for r in self.runners[1:]]
         errors, h = [], None
         try:
@@ -101,7 +102,7 @@ class GroupDriver:
         real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
         if errors:
             raise (real or errors)[0]
-        return h
+        return h, None
 
     def kv_blocks(self) -> int:
         return self.runners[0].kv.num_blocks
