@@ -10,6 +10,9 @@ compute = master's own layer math; comm = inside allreduces (wire + waiting for 
 worker); stall = waiting for weights (streaming window). overhead = ms/token - 1-node ms/token.
 head = the master's lm_head time per token: the whole head's logits (off), or its own rows'
 logits + candidates + the gather of every node's (on; own = without the gather's wait).
+alone = the same work for one row timed after the run, every other process idle: what the
+master's head costs where each node has its own cores (on a 2-core machine 4 nodes share 2 cores,
+so in the run the nodes' head rows compete for them and `head` cannot go below ~0.5x).
 --synth PRESET serves a synthetic checkpoint of that shape (written once into --work).
 """
 
@@ -26,6 +29,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def head_alone(engine, runner, reps: int = 20) -> float:
+    """Seconds of the master's own head work for one row while every other process is idle: the
+    whole lm_head's logits, or (split) its rows' logits and candidates. On a machine with a core
+    per node this is what the master's head costs; here the nodes share the cores."""
+    import torch
+
+    from tpi_node.model.candidates import RowAsk, pack_rows
+
+    h = torch.randn(1, engine.cfg.hidden_size)
+    if engine.head.split:
+        work = lambda: pack_rows(runner.head.logits(h), runner.head.start, [RowAsk()])  # noqa: E731
+    else:
+        work = lambda: engine.head.logits(h)  # noqa: E731
+    work()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        work()
+    return (time.perf_counter() - t0) / reps
 
 
 def run_cluster(
@@ -85,6 +108,7 @@ def run_cluster(
         n = len(stamps) - 1
         s = r.stats
         whole = engine.counters.head_s - head0
+        alone = head_alone(engine, r)
         return {
             "ms_token": (stamps[-1] - stamps[0]) / n * 1e3,
             "compute": s.compute_s / n * 1e3,
@@ -92,6 +116,7 @@ def run_cluster(
             "stall": s.stall_s / n * 1e3,
             "head": (s.head_s + whole) / n * 1e3,
             "head_own": (s.head_s - s.head_comm_s + whole) / n * 1e3,
+            "head_alone": alone * 1e3,
             "split": engine.head.split,
             "layers": engine.cfg.num_layers,
         }
@@ -132,9 +157,9 @@ def main() -> None:
     )
     print(
         f"{'nodes':>5} {'head':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'head ms':>7} "
-        f"{'own':>6} {'vs off':>6} | {'overhead':>8} {'2*L*star':>8} {'ratio':>5}"
+        f"{'own':>6} {'vs off':>6} {'alone':>6} {'vs off':>6} | {'overhead':>8} {'2*L*star':>8} {'ratio':>5}"
     )
-    base, head_off = None, {}
+    base, head_off, alone_off = None, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in a.nodes:
             star = ""
@@ -144,8 +169,9 @@ def main() -> None:
             for mode in a.head_split:
                 r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype)
                 if not r["split"]:
-                    head_off[nodes] = r["head"]
+                    head_off[nodes], alone_off[nodes] = r["head"], r["head_alone"]
                 vs = r["head"] / head_off[nodes] if r["split"] and nodes in head_off else float("nan")
+                vs_alone = r["head_alone"] / alone_off[nodes] if r["split"] and nodes in alone_off else float("nan")
                 if nodes == 1 and mode == a.head_split[0]:
                     base = r["ms_token"]
                 if nodes > 1:
@@ -154,7 +180,8 @@ def main() -> None:
                     star = f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}"
                 print(
                     f"{nodes:>5} {mode:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} "
-                    f"{r['stall']:>6.2f} | {r['head']:>7.2f} {r['head_own']:>6.2f} {vs:>6.2f} | {star}",
+                    f"{r['stall']:>6.2f} | {r['head']:>7.2f} {r['head_own']:>6.2f} {vs:>6.2f} "
+                    f"{r['head_alone']:>6.2f} {vs_alone:>6.2f} | {star}",
                     flush=True,
                 )
 
