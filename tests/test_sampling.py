@@ -115,8 +115,10 @@ def test_no_seed_is_random():
 def test_draws_follow_the_distribution_and_respect_masks():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     temperature = 0.7
-    n = 20000  # a draw is a function of (seed, token index): one sampler per seed
-    draws = [Sampler(SamplingParams(temperature=temperature, seed=i), [])(logits, []).token_id for i in range(n)]
+    n = 20000  # a draw is a function of (seed, token index): token i of one long sequence
+    sampler, draws = Sampler(SamplingParams(temperature=temperature, seed=0), []), []
+    for _ in range(n):
+        draws.append(sampler(logits, draws).token_id)
     counts = torch.bincount(torch.tensor(draws), minlength=6).double() / n
     expected = torch.softmax(logits.double() / temperature, dim=-1)
     assert torch.allclose(counts, expected, atol=0.015)

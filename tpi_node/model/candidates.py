@@ -68,7 +68,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_int(v: int) -> int:
-    return int(_mix(torch.tensor([v & M32], dtype=torch.int64))[0])
+    """_mix on one Python int (the same bits, no tensor)."""
+    x = v & M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x5BD1E995) & M32
+    return x ^ (x >> 16)
 
 
 def _keys(seed: int, draw: int) -> tuple[int, int]:
