@@ -115,7 +115,9 @@ def test_embeddings_take_nothing_from_the_prefix_cache_and_free_their_blocks(ser
     a = client.embeddings.create(model=engine.model_name, input=long_text, encoding_format="float")
     b = client.embeddings.create(model=engine.model_name, input=[long_text, long_text], encoding_format="float")
     assert engine.stats()["cached_prompt_tokens"] - cached_before == hits  # every row computed again
-    assert a.data[0].embedding == b.data[0].embedding == b.data[1].embedding
+    # equal up to the last bits: whether b's two inputs share a step changes the matmuls' shapes
+    assert a.data[0].embedding == pytest.approx(b.data[0].embedding, abs=1e-5)
+    assert b.data[1].embedding == pytest.approx(b.data[0].embedding, abs=1e-5)
     wait_until(lambda: engine_idle(engine), what="every embedding's blocks back in the pool")
 
 
