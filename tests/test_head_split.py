@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.test_cluster import PROMPT, _reference, cluster, home  # noqa: F401 (home: the fixture)
+from tpi_node.engine.vocab import choose_head_split
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.weights.head_rows import HEAD_FILE
 
@@ -74,3 +75,15 @@ def test_split_head_gives_the_whole_heads_text(tiny_model_dir, home, preset, nod
                 assert eb[0] == pytest.approx(ea[0], abs=1e-4)
                 assert [t for t, _ in eb[1]] == [t for t, _ in ea[1]]
     assert stats["head_s"] > 0
+
+
+def test_auto_splits_a_big_head_over_the_star_only():
+    assert choose_head_split("auto", 128256, 2048, 4) == (
+        True,
+        "lm_head: split by vocabulary over the nodes (263M parameters; --head-split auto)",
+    )
+    assert not choose_head_split("auto", 49152, 576, 3)[0]  # SmolLM2: one more hop costs more than it saves
+    assert not choose_head_split("auto", 128256, 2048, 1)[0]
+    assert choose_head_split("on", 49152, 576, 1)[0]  # workers may join later
+    assert not choose_head_split("on", 128256, 2048, 4, star=False)[0]  # gloo / NVLink groups do not gather
+    assert not choose_head_split("off", 128256, 2048, 4)[0]

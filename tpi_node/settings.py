@@ -307,7 +307,7 @@ class MasterOptions:
         "auto",
         "split the lm_head by vocabulary rows across the nodes: each computes its rows' logits and sends the "
         "master only what sampling needs (one more gather per step). auto: with 2 or more nodes when the "
-        "lm_head has at least 64M parameters (the line said at start tells)",
+        "lm_head has at least 64M parameters; the gRPC star only (the line said at start tells)",
         choices=("auto", "on", "off"),
     )
     peer_timeout: float = setting(

@@ -66,13 +66,12 @@ class Collective(ABC):
 
     def gather(self, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor] | None:
         """Rank r's 1-D float32 `t` of sizes[r] values -> on rank 0, every rank's in rank order;
-        None on the others. Exact: the values arrive as sent (the split head's candidates). This
-        form sums disjoint slots with `allreduce` (x + 0 is x in fp32); the star sends them."""
-        at = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
-        slots = torch.zeros(at[-1], dtype=torch.float32, device=t.device)
-        slots[at[self.rank] : at[self.rank + 1]] = t.float()
-        total = self.allreduce(slots).float().cpu() if self.world_size > 1 else slots.cpu()
-        return [total[at[r] : at[r + 1]] for r in range(len(sizes))] if self.rank == 0 else None
+        None on the others. Exact: the values arrive as sent (the split head's candidates). One
+        node has nothing to gather; the star sends them (comm/star.py); other collectives do not
+        gather (--head-split keeps the head whole on them)."""
+        if self.world_size > 1:
+            raise NotImplementedError(f"{type(self).__name__} has no exact gather: the split head needs the star")
+        return [t.float().cpu()]
 
     def begin_step(self, step_id: int) -> None:
         """A new forward step starts: collectives that tag their frames (the star) restart

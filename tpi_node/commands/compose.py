@@ -497,7 +497,8 @@ def start_master(
         max_context=s.max_context,
         fused=alone.kind == "fused",
     )
-    split_head, head_line = choose_head_split(s.head_split, cfg.vocab_size, cfg.hidden_size, nodes)
+    star = s.collective == "star" and fast.kind not in GROUP_KINDS
+    split_head, head_line = choose_head_split(s.head_split, cfg.vocab_size, cfg.hidden_size, nodes, star)
     # workers reach a gloo group's or an NVLink group's port at the address they dial the master by
     gloo = f"tcp://:{_free_port()}" if s.collective == "gloo" else ""
     if fast.kind in GROUP_KINDS:

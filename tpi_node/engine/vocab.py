@@ -22,25 +22,24 @@ from tpi_node.engine.head import VocabShard
 from tpi_node.model.candidates import Candidates, RowAsk, merge, pack_rows, width
 from tpi_node.proto import tpi_pb2 as pb
 
-HEAD_SPLIT_MIN_PARAMS = 64 * 2**20  # --head-split auto splits an lm_head of at least this many
+HEAD_SPLIT_MIN_PARAMS = 64_000_000  # --head-split auto splits an lm_head of at least this many
 
 
-def choose_head_split(mode: str, vocab: int, hidden: int, nodes: int) -> tuple[bool, str]:
+def choose_head_split(mode: str, vocab: int, hidden: int, nodes: int, star: bool = True) -> tuple[bool, str]:
     """--head-split auto|on|off -> (split?, the line the master says at start). A split costs one
     gather per step (a worker-to-master hop) and saves (N-1)/N of the master's lm_head time, which
-    grows with vocab x hidden: Llama-3.2-1B's 262M parameters took ~80 ms a token in fp32 on 2 cores."""
+    grows with vocab x hidden: Llama-3.2-1B's 263M parameters took ~80 ms a token in fp32 on 2 cores.
+    Only the star gathers (`star`: the partial sums go through the master; a gloo ring or an NVLink
+    group keeps the head whole)."""
     params = vocab * hidden
+    size = f"{params / 1e6:.0f}M parameters"
+    if not star and mode != "off":
+        return False, f"lm_head: on the master ({size}; only the gRPC star splits it)"
     split = mode == "on" or (mode == "auto" and nodes > 1 and params >= HEAD_SPLIT_MIN_PARAMS)
-    size = f"{params / 2**20:.0f}M parameters"
     if split:
         return True, f"lm_head: split by vocabulary over the nodes ({size}; --head-split {mode})"
-    why = (
-        "one node"
-        if nodes < 2
-        else f"--head-split {mode}"
-        if mode == "off"
-        else f"under {HEAD_SPLIT_MIN_PARAMS >> 20}M"
-    )
+    why = f"under {HEAD_SPLIT_MIN_PARAMS // 10**6}M" if mode == "auto" else f"--head-split {mode}"
+    why = "one node" if nodes < 2 and mode == "auto" else why
     return False, f"lm_head: on the master ({size}; {why})"
 
 
