@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.layers import can_prepack, linear, prepack
+from tpi_node.model.layers import can_prepack, linear, prepack, prepack_pays
 from tpi_node.model.qkernel import dequantize
 from tpi_node.model.quant import QMatrix
 from tpi_node.weights.checkpoint import open_checkpoint
@@ -29,7 +29,7 @@ class VocabShard:
     ) -> None:
         self.start, self.end = start, start + w.shape[0]
         self.dtype, self.device = dtype, torch.device(device)
-        if prepacked and isinstance(w, torch.Tensor) and can_prepack(self.device, dtype):
+        if prepacked and isinstance(w, torch.Tensor) and can_prepack(self.device, dtype) and prepack_pays(w):
             w = prepack(w)  # as ModelHead's: the same kernel gives the same logits
         self.w = w
 
@@ -96,7 +96,12 @@ class ModelHead:
             return
         self.lm_head_w = load_rows(reader, head_name(reader, cfg), dtype, device, quant)  # [V, H]
         self.vocab_size = self.lm_head_w.shape[0]
-        if prepacked and isinstance(self.lm_head_w, torch.Tensor) and can_prepack(self.device, dtype):
+        if (
+            prepacked
+            and isinstance(self.lm_head_w, torch.Tensor)
+            and can_prepack(self.device, dtype)
+            and prepack_pays(self.lm_head_w)
+        ):
             # faster logits; the reorder holds two copies for a moment, so a node that runs
             # under a memory budget (prepacked=False) keeps the plain matrix
             self.lm_head_w = prepack(self.lm_head_w)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.qkernel import qlinear
+from tpi_node.model.qkernel import best_of, qlinear
 from tpi_node.model.quant import QMatrix
 
 
@@ -49,9 +50,9 @@ class LayerWeights:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b. A CPU weight prepacked by `prepack` (oneDNN's blocked layout) runs through
-    oneDNN, 1.7x faster than the MKL path for one-token decode and 2.6x for 8 rows on this
-    project's 2-core test machine (scripts/bench_single.py). A QMatrix runs the quantised matmul
-    (model/qkernel.py)."""
+    oneDNN, 1.7x faster than the MKL path for one-token decode and 2.6x for 8 rows on an AMD EPYC
+    VM (scripts/bench_single.py), slower on an Intel Xeon one: `prepack_pays` measures which. A
+    QMatrix runs the quantised matmul (model/qkernel.py)."""
     if isinstance(w, QMatrix):
         return qlinear(x, w, b)
     if w.is_mkldnn:
@@ -64,8 +65,51 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
         device.type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
-        and os.environ.get("TPI_PREPACK", "1") != "0"
+        and os.environ.get("TPI_PREPACK", "auto") != "0"
     )
+
+
+PREPACK_SAMPLE_ROWS = 8192  # rows of a matrix that prepack_pays times (bounded time and memory)
+_PREPACK_PAYS: dict[tuple, bool] = {}  # (dtype, rows timed, columns) -> measured once per process
+
+
+def prepack_pays(w: torch.Tensor) -> bool:
+    """Whether oneDNN's prepacked layout (`linear`) beats the plain matrix here per decoded token
+    (steps of 1 and 8 rows, one thread), timed on up to PREPACK_SAMPLE_ROWS rows of `w` in ~0.1 s,
+    once per shape. It won 1.7x on an AMD EPYC and lost on an Intel Xeon with AMX (one row
+    of a 128k x 2048 fp32 lm_head: 105 ms prepacked, 74 ms plain), so it is measured where the
+    node starts; the line it says tells the outcome."""
+    if os.environ.get("TPI_PREPACK", "auto") == "1":  # forced (TPI_PREPACK=0 turns it off: can_prepack)
+        return True
+    sample = w[:PREPACK_SAMPLE_ROWS]
+    key = (w.dtype, *sample.shape)
+    if key not in _PREPACK_PAYS:
+        packed, threads = prepack(sample.contiguous()), torch.get_num_threads()
+        x1, x8 = (torch.randn(n, w.shape[1], dtype=w.dtype) for n in (1, 8))
+        torch.set_num_threads(1)
+        try:
+            t = best_of(
+                {
+                    "plain 1": lambda: F.linear(x1, sample),
+                    "prepacked 1": lambda: linear(x1, packed),
+                    "plain 8": lambda: F.linear(x8, sample),
+                    "prepacked 8": lambda: linear(x8, packed),
+                },
+                rounds=3,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        # per token: one sequence decoding, and eight decoding in one step, weighed alike
+        pays = t["prepacked 1"] + t["prepacked 8"] / 8 < t["plain 1"] + t["plain 8"] / 8
+        _PREPACK_PAYS[key] = pays
+        us = lambda n: f"{t[f'prepacked {n}'] * 1e6:.0f}/{t[f'plain {n}'] * 1e6:.0f} us"  # noqa: E731
+        print(
+            f"[tpi-node] oneDNN prepacked weights ({key[1]}x{key[2]} {str(w.dtype)[6:]}, prepacked/plain: "
+            f"1 row {us(1)}, 8 rows {us(8)}): {'used' if pays else 'not used, slower here'}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return _PREPACK_PAYS[key]
 
 
 def prepack(w: torch.Tensor | None) -> torch.Tensor | None:

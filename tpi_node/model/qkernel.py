@@ -187,7 +187,7 @@ def dequant_linear(x: torch.Tensor, w: QMatrix, bias: torch.Tensor | None = None
     return y
 
 
-def _best_of(fns: dict, rounds: int = 5, budget_s: float = 0.004) -> dict:
+def best_of(fns: dict, rounds: int = 5, budget_s: float = 0.004) -> dict:
     """Seconds per call of each fn: the best of `rounds` short runs, taken in turns, so that load
     from other processes hits every candidate alike and the minimum filters it out."""
     best = dict.fromkeys(fns, float("inf"))
@@ -217,7 +217,7 @@ def tune(sample: QMatrix | None = None, max_threads: int | None = None) -> Tunin
     most = max_threads or torch.get_num_threads()
     x1 = torch.randn(1, k)
     if most > 1:
-        t = _best_of({1: lambda: kernel_matmul(x1, sample, 1), most: lambda: kernel_matmul(x1, sample, most)})
+        t = best_of({1: lambda: kernel_matmul(x1, sample, 1), most: lambda: kernel_matmul(x1, sample, most)})
         TUNING.decode_threads = most if t[most] * 1.25 < t[1] else 1  # a clear win only: threads wait on each other
         notes = [f"1 token on 1/{most} threads: {t[1] * 1e6:.0f}/{t[most] * 1e6:.0f} us"]
     else:
@@ -225,7 +225,7 @@ def tune(sample: QMatrix | None = None, max_threads: int | None = None) -> Tunin
     best, steps = 0, []
     for n in STEP_SIZES:
         x = torch.randn(n, k)
-        t = _best_of(
+        t = best_of(
             {"kernel": lambda: kernel_matmul(x, sample, most), "dequant": lambda: dequant_linear(x, sample)},
             rounds=2,
         )

@@ -44,7 +44,7 @@ import psutil
 import torch
 
 from tpi_node.model.config import ModelConfig
-from tpi_node.model.layers import LayerWeights, can_prepack
+from tpi_node.model.layers import LayerWeights, can_prepack, prepack_pays
 from tpi_node.model.quant import FORMAT_OF_BYTES, QMatrix
 from tpi_node.weights.plan import NodeShare
 from tpi_node.weights.shard_file import ShardChanged, ShardError, data_size, read_safetensors
@@ -223,8 +223,14 @@ class ShardStore:
             w13=t.get("w13"),
             w2=t.get("w2"),
         )
-        has_matrix = w.wqkv is not None or w.w13 is not None
-        if slot is None and self._uploader is None and has_matrix and can_prepack(self.device, _dtype_of(w)):
+        mat = next((m for m in (w.w13, w.wqkv, w.wo, w.w2) if isinstance(m, torch.Tensor)), None)  # a float one
+        if (
+            slot is None
+            and self._uploader is None
+            and mat is not None
+            and can_prepack(self.device, _dtype_of(w))
+            and prepack_pays(mat)
+        ):
             w = w.prepacked()  # resident on the CPU: reordered once for oneDNN (see layers.linear);
             # streamed layers stay in their reused slots as they are
         with self._cv:  # the prefetch thread and the forward pass both update stats
