@@ -52,7 +52,13 @@ def head_alone(engine, runner, reps: int = 20) -> float:
 
 
 def run_cluster(
-    model_dir: Path, nodes: int, tokens: int, home: Path, head_split: str = "off", dtype: str = "fp32"
+    model_dir: Path,
+    nodes: int,
+    tokens: int,
+    home: Path,
+    head_split: str = "off",
+    dtype: str = "fp32",
+    collective: str = "star",
 ) -> dict:
     from tpi_node.commands.compose import start_master
     from tpi_node.model.sampling_params import SamplingParams
@@ -68,6 +74,7 @@ def run_cluster(
         speed=1.0,
         speculative="off",
         head_split=head_split,
+        collective=collective,
     )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port
@@ -135,6 +142,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--head-split", nargs="+", default=["off"], choices=("off", "on"), help="run each (default off)")
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--collective", default="star", choices=("star", "gloo"), help="what sums the partials")
     ap.add_argument("--synth", metavar="PRESET", help="a synthetic checkpoint of this shape instead of --model")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tpi-bench-cluster"), help="where --synth writes it")
     a = ap.parse_args()
@@ -153,7 +161,7 @@ def main() -> None:
         model_dir, name = resolve_model(a.model), a.model
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.node()}, {os.cpu_count()} cores, {name}, {a.dtype}, "
-        f"{a.tokens} decode tokens, loopback"
+        f"{a.tokens} decode tokens, loopback, {a.collective}"
     )
     print(
         f"{'nodes':>5} {'head':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'head ms':>7} "
@@ -167,7 +175,7 @@ def main() -> None:
                 times = bench_allreduce.measure(bench_allreduce.star_rank, nodes, 1, 300, "fp32")
                 star_ms = times[len(times) // 2] * 1e3
             for mode in a.head_split:
-                r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype)
+                r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype, a.collective)
                 if not r["split"]:
                     head_off[nodes], alone_off[nodes] = r["head"], r["head_alone"]
                 vs = r["head"] / head_off[nodes] if r["split"] and nodes in head_off else float("nan")
