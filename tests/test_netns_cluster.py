@@ -201,11 +201,8 @@ def test_tls_cluster_works_plaintext_refused(lan, tmp_path, tiny_model_dir):
     worker = Node("tls-worker", tmp_path, ["join", "--cluster", "sec", "--certs", str(certs)], wrap=lan.cmd(1, []))
     procs = [master, worker]
     try:
-        out = _complete(lan, 2, procs, port=http)
-        assert out["tokens"] == 8 and out["text"]
-        # a plaintext peer cannot even make a call
-        assert _in_ns(lan, 2, PLAINTEXT, f"{lan.ip(0)}:{grpc_port}") == "REFUSED UNAVAILABLE"
-        # nor can a worker whose certificate another CA signed
+        # a worker whose certificate another CA signed, started now: it dials for FIRST_DIAL_S
+        # while the cluster forms and serves (its TLS handshakes fail once the master listens)
         bad = Node(
             "stranger",
             tmp_path,
@@ -222,7 +219,12 @@ def test_tls_cluster_works_plaintext_refused(lan, tmp_path, tiny_model_dir):
             ],
             wrap=lan.cmd(3, []),
         )
-        # it never gets a connection: it gives up after its dial timeout, saying why
+        procs.append(bad)
+        out = _complete(lan, 2, procs, port=http)
+        assert out["tokens"] == 8 and out["text"]
+        # a plaintext peer cannot even make a call
+        assert _in_ns(lan, 2, PLAINTEXT, f"{lan.ip(0)}:{grpc_port}") == "REFUSED UNAVAILABLE"
+        # the worker of another CA never gets a connection: it gives up after its dial timeout, saying why
         assert _wait_exit(bad, 90) == 2
         assert "ready; serving" not in bad.log() and "cannot reach the master" in bad.log(), bad.log()[-2000:]
         assert len(_complete(lan, 2, procs, port=http)["health"]["nodes"]) == 2
