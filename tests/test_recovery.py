@@ -179,9 +179,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _serve(model: Path, tmp: Path, nodes: int, http: int, grpc: int) -> Node:
+def _serve(model: Path, tmp: Path, nodes: int, http: int, grpc: int, extra: list[str] = ()) -> Node:
     # a fixed budget and speed: a restarted master reports the capacity it had, for the same plan
-    argv = ["serve", "--model", str(model), "--port", str(http), "--grpc-port", str(grpc)]
+    argv = ["serve", "--model", str(model), "--port", str(http), "--grpc-port", str(grpc), *extra]
     return Node("master", tmp, argv + ["--min-nodes", str(nodes), "--memory-budget", "1GiB", "--speed", "1"])
 
 
@@ -253,10 +253,10 @@ def test_a_restarted_master_finds_its_workers_serving_within_30s_with_nothing_fe
 
 def test_a_returning_worker_is_admitted_while_requests_never_stop(smollm2_dir, tmp_path):
     """Two clients keep a sequence running at every moment: the worker that comes back is still
-    taken in (after ADMIT_BUSY_AFTER_S, between two steps), and every request keeps its text."""
+    taken in (after --admit-busy-after, between two steps), and every request keeps its text."""
     http, grpc = free_port(), free_port()
     url = f"http://127.0.0.1:{http}"
-    master = _serve(smollm2_dir, tmp_path, 2, http, grpc)
+    master = _serve(smollm2_dir, tmp_path, 2, http, grpc, ["--admit-busy-after", "3"])
     join = ["join", "--master", f"127.0.0.1:{grpc}", "--memory-budget", "1GiB", "--speed", "1"]
     worker = Node("worker", tmp_path, join)
     texts, stop = [], threading.Event()

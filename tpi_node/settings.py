@@ -33,6 +33,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_RUN_NODES = 3  # run's local cluster, at most one node per core (and at least 2)
+# A node waiting to join is taken in at the next idle moment, or after this long even while requests
+# run: their sequences are then replayed into the new plan's caches (one prefill each), which costs
+# less than leaving a returning node out of a cluster whose traffic never stops (--admit-busy-after).
+ADMIT_BUSY_AFTER_S = 15.0
 
 
 # ---- converters (argparse `type=`; they also convert values from the environment and YAML) ----
@@ -315,6 +319,13 @@ class MasterOptions:
     )
     public_metrics: bool = setting(
         False, "serve /metrics without the API key (for a Prometheus scraper)", kind="switch"
+    )
+    admit_busy_after: float = setting(
+        ADMIT_BUSY_AFTER_S,
+        "seconds a returning or new worker waits while requests never stop; then the master re-plans with it "
+        f"between two steps and replays the running sequences (default {ADMIT_BUSY_AFTER_S:g})",
+        type=non_negative_float,
+        metavar="S",
     )
     auto_admit: bool = setting(
         False, "admit new workers of this cluster at the next idle moment (re-planning)", kind="switch"

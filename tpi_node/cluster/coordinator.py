@@ -35,10 +35,6 @@ log = logging.getLogger("tpi_node.coordinator")
 REJOIN_TIMEOUT_S = 120.0  # survivors fetch their new slices within this
 ADMIT_POLL_S = 0.5
 IDLE_REPLAN_GRACE_S = 10.0  # a worker lost while idle: wait this long for it before re-planning
-# A node waiting to join is taken in at the next idle moment, or after this long even while requests
-# run: their sequences are then replayed into the new plan's caches (one prefill each), which costs
-# less than leaving a returning node out of a cluster whose traffic never stops.
-ADMIT_BUSY_AFTER_S = 15.0
 
 
 def _describe(d: Deployment) -> str:
@@ -153,7 +149,7 @@ class Coordinator:
             return ok
 
     def admit_pending(self, idle: Callable[[], bool]) -> bool:
-        """When nodes wait and `idle()` (no live sequence), or one has waited ADMIT_BUSY_AFTER_S:
+        """When nodes wait and `idle()` (no live sequence), or one has waited --admit-busy-after:
         re-plan with them, between two steps (the engine's step holds the lock). True when it
         re-planned."""
         m = self.membership
@@ -182,7 +178,8 @@ class Coordinator:
 
     def _waited_long(self) -> bool:
         now = time.monotonic()
-        return any(now - p.since >= ADMIT_BUSY_AFTER_S for p in list(self.membership.pending.values()))
+        wait = self.spec.admit_busy_after_s
+        return any(now - p.since >= wait for p in list(self.membership.pending.values()))
 
     def _answer(self, waiting) -> None:
         for node_id, p in waiting.items():

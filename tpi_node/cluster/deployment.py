@@ -25,6 +25,7 @@ from tpi_node.comm.collective import Collective
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.engine.runner import NodeRunner, open_runner
 from tpi_node.model.config import ModelConfig
+from tpi_node.settings import ADMIT_BUSY_AFTER_S
 from tpi_node.weights import cache
 from tpi_node.weights.plan import PartitionPlan
 from tpi_node.weights.sizes import WeightBytes
@@ -49,6 +50,7 @@ class ClusterSpec:
     weights: WeightBytes | None = None  # bytes per parameter as stored (default: dtype's)
     cache_size: int | None = None  # --cache-size: the shard cache's bound (None: unbounded)
     split_head: bool = False  # --head-split: every node holds lm_head rows (NodeShare.vocab_rows)
+    admit_busy_after_s: float = ADMIT_BUSY_AFTER_S  # --admit-busy-after (cluster/coordinator.py)
 
     @property
     def model_name(self) -> str:

@@ -59,7 +59,7 @@ class PlanMemory:
 @dataclass
 class PendingJoin:
     """A node not in the plan, waiting in its Join RPC for the next idle moment (or, in a
-    cluster that is never idle, for ADMIT_BUSY_AFTER_S: cluster/coordinator.py)."""
+    cluster that is never idle, for --admit-busy-after: cluster/coordinator.py)."""
 
     member: Member
     answered: asyncio.Event  # set (on the master's loop) once the re-plan took it in, or failed

@@ -518,6 +518,7 @@ def start_master(
         weights=weight_bytes(model_dir, dtype, s.quant),
         cache_size=s.cache_size,
         split_head=split_head,
+        admit_busy_after_s=s.admit_busy_after,
     )
     master = ClusterMaster(
         spec,
