@@ -61,6 +61,7 @@ def cluster(
     speculative: str = "auto",
     quant: str = "none",
     head_split: str = "auto",
+    **settings,
 ):
     """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
     s = MasterSettings(
@@ -75,6 +76,7 @@ def cluster(
         speculative=speculative,
         quant=quant,
         head_split=head_split,
+        **settings,
     )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port

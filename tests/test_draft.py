@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import contextlib
 import json
 import logging
 import re
@@ -21,8 +20,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model_dir
-from tests.test_cluster import _logs, _worker, home  # noqa: F401  (home: a fixture)
-from tests.test_speculative import CODE
+from tests.test_cluster import cluster, home  # noqa: F401  (home: a fixture)
+from tests.test_speculative import _ids, _prompts
 from tpi_node.commands.compose import build_draft, build_local_engine, start_master
 from tpi_node.engine.draft import DraftModel
 from tpi_node.engine.limits import BLOCK_TOKENS
@@ -71,18 +70,6 @@ def engines(smollm2_dir, weak_draft_dir):
     yield plain, same, weak
     for e in (plain, same, weak):
         e.shutdown()
-
-
-def _prompts(tok) -> dict[str, list[int]]:
-    chat = [
-        ("repeat", "Repeat this code exactly, with a comment on every line:\n\n" + CODE),
-        ("free", "Tell me about the moon in three sentences."),
-    ]
-    return {k: tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), False) for k, c in chat}
-
-
-def _ids(engine, ids, params) -> list[int]:
-    return [e.token_id for e in engine.generate_sync(ids, params)]
 
 
 def _drained(engine) -> bool:
@@ -177,33 +164,12 @@ def test_three_nodes_give_the_single_node_text(smollm2_dir, home, engines):  # n
     plain = engines[0]
     prompts = list(_prompts(plain.tokenizer).values())
     want = [_ids(plain, p, GREEDY) for p in prompts]
-    with draft_cluster(smollm2_dir, 3, home, draft_model=str(smollm2_dir)) as engine:
+    with cluster(smollm2_dir, 3, home, draft_model=str(smollm2_dir)) as (_, engine, _, _):
         assert [_ids(engine, p, GREEDY) for p in prompts] == want
         stats = engine.stats()
         assert stats["speculative"]["accepted"] > 0.8 * stats["speculative"]["proposed"]
         assert stats["steps"] < 0.6 * sum(map(len, want))
         assert _drained(engine)
-
-
-@contextlib.contextmanager
-def draft_cluster(model_dir, nodes: int, tmp, **settings):
-    """A master in this process and `nodes` - 1 `tpi-node join` workers (tests/test_cluster.py's)."""
-    s = MasterSettings(model=str(model_dir), dtype="fp32", device="cpu", node_id="master", speed=2.0, **settings)
-    running = start_master(s, nodes, 0)
-    workers = [_worker(running.port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log") for i in range(1, nodes)]
-    try:
-        deadline = time.monotonic() + 120
-        while not running.master.ready():
-            assert not [w for w in workers if w.poll() is not None], _logs(tmp)
-            assert time.monotonic() < deadline, "cluster not ready: " + _logs(tmp)
-            time.sleep(0.05)
-        yield running.engine
-    finally:
-        running.stop()
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-            w.wait()
 
 
 def test_a_draft_model_with_another_tokenizer_is_refused(smollm2_dir):

@@ -233,13 +233,11 @@ def _join_and_serve(
     store = ShardStore(out, cfg, share, window=a.window, device=spec.device, repair=repair)
     coll = make_collective(a, link, link.address)
     head, ranges = None, None
+    td = torch_dtype(a.shard_dtype)
     if a.split_head:  # its lm_head rows (engine/vocab.py)
-        rows, td = share.vocab_rows(cfg), torch_dtype(a.shard_dtype)
-        head = VocabShard.from_file(out / HEAD_FILE, rows, td, spec.device, prepacked=a.window is None)
-        ranges = [s.vocab_rows(cfg) for s in a.plan.shares]
-    runner = NodeRunner(
-        cfg, store, share, coll, torch_dtype(a.shard_dtype), spec.device, a.kv_blocks, None, head, ranges
-    )
+        head = VocabShard.from_file(out / HEAD_FILE, share.vocab_rows(cfg), td, spec.device, a.window is None)
+        ranges = a.plan.vocab_ranges(cfg)
+    runner = NodeRunner(cfg, store, share, coll, td, spec.device, a.kv_blocks, head=head, vocab_ranges=ranges)
     say(
         f"memory: {'resident' if a.window is None else f'window {a.window} layers'}, KV cache {a.kv_blocks} "
         f"blocks ({runner.kv.nbytes() / 2**20:.0f} MiB)"

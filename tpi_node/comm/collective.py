@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tpi_node.errors import TpiError
 from tpi_node.model.layers import rms_norm
 
 
@@ -69,8 +70,8 @@ class Collective(ABC):
         None on the others. Exact: the values arrive as sent (the split head's candidates). One
         node has nothing to gather; the star sends them (comm/star.py); other collectives do not
         gather (--head-split keeps the head whole on them)."""
-        if self.world_size > 1:
-            raise NotImplementedError(f"{type(self).__name__} has no exact gather: the split head needs the star")
+        if self.world_size > 1:  # choose_head_split (engine/vocab.py) never splits the head on one
+            raise TpiError(f"{type(self).__name__} has no exact gather: the split head needs the star")
         return [t.float().cpu()]
 
     def begin_step(self, step_id: int) -> None:

@@ -63,8 +63,6 @@ class VocabShard:
         return linear(h.to(self.device, self.dtype), self.w).float()
 
     def nbytes(self) -> int:
-        if isinstance(self.w, torch.Tensor) and self.w.is_mkldnn:
-            return (self.end - self.start) * self.w.shape[1] * self.w.element_size()
         return _held_bytes(self.w)
 
 

@@ -267,5 +267,5 @@ def open_runner(
         if lease is not None:
             lease.release()
         raise
-    ranges = [s.vocab_rows(cfg) for s in plan.shares] if split_head else None
+    ranges = plan.vocab_ranges(cfg) if split_head else None
     return NodeRunner(cfg, store, share, coll, td, device, kv_blocks, lease, head, ranges)

@@ -103,6 +103,10 @@ class PartitionPlan:
     def share_of(self, rank: int) -> NodeShare:
         return self.shares[rank]
 
+    def vocab_ranges(self, cfg: ModelConfig) -> list[tuple[int, int]]:
+        """Every rank's lm_head rows of a split head, in rank order (NodeShare.vocab_rows)."""
+        return [s.vocab_rows(cfg) for s in self.shares]
+
     def to_dict(self) -> dict:
         return {"model_digest": self.model_digest, "shares": [asdict(s) for s in self.shares]}
 

@@ -413,11 +413,11 @@ def write_node_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.label(out_dir, Path(model_dir).name)
     manifest = out_dir / "MANIFEST"
-    wanted = shard_files(cfg, head)
-    if manifest.is_file():
-        sums = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
-        if all(f in sums and (out_dir / f).is_file() for f in wanted):
-            return {f: sums[f] for f in wanted}
+    wanted, known = shard_files(cfg, head), {}
+    if manifest.is_file():  # (a set sliced before without the head's rows: its files' sums stand)
+        known = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
+        if all(f in known and (out_dir / f).is_file() for f in wanted):
+            return {f: known[f] for f in wanted}
     reader = open_checkpoint(model_dir)
     share, td = plan.share_of(rank), torch_dtype(dtype)
     t0, written, sums, writing = time.monotonic(), 0, {}, deque()
@@ -447,7 +447,7 @@ def write_node_shards(
         sums[norms.name] = save_atomic({k: v.to(td) for k, v in read_norms(reader, cfg).items()}, norms)
     if head and not (out_dir / HEAD_FILE).is_file():
         sums[HEAD_FILE] = write_head(model_dir, cfg, share.vocab_rows(cfg), out_dir, td, quant)
-    sums = {f: sums.get(f) or sha256_file(out_dir / f) for f in wanted}  # (hashed as written)
+    sums = {f: sums.get(f) or known.get(f) or sha256_file(out_dir / f) for f in wanted}  # (hashed as written)
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text("".join(f"{h}  {f}\n" for f, h in sums.items()))
     os.replace(tmp, manifest)

@@ -228,7 +228,7 @@ class ShardStore:
             slot is None
             and self._uploader is None
             and mat is not None
-            and can_prepack(self.device, _dtype_of(w))
+            and can_prepack(self.device, mat.dtype)
             and prepack_pays(mat)
         ):
             w = w.prepacked()  # resident on the CPU: reordered once for oneDNN (see layers.linear);
@@ -453,9 +453,3 @@ def _weight(t: torch.Tensor) -> torch.Tensor | QMatrix:
     if t.dtype == torch.uint8 and t.dim() == 3 and t.shape[-1] in FORMAT_OF_BYTES:
         return QMatrix(t)
     return t
-
-
-def _dtype_of(w: LayerWeights) -> torch.dtype:
-    """The dtype of the float matrices (prepacking applies to those; QMatrix ones are skipped)."""
-    floats = [t for t in (w.wqkv, w.wo, w.w13, w.w2) if isinstance(t, torch.Tensor)]
-    return floats[0].dtype if floats else torch.uint8
