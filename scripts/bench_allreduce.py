@@ -1,9 +1,10 @@
 """Allreduce latency on loopback: the gRPC star (tpi_node.comm.star, over the sessions of
-tpi_node.cluster) next to torch.distributed gloo all_reduce, same payloads (hidden 576 x 1, 16, 256
-tokens), 2, 3 and 4 real processes.
+tpi_node.cluster), the same star with its sessions on a Unix socket (`unix`: what workers on the
+master's machine use, cluster/unix_session.py) and torch.distributed gloo all_reduce, same
+payloads (hidden 576 x 1, 16, 256 tokens), 2, 3 and 4 real processes.
 
     python scripts/bench_allreduce.py [--iters 400] [--worlds 2 3 4] [--tokens 1 16 256] [--wire fp32]
-         [--collectives star gloo] [--before DIR] [--breakdown] [--compute-us 0]
+         [--collectives star unix gloo] [--before DIR] [--breakdown] [--compute-us 0]
 
 Prints one table: median and p90 per allreduce in microseconds, measured on rank 0 (the master),
 and the ratio star / gloo (goal: <= 0.5 at one token). --before DIR also times the star of another
@@ -23,6 +24,7 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +60,9 @@ def _time_calls(coll, tokens: int, iters: int, rank: int, compute_us: int = 0) -
     return out
 
 
-def star_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: str, q, compute_us=0, src="") -> None:
+def star_rank(
+    rank: int, world: int, port: int, tokens: int, iters: int, wire: str, q, compute_us=0, src="", unix_dir=""
+) -> None:
     if src:  # another source tree's star (--before)
         sys.path.insert(0, src)
     import torch
@@ -69,7 +73,7 @@ def star_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: s
     from tpi_node.comm.star import PeerLost
 
     if rank == 0:
-        server = StarServer(world, f"127.0.0.1:{port}", wire)
+        server = StarServer(world, f"127.0.0.1:{port}", wire, unix_dir=unix_dir)
         server.wait_for_peers()
         q.put(_time_calls(server.hub, tokens, iters, rank, compute_us))
         server.shared.run(__import__("asyncio").sleep(0.2))  # let the last sums leave
@@ -77,7 +81,10 @@ def star_rank(rank: int, world: int, port: int, tokens: int, iters: int, wire: s
         deadline = time.monotonic() + 20
         while True:
             try:
-                spoke = join_star(f"127.0.0.1:{port}", rank, world, wire)
+                path = os.path.join(unix_dir, "session.sock") if unix_dir else ""
+                if path and not os.path.exists(path):
+                    raise PeerLost("not listening yet")
+                spoke = join_star(f"127.0.0.1:{port}", rank, world, wire, unix_path=path)
                 break
             except PeerLost:
                 if time.monotonic() > deadline:
@@ -298,7 +305,7 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
-    ap.add_argument("--collectives", nargs="+", default=["star", "gloo"], choices=["star", "gloo"])
+    ap.add_argument("--collectives", nargs="+", default=["star", "unix", "gloo"], choices=["star", "unix", "gloo"])
     ap.add_argument("--before", type=Path, default=None, metavar="DIR", help="another source tree's star, beside")
     ap.add_argument("--breakdown", action="store_true", help="where one round trip goes (2 processes, 1 token)")
     ap.add_argument("--compute-us", type=int, default=0, help="matmuls on every rank before each allreduce (us)")
@@ -312,11 +319,11 @@ def main() -> None:
     trees = {"star": ""} | ({"before": str(a.before.resolve())} if a.before else {})
     if a.breakdown:
         return breakdown(a.iters, trees)
-    cols = [c for c in trees if "star" in a.collectives] + (["gloo"] if "gloo" in a.collectives else [])
+    cols = [c for c in trees if "star" in a.collectives] + [c for c in ("unix", "gloo") if c in a.collectives]
     head = " | ".join(f"{c + ' med':>11} {c + ' p90':>11}" for c in cols)
-    ratios = (["star/before"] if len(trees) > 1 and "star" in a.collectives else []) + (
-        ["star/gloo"] if {"star", "gloo"} <= set(cols) else []
-    )
+    ratios = (["star/before"] if len(trees) > 1 and "star" in a.collectives else []) + [
+        r for r in ("star/gloo", "unix/star") if set(r.split("/")) <= set(cols)
+    ]
     print(f"{'procs':>5} {'tokens':>6} | {head} | {' '.join(f'{r:>11}' for r in ratios)}")
     for world in a.worlds:
         for tokens in a.tokens:
@@ -325,10 +332,13 @@ def main() -> None:
             for c in cols:  # one after the other, at the same moment of the machine's load
                 if c == "gloo":
                     got[c] = measure(gloo_rank, world, tokens, iters, a.wire, a.compute_us)
+                elif c == "unix":
+                    with tempfile.TemporaryDirectory() as d:
+                        got[c] = measure(star_rank, world, tokens, iters, a.wire, a.compute_us, "", d)
                 else:
                     got[c] = measure(star_rank, world, tokens, iters, a.wire, a.compute_us, trees[c])
             cells = " | ".join(f"{pct(got[c], 0.5):>11.0f} {pct(got[c], 0.9):>11.0f}" for c in cols)
-            rs = [pct(got["star"], 0.5) / pct(got[r.split("/")[1]], 0.5) for r in ratios]
+            rs = [pct(got[r.split("/")[0]], 0.5) / pct(got[r.split("/")[1]], 0.5) for r in ratios]
             print(f"{world:>5} {tokens:>6} | {cells} | {' '.join(f'{r:>11.2f}' for r in rs)}", flush=True)
 
 

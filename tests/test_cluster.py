@@ -16,17 +16,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tpi_node.cluster.link import MasterLink
 from tpi_node.cluster.sessions import HEARTBEAT_TIMEOUT_S
 from tpi_node.commands.compose import build_local_engine, start_master
 from tpi_node.engine.batch import BatchLayout
 from tpi_node.model.sampling_params import SamplingParams
+from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.settings import MasterSettings
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8]
 
 
-def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0) -> subprocess.Popen:
+def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0, extra=()) -> subprocess.Popen:
     env = {**os.environ, "TPI_HOME": str(home)}
     return subprocess.Popen(
         [
@@ -42,6 +44,7 @@ def _worker(port: int, node_id: str, home: Path, log: Path, speed: float = 1.0) 
             "cpu",
             "--speed",
             str(speed),
+            *extra,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -61,9 +64,11 @@ def cluster(
     speculative: str = "auto",
     quant: str = "none",
     head_split: str = "auto",
+    worker_flags: dict[int, list[str]] | None = None,
     **settings,
 ):
-    """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes."""
+    """Speeds fix the plan: the master counts double, so 3 KV heads split 2 + 1 over 2 nodes.
+    `worker_flags`: more `join` flags for worker i."""
     s = MasterSettings(
         model=str(model_dir),
         dtype="fp32",
@@ -80,7 +85,10 @@ def cluster(
     )
     running = start_master(s, nodes, 0)
     master, engine, port = running.master, running.engine, running.port
-    workers = [_worker(port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log") for i in range(1, nodes)]
+    flags = worker_flags or {}
+    workers = [
+        _worker(port, f"w{i}", tmp / f"w{i}", tmp / f"w{i}.log", extra=flags.get(i, ())) for i in range(1, nodes)
+    ]
     try:
         deadline = time.monotonic() + 120
         while not master.ready():
@@ -112,6 +120,8 @@ def _reference(model_dir):
 
 @pytest.mark.parametrize("preset, nodes", [("tiny-llama", 2), ("tiny-qwen2", 2), ("tiny-qwen2", 3)])
 def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, nodes):
+    """Workers dial the master over loopback: their sessions run on its Unix socket, except at 3
+    nodes, where w2 keeps gRPC (--local-session off): the hub sums over both at once."""
     model = tiny_model_dir(preset)
     ref = _reference(model)
     try:
@@ -122,7 +132,8 @@ def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, 
         want_tokens = [e.token_id for e in ref.generate_sync(PROMPT, GREEDY)]
     finally:
         ref.shutdown()
-    with cluster(model, nodes, home) as (master, engine, _, _):
+    flags = {2: ["--local-session", "off"]}
+    with cluster(model, nodes, home, worker_flags=flags) as (master, engine, _, _):
         shares = master.membership.plan.shares
         assert len(shares) == nodes
         if preset == "tiny-qwen2" and nodes == 2:
@@ -132,6 +143,24 @@ def test_tiny_models_match_the_single_node_engine(tiny_model_dir, home, preset, 
         assert (got_logits - want_logits).abs().max().item() < 1e-3
         got_tokens = [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)]
         assert got_tokens == want_tokens
+        if nodes == 2:
+            _a_session_without_its_ticket_is_refused_on_the_unix_socket(master)
+    assert "session on a Unix socket (same machine)" in (home / "w1.log").read_text()
+    if nodes == 3:
+        assert "session on gRPC" in (home / "w2.log").read_text()
+
+
+def _a_session_without_its_ticket_is_refused_on_the_unix_socket(master) -> None:
+    """The socket takes the same Hello as gRPC: rank, plan and node id right, the ticket wrong."""
+    plan = master.membership.plan
+    hello = pb.Hello(node_id=plan.share_of(1).node_id, plan_digest=plan.digest, rank=1, ticket=b"guess")
+    link = MasterLink(f"127.0.0.1:{master.bound_port}")
+    try:
+        assert link.open_session(hello, master.unix.path) == "a Unix socket (same machine)"
+        reply = link.run(link.recv(10.0))
+        assert reply.shutdown.code == pb.REJOIN and "did not show the ticket of its join" in reply.shutdown.reason
+    finally:
+        link.close()
 
 
 def test_smollm2_at_three_nodes_matches_the_single_node_engine_and_transformers(smollm2_dir, smollm2_hf, home):

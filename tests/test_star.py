@@ -1,5 +1,6 @@
-"""The gRPC star allreduce between real processes on loopback: the hub runs in the test process,
-every spoke is a spawned process dialing it over real gRPC."""
+"""The star allreduce between real processes on loopback: the hub runs in the test process, every
+spoke is a spawned process with its session on real gRPC or, as workers on the master's machine
+have it, on the hub's Unix socket (cluster/unix_session.py): every test runs on both."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 from tpi_node.cluster.link import MasterLink, join_star
 from tpi_node.cluster.star_server import StarServer
+from tpi_node.cluster.unix_session import is_loopback
 from tpi_node.comm.codec import FrameError, to_pb, wire_dtype
 from tpi_node.comm.star import PeerLost
 from tpi_node.proto import tpi_pb2 as pb
@@ -31,10 +35,15 @@ def _expected(world: int, i: int, tokens: int) -> torch.Tensor:
     return sum(_value(r, i, tokens) for r in range(world))
 
 
-def _spoke(address, rank, world, wire, calls, tokens, jitter, q):
+def _join(addr, rank, world, wire="fp32"):
+    """addr: (gRPC address, the hub's Unix socket or "")."""
+    return join_star(addr[0], rank, world, wire, unix_path=addr[1])
+
+
+def _spoke(addr, rank, world, wire, calls, tokens, jitter, q):
     torch.set_num_threads(1)
     try:
-        s = join_star(address, rank, world, wire)
+        s = _join(addr, rank, world, wire)
         rnd = random.Random(rank)
         worst = 0.0
         for i in range(calls):
@@ -53,10 +62,10 @@ def _spoke(address, rank, world, wire, calls, tokens, jitter, q):
         q.put(("error", rank, f"{type(e).__name__}: {e}"))
 
 
-def _bad_spoke(address, rank, world, q):
+def _bad_spoke(addr, rank, world, q):
     """Sends a partial whose byte length does not match its shape; reports what the master says."""
-    link = MasterLink(address)
-    link.open_session(pb.Hello(node_id="bad", rank=rank))
+    link = MasterLink(addr[0])
+    link.open_session(pb.Hello(node_id="bad", rank=rank), addr[1])
     msg = pb.WorkerMsg(partial=pb.Partial(step_id=0, stage=0, tensor=to_pb(torch.zeros(1, H))))
     msg.partial.tensor.data = msg.partial.tensor.data[:-4]
     link.run(link.send(msg))
@@ -64,19 +73,21 @@ def _bad_spoke(address, rank, world, q):
     q.put(reply.WhichOneof("kind") + ": " + (reply.shutdown.reason if reply else ""))
 
 
-def _idle_spoke(address, rank, world):
-    join_star(address, rank, world)
+def _idle_spoke(addr, rank, world):
+    spoke = _join(addr, rank, world)  # held: a Unix socket closes with its last reference
     time.sleep(60)
+    spoke.link.close()
 
 
-@pytest.fixture
-def hub_factory():
+@pytest.fixture(params=["grpc", "unix"])
+def hub_factory(request, tmp_path):
     made = []
 
     def make(world, wire="fp32", timeout_s=5.0):
-        server = StarServer(world, "127.0.0.1:0", wire, timeout_s)
+        unix_dir = str(tmp_path) if request.param == "unix" else ""
+        server = StarServer(world, "127.0.0.1:0", wire, timeout_s, unix_dir=unix_dir)
         made.append(server)
-        return server, f"127.0.0.1:{server.port}"
+        return server, (f"127.0.0.1:{server.port}", server.socket_path)
 
     yield make
     for server in made:
@@ -195,8 +206,6 @@ def test_a_stale_frame_is_detected(hub_factory):
 
 
 def _free_port_pair() -> tuple[int, int]:
-    import socket
-
     socks = [socket.socket() for _ in range(2)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -204,3 +213,37 @@ def _free_port_pair() -> tuple[int, int]:
     for s in socks:
         s.close()
     return ports
+
+
+@pytest.mark.parametrize(
+    "garbage, why",
+    [
+        (struct.pack("<I", (1 << 30) + 1), "a frame of 1073741825 bytes"),
+        (struct.pack("<I", 3) + b"\xff\xff\xff", "3 bytes that are not a WorkerMsg"),
+    ],
+)
+def test_a_unix_session_sending_bytes_that_are_no_frame_is_ended_and_the_step_fails(tmp_path, garbage, why):
+    server = StarServer(2, "127.0.0.1:0", unix_dir=str(tmp_path))
+    try:
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(server.socket_path)
+            hello = pb.WorkerMsg(hello=pb.Hello(node_id="raw", rank=1)).SerializeToString()
+            c.sendall(struct.pack("<I", len(hello)) + hello)
+            server.wait_for_peers()
+            c.sendall(garbage)
+            server.hub.begin_step(0)
+            with pytest.raises(PeerLost, match=rf"node raw \(rank 1\) sent a malformed frame: {why}"):
+                server.hub.allreduce(torch.zeros(1, H))
+            c.settimeout(5)
+            assert c.recv(1) == b""  # the master closed the socket
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [("127.0.0.1:7070", True), ("localhost:7070", True), ("[::1]:7070", True), ("127.3.4.5", True)]
+    + [("10.0.0.2:7070", False), ("[fe80::1]:7070", False), ("master.lan:7070", False)],
+)
+def test_only_a_loopback_master_is_offered_the_unix_socket(address, loopback):
+    assert is_loopback(address) is loopback

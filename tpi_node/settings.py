@@ -378,6 +378,12 @@ class WorkerOptions:
         metavar="S",
     )
     cert_name: str | None = setting(None, "use NAME.crt/NAME.key from --certs (default: worker)", metavar="NAME")
+    local_session: str = setting(
+        "auto",
+        "auto: a worker that reaches its master over loopback (the same machine) runs its session, the steps "
+        "and partial sums, on the master's Unix socket instead of gRPC (~10x less time per hop); off: gRPC",
+        choices=("auto", "off"),
+    )
 
 
 @dataclass(frozen=True)

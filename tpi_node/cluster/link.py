@@ -1,6 +1,9 @@
 """A worker's link to the master: one gRPC channel (Challenge, Join, FetchShard) and the current
 Session stream, on an event loop this worker's one thread runs itself (no thread hand-off: the
-thread that computes runs the loop whenever it waits for a frame)."""
+thread that computes runs the loop whenever it waits for a frame).
+
+The Session stream is a gRPC call, or, for a worker on the master's machine, a Unix socket
+(cluster/unix_session.py) on which `recv` first spins for the frame before it sleeps."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import grpc
 
 from tpi_node.cluster.channels import dial
 from tpi_node.cluster.tls import TlsFiles
+from tpi_node.cluster.unix_session import SPIN_S, FrameSocket, connect
 from tpi_node.comm.loop import new_event_loop
 from tpi_node.comm.star import PeerLost, StarSpoke
 from tpi_node.proto import tpi_pb2 as pb
@@ -46,12 +50,28 @@ class MasterLink:
             raise PeerLost(f"cannot reach the master at {self.address} within {timeout_s:g} s{hint}") from None
         self.stub = rpc.MasterStub(self.channel)
 
-    def open_session(self, hello: pb.Hello) -> None:
+    def open_session(self, hello: pb.Hello, unix_path: str = "") -> str:
+        """Open the Session stream and say hello: on the master's Unix socket `unix_path` when
+        given and it connects, else on gRPC. -> what it runs on, for the log."""
+        why, self.call = "", None
+        if unix_path:
+            try:
+                self.call = connect(unix_path)
+            except OSError as e:
+                why = f" (the master's Unix socket: {e.strerror or e})"
+
         async def _open():  # the call is made on this link's loop (any thread may own the link)
-            self.call = self.stub.Session()
+            if not self.local:
+                self.call = self.stub.Session()
             await self.send(pb.WorkerMsg(hello=hello))
 
         self.run(_open())
+        return "a Unix socket (same machine)" if self.local else "gRPC" + why
+
+    @property
+    def local(self) -> bool:
+        """The session runs on the master's Unix socket."""
+        return isinstance(self.call, FrameSocket)
 
     def close_session(self) -> None:
         """End the current Session stream (the channel stays open for a new Join)."""
@@ -65,11 +85,15 @@ class MasterLink:
     async def send(self, msg: pb.WorkerMsg) -> None:
         try:
             await self.call.write(msg)
-        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as e:
             raise PeerLost(f"lost the master at {self.address}: {rpc_reason(e)}") from None
 
     async def recv(self, timeout: float | None) -> pb.MasterMsg | None:
         """The next frame from the master, or None after `timeout` seconds (the read stays pending)."""
+        if self._read is None and self.local:  # spin for it first (a sum due within a layer's time)
+            msg = self.call.spin(min(SPIN_S, timeout) if timeout is not None else SPIN_S)
+            if msg is not None:
+                return self._checked(msg)
         if self._read is None:
             self._read = asyncio.ensure_future(self.call.read())
         if not self._read.done():
@@ -81,8 +105,12 @@ class MasterLink:
             msg = fut.result()
         except (grpc.RpcError, asyncio.CancelledError) as e:
             raise PeerLost(f"lost the master at {self.address}: {rpc_reason(e)}") from None
+        return self._checked(msg)
+
+    def _checked(self, msg: pb.MasterMsg) -> pb.MasterMsg:
         if msg is grpc.aio.EOF:
-            raise PeerLost(f"the master at {self.address} closed the session")
+            ended = f" ({self.call.ended})" if self.local and self.call.ended != "disconnected" else ""
+            raise PeerLost(f"the master at {self.address} closed the session{ended}")
         return msg
 
     def close(self) -> None:
@@ -111,10 +139,16 @@ def rpc_reason(e: BaseException) -> str:
 
 
 def join_star(
-    address: str, rank: int, world_size: int, wire: str = "fp32", node_id: str = "", timeout_s: float = 60.0
+    address: str,
+    rank: int,
+    world_size: int,
+    wire: str = "fp32",
+    node_id: str = "",
+    timeout_s: float = 60.0,
+    unix_path: str = "",
 ) -> StarSpoke:
-    """Dial a star session server (cluster/star_server.py) and say hello: the worker end used by
-    benchmarks and the collective's tests."""
+    """Dial a star session server (cluster/star_server.py) and say hello (on its Unix socket
+    `unix_path` when given): the worker end used by benchmarks and the collective's tests."""
     link = MasterLink(address)
-    link.open_session(pb.Hello(node_id=node_id or f"rank-{rank}", rank=rank))
+    link.open_session(pb.Hello(node_id=node_id or f"rank-{rank}", rank=rank), unix_path)
     return StarSpoke(link, rank, world_size, wire, timeout_s)

@@ -28,6 +28,7 @@ from tpi_node.cluster.join_auth import MasterAuth
 from tpi_node.cluster.membership import ClusterState, Member, Membership
 from tpi_node.cluster.sessions import Peer, shutdown_msg, watch_heartbeats
 from tpi_node.cluster.tls import TlsFiles
+from tpi_node.cluster.unix_session import UnixSessionServer
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.errors import UserError
 from tpi_node.proto import tpi_pb2 as pb
@@ -88,6 +89,7 @@ class ClusterMaster(rpc.MasterServicer):
         self._joining: dict[str, str] = {}  # node id -> address of a Join waiting for the plan
         self._form_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
+        self.unix: UnixSessionServer | None = None  # sessions of workers on this machine
 
     # ---- start / stop -----------------------------------------------------------------------------
     def start(self, address: str) -> int:
@@ -100,6 +102,7 @@ class ClusterMaster(rpc.MasterServicer):
             port = listen(self.server, address, self.tls)
             await self.server.start()
             self.bound_port = port
+            self._listen_unix()
             self._watcher = asyncio.get_running_loop().create_task(
                 watch_heartbeats(lambda: self.coordinator.sessions, lambda: self.coordinator.stopped)
             )
@@ -108,6 +111,16 @@ class ClusterMaster(rpc.MasterServicer):
             return port
 
         return self.shared.run(_start())
+
+    def _listen_unix(self) -> None:
+        """On the loop: the Unix socket local workers open their sessions on (cluster/unix_session.py);
+        without one (no room for it in the temp directory) they all use gRPC."""
+        try:
+            self.unix = UnixSessionServer(self.Session)
+        except OSError as e:
+            log.warning("no Unix socket for local workers' sessions (%s): they use gRPC", e)
+            return
+        self.unix.start()
 
     async def _form(self) -> None:
         await self.coordinator.form()
@@ -121,6 +134,8 @@ class ClusterMaster(rpc.MasterServicer):
         async def _stop():
             if self.server is not None:
                 await self.server.stop(0.5)
+            if self.unix is not None:
+                await self.unix.stop()
 
         with contextlib.suppress(Exception):
             self.shared.run(_stop(), timeout=5)
@@ -170,7 +185,7 @@ class ClusterMaster(rpc.MasterServicer):
             return pb.JoinReply(accepted=False, reason=refuse, version=__version__)
         d = self.coordinator.deployment
         rank = m.rank_of(request.node_id)
-        return Assignment(
+        reply = Assignment(
             rank=rank,
             plan=d.plan,
             window=d.memory.windows[rank],
@@ -187,6 +202,9 @@ class ClusterMaster(rpc.MasterServicer):
             shard_quant=self.spec.quant,
             split_head=self.spec.split_head,
         ).to_pb()
+        if self.unix is not None:  # a worker on this machine may open its session there
+            reply.session_socket = self.unix.path
+        return reply
 
     async def _admit(self, member: Member) -> str | None:
         """A node of the current plan is welcome at once; another one (a lost worker back, or a new

@@ -9,6 +9,11 @@ Liveness. A worker beats every second while idle; during a step its frames (or, 
 step completing at all) show it is alive, and the collective's own timeout catches a lost one.
 So only time outside steps counts as silence: a worker is lost after HEARTBEAT_TIMEOUT_S without
 a frame since the later of its last frame and the end of the last step.
+
+A session runs on the worker's gRPC stream or, for a worker on this machine, on the master's Unix
+socket (cluster/unix_session.py). The frames of a Unix-socket session are read by `serve` on the
+event loop, and also by `poll`, which the hub calls while it waits for partial sums: it spins on
+those sockets without the event loop's wake-ups. Either way every frame goes through `_dispatch`.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Callable
 
 import grpc
 
+from tpi_node.cluster.unix_session import SPIN_S, FrameSocket
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.comm.star import PeerLost, StarHub
 from tpi_node.proto import tpi_pb2 as pb
@@ -43,6 +51,7 @@ class Peer:
         self.lost: str | None = None  # why the session ended; None while live
         self.last_seen = time.monotonic()
         self.write_lock = asyncio.Lock()
+        self.local = isinstance(context, FrameSocket)  # a Unix-socket session: a worker on this machine
 
     async def write(self, msg: pb.MasterMsg) -> None:
         async with self.write_lock:
@@ -94,15 +103,11 @@ class Sessions:
             while peer.lost is None:
                 msg = await peer.context.read()
                 if msg is grpc.aio.EOF:
+                    reason = (peer.local and peer.context.ended) or reason
                     break
-                peer.last_seen = time.monotonic()
-                kind = msg.WhichOneof("kind")
-                if kind == "partial" and self.partials is not None:
-                    self.partials.deliver(peer.rank, msg.partial)
-                elif kind == "partial":
-                    self.refuse(peer.rank, "sent a partial sum on the session stream; this cluster sums over gloo")
-                elif kind == "error":
-                    reason = f"reported an error: {msg.error.message}"
+                ended = self._dispatch(peer, msg)
+                if ended is not None:
+                    reason = ended
                     break
         except (grpc.RpcError, asyncio.CancelledError, ConnectionError) as e:
             reason = f"disconnected ({type(e).__name__})"
@@ -110,6 +115,39 @@ class Sessions:
             self._detach(peer, peer.lost or reason)
             async with peer.write_lock:  # a write in flight (a shutdown) ends before the RPC does
                 pass
+
+    def _dispatch(self, peer: Peer, msg: pb.WorkerMsg) -> str | None:
+        """One frame of `peer`: partial sums to the hub, an error ends the session (-> why)."""
+        peer.last_seen = time.monotonic()
+        kind = msg.WhichOneof("kind")
+        if kind == "partial" and self.partials is not None:
+            self.partials.deliver(peer.rank, msg.partial)
+        elif kind == "partial":
+            self.refuse(peer.rank, "sent a partial sum on the session stream; this cluster sums over gloo")
+        elif kind == "error":
+            return f"reported an error: {msg.error.message}"
+        return None
+
+    def poll(self, done: Callable[[], bool], spin_s: float = SPIN_S) -> None:
+        """Read what the Unix-socket sessions sent, without the event loop, spinning up to `spin_s`
+        (yielding the core each turn) until `done()`. A session found ended is detached here: the
+        hub's next look at `missing()` sees it."""
+        local = [p for p in self.peers.values() if p.local and p.lost is None]
+        deadline = time.perf_counter() + spin_s
+        while local:
+            for p in local:
+                msg = p.context.poll()
+                while msg is not None and p.lost is None:
+                    ended = p.context.ended if msg is grpc.aio.EOF else self._dispatch(p, msg)
+                    if ended is not None:
+                        self._detach(p, ended)
+                        p.context.cancel()  # its `serve` reads END and ends
+                        break
+                    msg = p.context.poll()
+            local = [p for p in local if p.lost is None]
+            if done() or time.perf_counter() >= deadline:
+                return
+            os.sched_yield()
 
     def _attach(self, peer: Peer) -> None:
         old = self.peers.get(peer.rank)

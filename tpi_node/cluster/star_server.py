@@ -12,6 +12,7 @@ import grpc
 
 from tpi_node.cluster.channels import listen, new_server
 from tpi_node.cluster.sessions import Peer, Sessions, shutdown_msg
+from tpi_node.cluster.unix_session import UnixSessionServer
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.comm.star import PeerLost, StarHub
 from tpi_node.proto import tpi_pb2 as pb
@@ -43,20 +44,30 @@ class StarServer:
         wire: str = "fp32",
         timeout_s: float = 5.0,
         shared: SharedLoop | None = None,
+        unix_dir: str = "",
     ) -> None:
+        """`unix_dir`: also take sessions on a Unix socket there (cluster/unix_session.py;
+        `socket_path`), as a master does for workers on its machine."""
         self.shared = shared or SharedLoop(background=False)
         self.sessions = Sessions(self.shared, world_size)
         self.hub = StarHub(self.shared, world_size, self.sessions, wire, timeout_s)
         self.sessions.partials = self.hub
 
+        self.unix: UnixSessionServer | None = None
+        servicer = _SessionOnly(self.sessions)
+
         async def _start():
             server = new_server()
-            rpc.add_MasterServicer_to_server(_SessionOnly(self.sessions), server)
+            rpc.add_MasterServicer_to_server(servicer, server)
             port = listen(server, address, None)
             await server.start()
+            if unix_dir:
+                self.unix = UnixSessionServer(servicer.Session, unix_dir)
+                self.unix.start()
             return server, port
 
         self.server, self.port = self.shared.run(_start())
+        self.socket_path = self.unix.path if self.unix else ""
 
     def wait_for_peers(self, timeout_s: float = 30.0) -> None:
         """Block until every worker rank has a live session (or raise PeerLost)."""
@@ -68,4 +79,6 @@ class StarServer:
 
     def close(self) -> None:
         self.shared.run(self.server.stop(0))
+        if self.unix is not None:
+            self.shared.run(self.unix.stop())
         self.shared.loop.close()

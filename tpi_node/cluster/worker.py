@@ -31,6 +31,7 @@ from tpi_node.cluster.link import MasterLink
 from tpi_node.cluster.sessions import HEARTBEAT_S
 from tpi_node.cluster.shard_fetch import fetch, missing_bytes, say  # say: the worker's one log voice
 from tpi_node.cluster.tls import TlsFiles
+from tpi_node.cluster.unix_session import is_loopback
 from tpi_node.comm.codec import FrameError, from_pb
 from tpi_node.comm.collective import Collective
 from tpi_node.comm.star import PeerLost, SessionEnded, StepAborted
@@ -75,6 +76,7 @@ class WorkerSpec:
     master_retry_s: float = 0.0  # how long to look for a lost master again (0: exit at once)
     rediscover: Callable[[], str] | None = None  # finds the master again (mDNS) -> host:port
     cache_size: int | None = None  # --cache-size: the shard cache's bound (weights/cache.py)
+    local_session: bool = True  # --local-session auto: a master dialled over loopback -> its Unix socket
 
 
 def worker_dir(a: Assignment) -> Path:
@@ -242,8 +244,10 @@ def _join_and_serve(
         f"memory: {'resident' if a.window is None else f'window {a.window} layers'}, KV cache {a.kv_blocks} "
         f"blocks ({runner.kv.nbytes() / 2**20:.0f} MiB)"
     )
-    link.open_session(pb.Hello(node_id=spec.node_id, plan_digest=a.plan.digest, rank=a.rank, ticket=a.ticket))
-    say(f"ready; serving steps from {link.address}")
+    local = spec.local_session and is_loopback(link.address)  # the master runs on this machine
+    hello = pb.Hello(node_id=spec.node_id, plan_digest=a.plan.digest, rank=a.rank, ticket=a.ticket)
+    on = link.open_session(hello, reply.session_socket if local else "")
+    say(f"ready; serving steps from {link.address}; session on {on}")
     retry.served()
     try:
         return _serve(link, runner, cfg)

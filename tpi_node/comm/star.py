@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,6 +78,10 @@ class HubLinks(Protocol):
     def refuse(self, rank: int, reason: str) -> None:
         """A malformed frame came from `rank`: end its session with this reason."""
 
+    def poll(self, done: Callable[[], bool]) -> None:
+        """Deliver what sessions on this machine (Unix sockets) sent, waiting a little for
+        `done()` without the event loop; a session found lost shows in `missing()`."""
+
 
 @dataclass
 class _Begun:
@@ -117,7 +121,7 @@ class StarHub(AsyncCollective):
     # ---- called on the loop by the session layer ------------------------------------------------
     def deliver(self, rank: int, partial: pb.Partial) -> None:
         self._inbox[rank].append(partial)
-        if self._waiter is not None and all(self._inbox[r] for r in self._inbox):
+        if self._waiter is not None and self._all_in():
             self._wake(None)
 
     def link_opened(self, rank: int) -> None:
@@ -222,12 +226,22 @@ class StarHub(AsyncCollective):
         fp32 = dtype_enum(torch.float32)
         return [self._take(r, key, (sizes[r],), fp32, "head candidates", copy=True) for r in range(1, self.world_size)]
 
-    async def _wait_all(self, key: tuple[int, int]) -> None:
+    def _all_in(self) -> bool:
+        return all(self._inbox[r] for r in self._inbox)
+
+    def _check_links(self) -> None:
         missing = self.links.missing()
         if missing:
             why = [f"{self.links.name(r)} {self.links.why_lost(r)}" for r in missing if self.links.why_lost(r)]
             raise PeerLost(f"rank(s) {missing} are not connected" + (": " + "; ".join(why) if why else ""))
-        if all(self._inbox[r] for r in self._inbox):
+
+    async def _wait_all(self, key: tuple[int, int]) -> None:
+        self._check_links()
+        if self._all_in():
+            return
+        self.links.poll(self._all_in)  # local workers' frames, read without the loop's wake-ups
+        self._check_links()
+        if self._all_in():
             return
         loop = asyncio.get_running_loop()
         self._waiter = fut = loop.create_future()

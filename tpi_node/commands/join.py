@@ -39,6 +39,7 @@ def run(s: JoinSettings) -> int:
         expect_model=s.expect_model,
         cache_size=s.cache_size,
         master_retry_s=s.master_retry_s,
+        local_session=s.local_session == "auto",
         # a master found by mDNS is found that way again should it be lost (it may come back elsewhere)
         rediscover=None if s.master else lambda: master_address(_find_master(s)),
     )

@@ -552,9 +552,9 @@ class Engine:
                 tail, _ = s.stopper.feed(s.decoder.flush())
                 text += tail + s.stopper.flush()
             elif len(s.generated) >= p.max_tokens or len(s.tokens) >= self.max_context:
-                finish = "length"
                 tail, _ = s.stopper.feed(s.decoder.flush())
                 text += tail + s.stopper.flush()
+                finish = "stop" if s.stopper.stopped else "length"  # the held-back tail held a stop string
         if finish:  # free its KV cache on every node first: a client that saw the end finds it gone
             self._finish(s)
         s.emit(

@@ -300,7 +300,13 @@ class StopMatcher:
         return None
 
     def flush(self) -> str:
-        """The sequence ended: release the held-back tail, up to a stop string it holds."""
+        """The sequence ended: release the held-back tail, up to a stop string it holds (then it
+        stopped on that one: a shorter stop string was held back while a longer one that began
+        earlier could still complete)."""
         text, self._held = ("" if self.stopped else self._held), ""
-        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
-        return text[: min(hits)] if hits else text
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if not hits:
+            return text
+        at, self.matched = min(hits)
+        self.stopped = True
+        return text[:at]
