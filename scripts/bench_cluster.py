@@ -4,10 +4,14 @@
 time per token with the head whole on the master and split by vocabulary (--head-split).
 
     python scripts/bench_cluster.py [--model smollm2-135m-instruct] [--tokens 32] [--nodes 1 2 3]
+    python scripts/bench_cluster.py --nodes 1 2 --session auto off   # Unix-socket sessions vs gRPC
     python scripts/bench_cluster.py --synth llama3.2-1b --nodes 4 --head-split off on --tokens 8
 
 compute = master's own layer math; comm = inside allreduces (wire + waiting for the slowest
 worker); stall = waiting for weights (streaming window). overhead = ms/token - 1-node ms/token.
+session = the workers' --local-session: auto runs their sessions on the master's Unix socket (they
+dial it over loopback), off on gRPC; 2*L*star is measured on the same transport. x1 = 1-node
+ms/token / this ms/token: the cluster's tokens/s as a fraction of one node's.
 head = the master's lm_head time per token: the whole head's logits (off), or its own rows'
 logits + candidates + the gather of every node's (on; own = without the gather's wait).
 alone = the same work for one row timed after the run, every other process idle: what the
@@ -59,6 +63,7 @@ def run_cluster(
     head_split: str = "off",
     dtype: str = "fp32",
     collective: str = "star",
+    session: str = "auto",
 ) -> dict:
     from tpi_node.commands.compose import start_master
     from tpi_node.model.sampling_params import SamplingParams
@@ -93,6 +98,8 @@ def run_cluster(
                 "cpu",
                 "--speed",
                 "1",
+                "--local-session",
+                session,
             ],
             env={**os.environ, "TPI_HOME": str(home / f"w{i}")},
             stderr=subprocess.DEVNULL,
@@ -143,6 +150,7 @@ def main() -> None:
     ap.add_argument("--head-split", nargs="+", default=["off"], choices=("off", "on"), help="run each (default off)")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--collective", default="star", choices=("star", "gloo"), help="what sums the partials")
+    ap.add_argument("--session", nargs="+", default=["auto"], choices=("auto", "off"), help="workers' --local-session")
     ap.add_argument("--synth", metavar="PRESET", help="a synthetic checkpoint of this shape instead of --model")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tpi-bench-cluster"), help="where --synth writes it")
     a = ap.parse_args()
@@ -164,31 +172,38 @@ def main() -> None:
         f"{a.tokens} decode tokens, loopback, {a.collective}"
     )
     print(
-        f"{'nodes':>5} {'head':>5} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | {'head ms':>7} "
-        f"{'own':>6} {'vs off':>6} {'alone':>6} {'vs off':>6} | {'overhead':>8} {'2*L*star':>8} {'ratio':>5}"
+        f"{'nodes':>5} {'head':>5} {'session':>7} | {'ms/token':>8} {'compute':>8} {'comm':>8} {'stall':>6} | "
+        f"{'head ms':>7} {'own':>6} {'vs off':>6} {'alone':>6} {'vs off':>6} | {'overhead':>8} {'2*L*star':>8} "
+        f"{'ratio':>5} {'x1':>5}"
     )
     base, head_off, alone_off = None, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in a.nodes:
-            star = ""
-            if nodes > 1:
-                times = bench_allreduce.measure(bench_allreduce.star_rank, nodes, 1, 300, "fp32")
-                star_ms = times[len(times) // 2] * 1e3
-            for mode in a.head_split:
-                r = run_cluster(model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype, a.collective)
+            star_ms = {}
+            for session in a.session if nodes > 1 else []:  # the allreduce on the workers' transport
+                with tempfile.TemporaryDirectory() as unix_dir:
+                    extra = (0, "", unix_dir) if session == "auto" else ()
+                    times = bench_allreduce.measure(bench_allreduce.star_rank, nodes, 1, 300, "fp32", *extra)
+                star_ms[session] = times[len(times) // 2] * 1e3
+            for mode, session in [(m, x) for m in a.head_split for x in (a.session if nodes > 1 else ["-"])]:
+                r = run_cluster(
+                    model_dir, nodes, a.tokens, Path(tmp) / f"n{nodes}", mode, a.dtype, a.collective, session
+                )
                 if not r["split"]:
                     head_off[nodes], alone_off[nodes] = r["head"], r["head_alone"]
                 vs = r["head"] / head_off[nodes] if r["split"] and nodes in head_off else float("nan")
                 vs_alone = r["head_alone"] / alone_off[nodes] if r["split"] and nodes in alone_off else float("nan")
                 if nodes == 1 and mode == a.head_split[0]:
                     base = r["ms_token"]
+                star = ""
                 if nodes > 1:
-                    budget = 2 * r["layers"] * star_ms
+                    budget = 2 * r["layers"] * star_ms[session]
                     over = r["ms_token"] - base if base is not None else float("nan")
-                    star = f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f}"
+                    x1 = base / r["ms_token"] if base is not None else float("nan")
+                    star = f"{over:>8.2f} {budget:>8.2f} {over / budget:>5.2f} {x1:>5.2f}"
                 print(
-                    f"{nodes:>5} {mode:>5} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} {r['comm']:>8.2f} "
-                    f"{r['stall']:>6.2f} | {r['head']:>7.2f} {r['head_own']:>6.2f} {vs:>6.2f} "
+                    f"{nodes:>5} {mode:>5} {session:>7} | {r['ms_token']:>8.2f} {r['compute']:>8.2f} "
+                    f"{r['comm']:>8.2f} {r['stall']:>6.2f} | {r['head']:>7.2f} {r['head_own']:>6.2f} {vs:>6.2f} "
                     f"{r['head_alone']:>6.2f} {vs_alone:>6.2f} | {star}",
                     flush=True,
                 )

@@ -243,6 +243,7 @@ def test_a_unix_session_sending_bytes_that_are_no_frame_is_ended_and_the_step_fa
 @pytest.mark.parametrize(
     "address, loopback",
     [("127.0.0.1:7070", True), ("localhost:7070", True), ("[::1]:7070", True), ("127.3.4.5", True)]
+    + [("0.0.0.0:7070", True), ("[::]:7070", True)]
     + [("10.0.0.2:7070", False), ("[fe80::1]:7070", False), ("master.lan:7070", False)],
 )
 def test_only_a_loopback_master_is_offered_the_unix_socket(address, loopback):

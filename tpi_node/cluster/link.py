@@ -15,7 +15,7 @@ import grpc
 
 from tpi_node.cluster.channels import dial
 from tpi_node.cluster.tls import TlsFiles
-from tpi_node.cluster.unix_session import SPIN_S, FrameSocket, connect
+from tpi_node.cluster.unix_session import FrameSocket, connect
 from tpi_node.comm.loop import new_event_loop
 from tpi_node.comm.star import PeerLost, StarSpoke
 from tpi_node.proto import tpi_pb2 as pb
@@ -91,7 +91,7 @@ class MasterLink:
     async def recv(self, timeout: float | None) -> pb.MasterMsg | None:
         """The next frame from the master, or None after `timeout` seconds (the read stays pending)."""
         if self._read is None and self.local:  # spin for it first (a sum due within a layer's time)
-            msg = self.call.spin(min(SPIN_S, timeout) if timeout is not None else SPIN_S)
+            msg = self.call.spin() if timeout is None else self.call.spin(timeout)
             if msg is not None:
                 return self._checked(msg)
         if self._read is None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import grpc
 
-from tpi_node.cluster.unix_session import SPIN_S, FrameSocket
+from tpi_node.cluster.unix_session import FrameSocket, SpinBudget
 from tpi_node.comm.loop import SharedLoop
 from tpi_node.comm.star import PeerLost, StarHub
 from tpi_node.proto import tpi_pb2 as pb
@@ -70,6 +70,7 @@ class Sessions:
         self.in_step = False
         self.last_step_end = time.monotonic()
         self.attaches = 0  # sessions opened so far: each one is a node whose KV cache starts empty
+        self.spin = SpinBudget()  # how long `poll` waits for local workers' frames
 
     # ---- HubLinks (comm/star.py) ----------------------------------------------------------------
     def missing(self) -> list[int]:
@@ -128,13 +129,15 @@ class Sessions:
             return f"reported an error: {msg.error.message}"
         return None
 
-    def poll(self, done: Callable[[], bool], spin_s: float = SPIN_S) -> None:
-        """Read what the Unix-socket sessions sent, without the event loop, spinning up to `spin_s`
-        (yielding the core each turn) until `done()`. A session found ended is detached here: the
-        hub's next look at `missing()` sees it."""
+    def poll(self, done: Callable[[], bool]) -> None:
+        """Read what the Unix-socket sessions sent, without the event loop, spinning up to the
+        spin budget (yielding the core each turn) until `done()`. A session found ended is
+        detached here: the hub's next look at `missing()` sees it."""
         local = [p for p in self.peers.values() if p.local and p.lost is None]
-        deadline = time.perf_counter() + spin_s
-        while local:
+        if not local:
+            return
+        deadline = time.perf_counter() + self.spin.s
+        while True:
             for p in local:
                 msg = p.context.poll()
                 while msg is not None and p.lost is None:
@@ -145,7 +148,8 @@ class Sessions:
                         break
                     msg = p.context.poll()
             local = [p for p in local if p.lost is None]
-            if done() or time.perf_counter() >= deadline:
+            if done() or not local or time.perf_counter() >= deadline:
+                self.spin.spent(done())
                 return
             os.sched_yield()
 

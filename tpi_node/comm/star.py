@@ -23,7 +23,9 @@ Transport cost on loopback (576 floats, 2 processes, 2-core VM, `scripts/bench_a
 ~0.25 ms; each hop ~0.2 ms (gRPC's core thread, its poller thread, then this event loop: two
 wake-ups a frame), and ~0.1 ms of Python per side and direction (codec, sum, an event-loop run).
 Earlier choices, same bench: grpc.aio + uvloop beat plain asyncio (~25%), sync gRPC with queue
-hand-offs (~2x) and unary calls (~2x).
+hand-offs (~2x) and unary calls (~2x). Workers on the master's machine skip gRPC's threads: their
+sessions run on a Unix socket (cluster/unix_session.py; ~0.1 ms a round trip), whose frames the
+hub reads while it waits through `HubLinks.poll`, spinning before it sleeps on the loop.
 """
 
 from __future__ import annotations
