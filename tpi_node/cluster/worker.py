@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from tpi_node import __version__
+from tpi_node import __version__, heap
 from tpi_node.cluster.assignment import Assignment
 from tpi_node.cluster.auth import AuthError
 from tpi_node.cluster.join_auth import prove_join_async
@@ -240,6 +240,7 @@ def _join_and_serve(
         head = VocabShard.from_file(out / HEAD_FILE, share.vocab_rows(cfg), td, spec.device, a.window is None)
         ranges = a.plan.vocab_ranges(cfg)
     runner = NodeRunner(cfg, store, share, coll, td, spec.device, a.kv_blocks, head=head, vocab_ranges=ranges)
+    heap.trim()  # what opening freed (kernel timings, the fetch's buffers) goes back to the kernel
     say(
         f"memory: {'resident' if a.window is None else f'window {a.window} layers'}, KV cache {a.kv_blocks} "
         f"blocks ({runner.kv.nbytes() / 2**20:.0f} MiB)"

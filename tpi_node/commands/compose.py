@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tpi_node import heap
 from tpi_node.cluster.assignment import Assignment
 from tpi_node.cluster.auth import resolve_token
 from tpi_node.cluster.deployment import ClusterSpec, MakeCollective
@@ -362,7 +363,7 @@ def build_local_engine(
         limits=limits,
         progress=progress,
     )
-    return Engine(
+    engine = Engine(
         cfg,
         head,
         tokenizer,
@@ -374,6 +375,8 @@ def build_local_engine(
         speculative=speculative,
         draft=draft,
     )
+    heap.trim()  # what starting freed (kernel timings, the tokenizer's parse) goes back to the kernel
+    return engine
 
 
 def build_draft(
@@ -557,4 +560,5 @@ def start_master(
         speculative=s.speculative,
         draft=draft,
     )
+    heap.trim()  # what starting freed (kernel timings, the tokenizer's parse) goes back to the kernel
     return RunningMaster(master, engine, port, gpu)

@@ -29,15 +29,25 @@ def load_rows(
     total, cols = reader.shape(name)
     end = total if end is None else end
     first = reader.rows(name, start, min(start + block, end))
-    if isinstance(first, QMatrix) or (quant != "none" and quantizable(first)):
-        parts = [first] + [reader.rows(name, a, min(a + block, end)) for a in range(start + block, end, block)]
-        parts = [p if isinstance(p, QMatrix) else quantize(p, "q8_0") for p in parts]
-        return QMatrix(torch.cat([p.data for p in parts])).to(device)
-    out = torch.empty(end - start, cols, dtype=dtype, device=device)
-    out[:block] = first
+    blocks = isinstance(first, QMatrix) or (quant != "none" and quantizable(first))
+
+    def fill(out: torch.Tensor, a: int, part) -> None:
+        if blocks:
+            part = (part if isinstance(part, QMatrix) else quantize(part, "q8_0")).data
+        out[a - start : a - start + part.shape[0]] = part
+        # the file's pages this block read leave the RSS now, not when the reader closes (the
+        # head is read whole: SmolLM2's Q8_0 head would count three times at the peak)
+        reader.release_pages()
+
+    if blocks:  # stored in blocks (a GGUF's Q8_0 / Q4_x) it stays so; a float one quantised here
+        layout = (first if isinstance(first, QMatrix) else quantize(first[:1], "q8_0")).data.shape[1:]
+        out = torch.empty(end - start, *layout, dtype=torch.uint8)
+    else:
+        out = torch.empty(end - start, cols, dtype=dtype, device=device)
+    fill(out, start, first)
     for a in range(start + block, end, block):
-        out[a - start : a - start + block] = reader.rows(name, a, min(a + block, end))
-    return out
+        fill(out, a, reader.rows(name, a, min(a + block, end)))
+    return QMatrix(out).to(device) if blocks else out
 
 
 def head_name(reader, cfg: ModelConfig) -> str:
