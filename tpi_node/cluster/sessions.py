@@ -129,10 +129,11 @@ class Sessions:
             return f"reported an error: {msg.error.message}"
         return None
 
-    def poll(self, done: Callable[[], bool]) -> None:
+    def poll(self, has_frame: Callable[[int], bool]) -> None:
         """Read what the Unix-socket sessions sent, without the event loop, spinning up to the
-        spin budget (yielding the core each turn) until `done()`. A session found ended is
-        detached here: the hub's next look at `missing()` sees it."""
+        spin budget (yielding the core each turn) until `has_frame(rank)` for each of them (a
+        gRPC session's frames come only through the loop, which the caller runs next). A session
+        found ended is detached here: the hub's next look at `missing()` sees it."""
         local = [p for p in self.peers.values() if p.local and p.lost is None]
         if not local:
             return
@@ -148,8 +149,9 @@ class Sessions:
                         break
                     msg = p.context.poll()
             local = [p for p in local if p.lost is None]
-            if done() or not local or time.perf_counter() >= deadline:
-                self.spin.spent(done())
+            waiting = [p for p in local if not has_frame(p.rank)]
+            if not waiting or time.perf_counter() >= deadline:
+                self.spin.spent(not waiting)
                 return
             os.sched_yield()
 

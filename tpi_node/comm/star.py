@@ -80,9 +80,10 @@ class HubLinks(Protocol):
     def refuse(self, rank: int, reason: str) -> None:
         """A malformed frame came from `rank`: end its session with this reason."""
 
-    def poll(self, done: Callable[[], bool]) -> None:
-        """Deliver what sessions on this machine (Unix sockets) sent, waiting a little for
-        `done()` without the event loop; a session found lost shows in `missing()`."""
+    def poll(self, has_frame: Callable[[int], bool]) -> None:
+        """Deliver what sessions on this machine (Unix sockets) sent, waiting a little, without
+        the event loop, until `has_frame(rank)` for each of them; a session found lost shows in
+        `missing()`."""
 
 
 @dataclass
@@ -241,7 +242,7 @@ class StarHub(AsyncCollective):
         self._check_links()
         if self._all_in():
             return
-        self.links.poll(self._all_in)  # local workers' frames, read without the loop's wake-ups
+        self.links.poll(lambda r: bool(self._inbox[r]))  # local workers' frames, without the loop's wake-ups
         self._check_links()
         if self._all_in():
             return
