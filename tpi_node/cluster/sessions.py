@@ -194,9 +194,11 @@ class Sessions:
         """End every live session with `code` (from any thread; waits at most a few seconds)."""
 
         async def _all() -> None:
-            await self.send_all(shutdown_msg(code, reason))
-            for p in list(self.peers.values()):
-                p.lost = p.lost or reason
+            live = [p for p in list(self.peers.values()) if p.lost is None]
+            for p in live:  # first: a worker that closes its stream at once (a Unix socket's
+                p.lost = reason  # within microseconds) ends for this reason, not "disconnected"
+            for p in live:
+                await self._quietly(p, shutdown_msg(code, reason))
 
         with contextlib.suppress(Exception):
             self.shared.run(_all(), timeout=10)
