@@ -9,15 +9,11 @@ time per token with the head whole on the master and split by vocabulary (--head
 
 compute = master's own layer math; comm = inside allreduces (wire + waiting for the slowest
 worker); stall = waiting for weights (streaming window). overhead = ms/token - 1-node ms/token.
-session = the workers' --local-session: auto runs their sessions on the master's Unix socket (they
-dial it over loopback), off on gRPC; 2*L*star is measured on the same transport. x1 = 1-node
-ms/token / this ms/token: the cluster's tokens/s as a fraction of one node's.
-head = the master's lm_head time per token: the whole head's logits (off), or its own rows'
-logits + candidates + the gather of every node's (on; own = without the gather's wait).
-alone = the same work for one row timed after the run, every other process idle: what the
-master's head costs where each node has its own cores (on a 2-core machine 4 nodes share 2 cores,
-so in the run the nodes' head rows compete for them and `head` cannot go below ~0.5x).
---synth PRESET serves a synthetic checkpoint of that shape (written once into --work).
+Threads as `run` gives them: one node uses every core, N local nodes each get their share (the
+master's torch threads, the workers' OMP_NUM_THREADS). session = the workers' --local-session:
+auto runs their sessions on the master's Unix socket (they dial it over loopback), off on gRPC;
+2*L*star is measured on the same transport. x1 = 1-node ms/token / this ms/token: the cluster's
+tokens/s as a fraction of one node's.
 """
 
 from __future__ import annotations
@@ -65,10 +61,17 @@ def run_cluster(
     collective: str = "star",
     session: str = "auto",
 ) -> dict:
+    import torch
+
     from tpi_node.commands.compose import start_master
+    from tpi_node.commands.local_cluster import share_cores
+    from tpi_node.engine.device import cpu_cores
     from tpi_node.model.sampling_params import SamplingParams
     from tpi_node.settings import MasterSettings
 
+    # threads as `run` gives them (one node: every core; N local nodes: each its share of them)
+    threads = share_cores(nodes) if nodes > 1 else cpu_cores()
+    torch.set_num_threads(threads)
     os.environ["TPI_HOME"] = str(home / "master")
     # one token per step (no speculative drafts): this measures what one step costs
     s = MasterSettings(
@@ -101,7 +104,7 @@ def run_cluster(
                 "--local-session",
                 session,
             ],
-            env={**os.environ, "TPI_HOME": str(home / f"w{i}")},
+            env={**os.environ, "TPI_HOME": str(home / f"w{i}"), "OMP_NUM_THREADS": str(threads)},
             stderr=subprocess.DEVNULL,
         )
         for i in range(1, nodes)
@@ -155,11 +158,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/tpi-bench-cluster"), help="where --synth writes it")
     a = ap.parse_args()
     import bench_allreduce
-    import torch
 
     from tpi_node.weights.prepare import resolve_model
 
-    torch.set_num_threads(1)
     if a.synth:
         model_dir, name = a.work / a.synth, a.synth
         if not (model_dir / "config.json").is_file():

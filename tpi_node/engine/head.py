@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tpi_node.engine.device import cpu_cores
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import can_prepack, linear, prepack, prepack_pays
 from tpi_node.model.qkernel import dequantize
@@ -86,6 +87,7 @@ class ModelHead:
         the embedding is looked up here, from the memory-mapped checkpoint."""
         reader = open_checkpoint(model_dir)
         self.dtype, self.device = dtype, torch.device(device)
+        self.threads = cpu_cores()  # for a quantised head's kernel (see `logits`)
         tied = head_name(reader, cfg) == EMBED
         if not lm_head:
             self.lm_head_w, self.vocab_size = None, reader.shape(head_name(reader, cfg))[0]
@@ -131,8 +133,11 @@ class ModelHead:
         return self.lm_head_w is None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, H] final-normed hidden -> [B, V] float32 logits."""
-        return linear(h.to(self.device, self.dtype), self.lm_head_w).float()
+        """[B, H] final-normed hidden -> [B, V] float32 logits. A quantised head's kernel runs on
+        every core this process may use: the other nodes wait for the next step meanwhile, so the
+        cores a local cluster shared out are idle (SmolLM2's Q8_0 head on 2 cores: 4.8 -> 2.5 ms
+        a token at 2 local nodes, where each node's share is one core)."""
+        return linear(h.to(self.device, self.dtype), self.lm_head_w, threads=self.threads).float()
 
     def nbytes(self) -> int:
         """Bytes held in memory (the memory-mapped embedding is not held)."""

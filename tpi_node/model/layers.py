@@ -48,13 +48,14 @@ class LayerWeights:
         )
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """x @ w.T + b. A CPU weight prepacked by `prepack` (oneDNN's blocked layout) runs through
     oneDNN, 1.7x faster than the MKL path for one-token decode and 2.6x for 8 rows on an AMD EPYC
     VM (scripts/bench_single.py), slower on an Intel Xeon one: `prepack_pays` measures which. A
-    QMatrix runs the quantised matmul (model/qkernel.py)."""
+    QMatrix runs the quantised matmul (model/qkernel.py), its small steps on `threads` of the
+    kernel's pool (default: as many as `tune` chose)."""
     if isinstance(w, QMatrix):
-        return qlinear(x, w, b)
+        return qlinear(x, w, b, threads)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)

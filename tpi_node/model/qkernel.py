@@ -162,10 +162,11 @@ def dequantize(w: QMatrix, dtype: torch.dtype = torch.float32, start: int = 0, e
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def qlinear(x: torch.Tensor, w: QMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] (any float dtype) @ w.T + bias -> [T, N] in x's dtype."""
+def qlinear(x: torch.Tensor, w: QMatrix, bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [T, K] (any float dtype) @ w.T + bias -> [T, N] in x's dtype; small steps through the
+    kernel on `threads` (default: decode_threads)."""
     if x.device.type == "cpu" and x.shape[0] <= TUNING.kernel_max_tokens and library() is not None:
-        y = kernel_matmul(x, w).to(x.dtype)
+        y = kernel_matmul(x, w, threads).to(x.dtype)
         return y + bias if bias is not None else y
     return dequant_linear(x, w, bias)
 
