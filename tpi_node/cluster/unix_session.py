@@ -37,7 +37,8 @@ from google.protobuf.message import DecodeError, Message
 from tpi_node.proto import tpi_pb2 as pb
 
 # How long a waiting reader spins before it sleeps: about a layer's compute. SmolLM2 at 2 local
-# nodes (bench_cluster.py): 0.50x one node's tokens/s with no spin, 0.55x at 0.2 ms, 0.58x at 2 ms.
+# nodes (bench_cluster.py, before it gave threads as `run` does): 0.50x one node's tokens/s with no
+# spin, 0.55x at 0.2 ms, 0.58x at 2 ms.
 SPIN_S = 0.002
 SPIN_MIN_S = 0.00005  # where SpinBudget goes while spinning does not pay
 MAX_FRAME = 1 << 30  # as the gRPC channels' message limit (cluster/channels.py)
@@ -49,10 +50,11 @@ END = grpc.aio.EOF  # what `read` gives at the end of the stream, as a gRPC call
 
 class SpinBudget:
     """How long a reader spins next: SPIN_S while spinning pays (the frame came within it), halved
-    after each spin that found nothing, down to SPIN_MIN_S. With more busy processes than cores
-    (3 nodes on 2 cores) a spinning reader holds the core its peer needs to send: measured with
-    bench_allreduce.py at 3 processes and 256 tokens, a fixed 2 ms spin made a round trip 1.7x
-    slower than no spin, while at 2 processes and 1 token it is 0.65x."""
+    after each spin that found nothing, down to SPIN_MIN_S (an idle worker's heartbeat waits, a
+    peer that is far behind). With more busy processes than cores a spinning reader holds the core
+    its peer needs: bench_allreduce.py at 3 processes on 2 cores, 256 tokens, took 4.6 ms a round
+    trip with a fixed 2 ms spin against 2.6 ms with none, while at 1 token the spin made it 0.65x.
+    This halving did not cure that case (4.1 ms); the larger send buffer helped more (2.9 ms)."""
 
     def __init__(self) -> None:
         self.s = SPIN_S

@@ -12,7 +12,7 @@ import torch
 from tpi_node.engine.device import cpu_cores
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import can_prepack, linear, prepack, prepack_pays
-from tpi_node.model.qkernel import dequantize
+from tpi_node.model.qkernel import TUNING, dequantize
 from tpi_node.model.quant import QMatrix
 from tpi_node.weights.checkpoint import open_checkpoint
 from tpi_node.weights.head_rows import EMBED, head_name, load_rows, read_head
@@ -133,11 +133,14 @@ class ModelHead:
         return self.lm_head_w is None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, H] final-normed hidden -> [B, V] float32 logits. A quantised head's kernel runs on
-        every core this process may use: the other nodes wait for the next step meanwhile, so the
-        cores a local cluster shared out are idle (SmolLM2's Q8_0 head on 2 cores: 4.8 -> 2.5 ms
-        a token at 2 local nodes, where each node's share is one core)."""
-        return linear(h.to(self.device, self.dtype), self.lm_head_w, threads=self.threads).float()
+        """[B, H] final-normed hidden -> [B, V] float32 logits. Where the layers' quantised matmuls
+        run on one thread (a local cluster's share of the cores, or `tune` found no clear win), a
+        quantised head's kernel runs on every core this process may use: the other nodes wait for
+        the next step meanwhile (SmolLM2's Q8_0 head, 2 local nodes on 2 cores: 4.8 -> 2.5 ms a
+        token). Else it keeps the layers' count: every job of the kernel's pool waits for all of
+        its workers, so a wider head would make the layers' jobs wait for idle ones."""
+        threads = self.threads if TUNING.decode_threads == 1 else None
+        return linear(h.to(self.device, self.dtype), self.lm_head_w, threads=threads).float()
 
     def nbytes(self) -> int:
         """Bytes held in memory (the memory-mapped embedding is not held)."""

@@ -135,7 +135,7 @@ static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, co
  * a job they spin for SPIN_NS (by the clock: a `pause` takes ~10 to ~140 cycles depending on the
  * CPU), then sleep on a condition variable. The next matmul of a decode step comes after the
  * layer's small ops: waking a sleeping worker there costs ~30 us each way on a VM, so a spin of
- * ~40 us (4096 pauses here) decoded SmolLM2 at 42.9 tok/s and one of 0.3 ms at 51.4 (1.2x; 1.2 ms
+ * ~40 us (4096 pauses here) decoded SmolLM2 at 42.9 tok/s and one of 0.3 ms at ~51 (1.2x; 1.2 ms
  * gained nothing more). One job at a time: a second caller meanwhile runs its job on its own thread. */
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()

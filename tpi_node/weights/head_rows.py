@@ -26,27 +26,25 @@ def load_rows(
     two whole copies. Stored in blocks (a GGUF's Q8_0 / Q4_x), it stays so; a float one is
     quantised to q8_0 under --quant int8 / int4 (llama.cpp's Q4 files keep their output layer at
     8 bits, too)."""
-    total, cols = reader.shape(name)
+    total = reader.shape(name)[0]
     end = total if end is None else end
     first = reader.rows(name, start, min(start + block, end))
     blocks = isinstance(first, QMatrix) or (quant != "none" and quantizable(first))
 
-    def fill(out: torch.Tensor, a: int, part) -> None:
-        if blocks:
-            part = (part if isinstance(part, QMatrix) else quantize(part, "q8_0")).data
+    def part_of(rows) -> torch.Tensor:  # stored in blocks (a GGUF's Q8_0 / Q4_x) it stays so
+        return (rows if isinstance(rows, QMatrix) else quantize(rows, "q8_0")).data if blocks else rows
+
+    def fill(out: torch.Tensor, a: int, part: torch.Tensor) -> None:
         out[a - start : a - start + part.shape[0]] = part
         # the file's pages this block read leave the RSS now, not when the reader closes (the
         # head is read whole: SmolLM2's Q8_0 head would count three times at the peak)
         reader.release_pages()
 
-    if blocks:  # stored in blocks (a GGUF's Q8_0 / Q4_x) it stays so; a float one quantised here
-        layout = (first if isinstance(first, QMatrix) else quantize(first[:1], "q8_0")).data.shape[1:]
-        out = torch.empty(end - start, *layout, dtype=torch.uint8)
-    else:
-        out = torch.empty(end - start, cols, dtype=dtype, device=device)
+    first = part_of(first)
+    out = torch.empty(end - start, *first.shape[1:], dtype=torch.uint8 if blocks else dtype, device=device)
     fill(out, start, first)
     for a in range(start + block, end, block):
-        fill(out, a, reader.rows(name, a, min(a + block, end)))
+        fill(out, a, part_of(reader.rows(name, a, min(a + block, end))))
     return QMatrix(out).to(device) if blocks else out
 
 
