@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quantised weights, side by side in one run on one machine with the same threads: TTFT, decode
 tokens/s and peak RSS of tpi-node serving SmolLM2-135M-Instruct in fp32, --quant int8, --quant
-int4 and natively from its Q4_1 GGUF, and of llama.cpp (llama-cpp-python) on the same GGUF.
+int4 and natively from its Q4_1 GGUF (exact, and with --act-quant int8), and of llama.cpp
+(llama-cpp-python) on the same GGUF.
 
 Each configuration runs in a process of its own (peak RSS is per process); greedy decoding,
 speculation off, the same chat prompt. The fp32 checkpoint is the GGUF dequantised by tpi-node's
@@ -28,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_VENV = ROOT / ".bench" / "llama-cpp-venv"
 PROMPT = "Write a long story about a robot who learns to paint, with many details."
-CONFIGS = ("fp32", "int8", "int4", "gguf-q4_1")
+# gguf-q4_1+act-int8: the same file served with --act-quant int8 (int8 activations, not fp32-exact)
+CONFIGS = ("fp32", "int8", "int4", "gguf-q4_1", "gguf-q4_1+act-int8")
 
 
 def peak_rss() -> int:
@@ -81,10 +83,10 @@ def run_tpi(config: str, threads: int, tokens: int) -> dict:
 
     idle = rss()
     gguf_dir = prepare_model(progress=False)
-    model, quant = (
-        (gguf_dir, "none") if config == "gguf-q4_1" else (float_dir(gguf_dir), config.replace("fp32", "none"))
-    )
-    engine = build_local_engine(model, progress=False, quant=quant, speculative="off")
+    gguf = config.startswith("gguf-q4_1")
+    model, quant = (gguf_dir, "none") if gguf else (float_dir(gguf_dir), config.replace("fp32", "none"))
+    act = "int8" if config.endswith("+act-int8") else "none"
+    engine = build_local_engine(model, progress=False, quant=quant, speculative="off", act_quant=act)
     tok = engine.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
     list(engine.generate_sync(ids, SamplingParams(max_tokens=4, temperature=0)))  # warm up

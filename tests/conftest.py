@@ -79,3 +79,13 @@ def smollm2_hf(smollm2_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(autouse=True)
+def _exact_kernel_after_each_test():
+    """--act-quant is process state (the kernel's TUNING, set where a node starts): a test that
+    started an in-process master or engine with int8 activations leaves the exact kernel behind."""
+    yield
+    from tpi_node.model.qkernel import use_act_quant
+
+    use_act_quant("none")

@@ -20,6 +20,7 @@ from tpi_node.cluster.link import MasterLink
 from tpi_node.cluster.sessions import HEARTBEAT_TIMEOUT_S
 from tpi_node.commands.compose import build_local_engine, start_master
 from tpi_node.engine.batch import BatchLayout
+from tpi_node.model import qkernel
 from tpi_node.model.sampling_params import SamplingParams
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.settings import MasterSettings
@@ -191,15 +192,22 @@ def test_smollm2_at_three_nodes_matches_the_single_node_engine_and_transformers(
 
 def test_int4_shards_travel_quantised_to_the_workers_and_give_the_single_node_text(tiny_model_dir, home):
     """--quant int4 on a float checkpoint: every worker's shard files hold q4_1 blocks (FetchShard
-    streams the quantised bytes), and the cluster's greedy text is the single node's."""
+    streams the quantised bytes), and the cluster's greedy text is the single node's. With
+    --act-quant int8 on the master, which every worker takes from its assignment (its log says so):
+    a node rounds each 32-value block of its input, and a node's slice of o_proj's or down_proj's
+    input is whole blocks of the full input, so the cluster rounds as one node does."""
     model = tiny_model_dir("tiny-qwen2")
-    ref = build_local_engine(model, progress=False, quant="int4")
+    ref = build_local_engine(model, progress=False, quant="int4", act_quant="int8")
     try:
         want = [e.token_id for e in ref.generate_sync(PROMPT, GREEDY)]
     finally:
         ref.shutdown()
-    with cluster(model, 3, home, quant="int4") as (master, engine, _, _):
+    with cluster(model, 3, home, quant="int4", act_quant="int8") as (master, engine, _, _):
         assert [e.token_id for e in engine.generate_sync(PROMPT, GREEDY)] == want
+        vnni = qkernel.TUNING.int8_activations  # this machine's kernel has it (else the exact one runs)
+        says = "int8 activations (VNNI)" if vnni else "--act-quant int8 needs AVX512-VNNI"
+        for w in ("w1", "w2"):
+            assert says in (home / f"{w}.log").read_text(), _logs(home)
         layer_files = sorted((home / "w1").rglob("layer-000.safetensors"))
         assert layer_files, list((home / "w1").rglob("*"))
         with safe_open(layer_files[0], "pt") as f:

@@ -42,6 +42,45 @@ def test_kernel_and_dequantise_agree_with_a_float_matmul(fmt, tokens):
             assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
+def _int8_activations_reference(x: torch.Tensor, w: QMatrix) -> torch.Tensor:
+    """What --act-quant int8 defines, in float64 from torch ops: each 32-value block of x rounded
+    to int8 with scale max|x| / 127 (fp32 arithmetic, as the kernel does), times the block's
+    weights without their offset; the offset (Q4_1's m, Q4_0's -8 d) times the exact block sum."""
+    t, k = x.shape
+    blocks = x.view(t, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq = ((blocks * inv).round().clamp(-127, 127).double() * (amax / 127).double()).view(t, k)
+    d = w.data[..., 0:2].contiguous().view(torch.float16).double()
+    m = {"q4_0": -8 * d, "q4_1": w.data[..., 2:4].contiguous().view(torch.float16).double()}.get(w.fmt, 0 * d)
+    offset = m.expand(*m.shape[:2], 32).reshape(w.shape[0], k)
+    return xq @ (w.dequantize().double() - offset).T + x.double() @ offset.T
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_int8_activations_compute_what_they_define(fmt, tokens):
+    """--act-quant int8 (AVX512-VNNI integer dot products): the kernel equals its definition to
+    fp32 rounding, for an odd block count too (224 = 7 blocks); and it really rounds: it moves away
+    from the exact product, by about a percent."""
+    qkernel.use_act_quant("int8")
+    try:
+        if not qkernel.TUNING.int8_activations:  # a CPU without VNNI keeps the exact kernel and says so
+            assert qkernel.library() is None or "needs AVX512-VNNI" in qkernel.TUNING.describe()
+            return
+        assert "int8 activations (VNNI)" in qkernel.TUNING.describe()
+        for k in (224, 320):
+            w, x = _random_blocks(fmt, 130, k, seed=k), torch.randn(tokens, k)
+            want, exact = _int8_activations_reference(x, w), x.double() @ w.dequantize().double().T
+            got = qkernel.kernel_matmul(x, w).double()
+            scale = exact.abs().max()
+            assert (got - want).abs().max() / scale < 1e-5
+            assert 1e-4 < (got - exact).abs().max() / scale < 0.05
+    finally:
+        qkernel.use_act_quant("none")
+    assert not qkernel.TUNING.int8_activations
+
+
 def test_the_kernel_is_built_and_tuned_on_this_machine():
     assert qkernel.library() is not None, qkernel.library_error()  # CI has a C compiler
     t = qkernel.tune(quantize(torch.randn(1024, 1024), "q4_1"), max_threads=2)
@@ -163,6 +202,35 @@ def test_perplexity_of_int8_and_int4_stays_near_fp32(smollm2_fp32_dir):
     assert ppl["none"] < 30, ppl  # a real model reading real text
     assert ppl["int8"] <= ppl["none"] * 1.02, ppl
     assert ppl["int4"] <= ppl["none"] * 1.10, ppl
+
+
+def _decode_perplexity(model: OurModel, ids: list[int]) -> float:
+    """Token by token, as decode runs (one-token steps take the kernel, not dequantise + GEMM)."""
+    nll = 0.0
+    for i, t in enumerate(ids[:-1]):
+        logits = model.step(1, i, [t])[-1].double()
+        nll -= float(torch.log_softmax(logits, -1)[ids[i + 1]])
+    model.free([1])
+    return float(torch.exp(torch.tensor(nll / (len(ids) - 1))))
+
+
+def test_int8_activations_keep_the_default_models_perplexity(smollm2_dir):
+    """The default model's own Q4_1 blocks, decoding the paragraph token by token: --act-quant
+    int8 within 2% of the exact kernel's perplexity (measured: docs/quant.md)."""
+    from tpi_node.model.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(smollm2_dir).encode(PARAGRAPH)
+    model = OurModel(smollm2_dir)
+    ppl = {}
+    try:
+        for mode in ("none", "int8"):
+            qkernel.use_act_quant(mode)
+            ppl[mode] = _decode_perplexity(model, ids)
+    finally:
+        qkernel.use_act_quant("none")
+    print(f"decode perplexity: {ppl}")
+    assert ppl["none"] < 30, ppl
+    assert ppl["int8"] <= ppl["none"] * 1.02, ppl
 
 
 def test_big_steps_dequantise_a_block_of_rows_at_a_time(monkeypatch):

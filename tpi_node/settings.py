@@ -155,6 +155,21 @@ class DtypeOption:
     )
 
 
+ACT_QUANTS = ("none", "int8")  # --act-quant, model/qkernel.py
+
+
+@dataclass(frozen=True)
+class ActQuantOption:
+    act_quant: str = setting(
+        "none",
+        "int8: the quantised matmuls of small steps (decode) round each 32-value block of their input to "
+        "int8 and multiply in integers (llama.cpp's way; AVX512-VNNI), faster but no longer fp32-exact "
+        "against transformers (greedy text can differ after a few tokens); the master's choice holds on "
+        "every node; a CPU without VNNI keeps the exact kernel and says so",
+        choices=ACT_QUANTS,
+    )
+
+
 @dataclass(frozen=True)
 class BudgetOptions:
     memory_budget: int | None = setting(
@@ -464,6 +479,7 @@ class CertsOptions:
 class MasterSettings(
     ModelOptions,
     DtypeOption,
+    ActQuantOption,
     BudgetOptions,
     KVOptions,
     DecodeOptions,
@@ -500,6 +516,7 @@ class GenerateSettings(
     PromptOptions,
     SeedOption,
     DtypeOption,
+    ActQuantOption,
     BudgetOptions,
     KVOptions,
     DecodeOptions,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tpi_node.comm.codec import FrameError, dtype_enum, dtype_of_enum, wire_name
 from tpi_node.dtypes import DTYPE_NAMES
 from tpi_node.proto import tpi_pb2 as pb
-from tpi_node.settings import QUANTS
+from tpi_node.settings import ACT_QUANTS, QUANTS
 from tpi_node.weights.plan import NodeShare, PartitionPlan
 from tpi_node.weights.slicer import ShardFile
 
@@ -33,6 +33,7 @@ class Assignment:
     collective_init: str = ""  # tcp://HOST:PORT of a gloo group that sums instead of the star
     shard_quant: str = "none"  # --quant of the shard files (names the worker's cache)
     split_head: bool = False  # the lm_head is split by vocabulary: head.safetensors is in `files`
+    act_quant: str = "none"  # --act-quant: how this node's quantised matmuls take their input
 
     @property
     def world_size(self) -> int:
@@ -62,6 +63,7 @@ class Assignment:
             kv_blocks=self.kv_blocks,
             shard_quant=self.shard_quant,
             split_head=self.split_head,
+            act_quant=self.act_quant,
         )
 
     @classmethod
@@ -75,6 +77,8 @@ class Assignment:
             raise FrameError(f"the master's plan does not match its digest or rank {reply.rank}")
         if reply.shard_dtype not in DTYPE_NAMES:
             raise FrameError(f"the master's shards have an unknown dtype '{reply.shard_dtype}'")
+        if (reply.act_quant or "none") not in ACT_QUANTS:
+            raise FrameError(f"the master asks for unknown activations '{reply.act_quant}'")
         if (reply.shard_quant or "none") not in QUANTS:
             raise FrameError(f"the master's shards have an unknown quantisation '{reply.shard_quant}'")
         return cls(
@@ -93,4 +97,5 @@ class Assignment:
             collective_init=reply.collective_init,
             shard_quant=reply.shard_quant or "none",
             split_head=reply.split_head,
+            act_quant=reply.act_quant or "none",
         )

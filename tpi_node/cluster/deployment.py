@@ -47,6 +47,7 @@ class ClusterSpec:
     max_context: int | None = None  # --max-context: the longest sequence served
     kv_blocks: int | None = None  # --kv-blocks: every node's KV cache size, instead of the budget's
     quant: str = "none"  # --quant of float weights (model/quant.py)
+    act_quant: str = "none"  # --act-quant of the quantised matmuls (model/qkernel.py), on every node
     weights: WeightBytes | None = None  # bytes per parameter as stored (default: dtype's)
     cache_size: int | None = None  # --cache-size: the shard cache's bound (None: unbounded)
     split_head: bool = False  # --head-split: every node holds lm_head rows (NodeShare.vocab_rows)

@@ -201,6 +201,7 @@ class ClusterMaster(rpc.MasterServicer):
             collective_init=self.spec.collective_init,
             shard_quant=self.spec.quant,
             split_head=self.spec.split_head,
+            act_quant=self.spec.act_quant,
         ).to_pb()
         if self.unix is not None:  # a worker on this machine may open its session there
             reply.session_socket = self.unix.path

@@ -42,6 +42,7 @@ from tpi_node.engine.runner import NodeRunner
 from tpi_node.engine.vocab import HeadAsk
 from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.qkernel import use_act_quant
 from tpi_node.proto import tpi_pb2 as pb
 from tpi_node.weights import cache
 from tpi_node.weights.disk import DiskFullError, disk_full
@@ -233,6 +234,7 @@ def _join_and_serve(
     repair = ShardRepair({f.name: f.sha256 for f in a.files}, lambda name: _refetch(link, a, out, spec.node_id, name))
     # the master split this node's memory from the capacity it reported (engine/budget.py)
     store = ShardStore(out, cfg, share, window=a.window, device=spec.device, repair=repair)
+    use_act_quant(a.act_quant)  # the master's --act-quant, before the runner tunes the kernel
     coll = make_collective(a, link, link.address)
     head, ranges = None, None
     td = torch_dtype(a.shard_dtype)

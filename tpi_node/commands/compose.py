@@ -49,6 +49,7 @@ from tpi_node.errors import UserError
 from tpi_node.gpu.detect import GpuDecision, detect, detect_and_log
 from tpi_node.gpu.split import DEFAULT_THRESHOLD, STAR_THRESHOLD, split_threshold
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.qkernel import use_act_quant
 from tpi_node.model.tokenizer import Tokenizer
 from tpi_node.settings import MasterSettings, TlsOptions
 from tpi_node.weights.checkpoint import model_digest
@@ -295,12 +296,14 @@ def build_local_engine(
     decision: GpuDecision | None = None,
     draft_model: str | Path | None = None,
     draft_quant: str = "none",
+    act_quant: str = "none",
 ) -> Engine:
     """A single-node engine over a model name (prepared on first use) or a model directory. Its
     memory splits as a cluster node's does (engine/budget.py); `window` forces the weight window;
     on a CUDA device the forward loop runs the fused add+RMSNorm kernel unless `fast_path` is off
     (`decision`: detection's, default: asked of this machine). `draft_model` (--draft-model):
-    speculative decoding's draft model (build_draft)."""
+    speculative decoding's draft model (build_draft). `act_quant`: --act-quant."""
+    use_act_quant(act_quant)
     model_dir = resolve_model(str(model), progress=progress)
     cfg = ModelConfig.from_dir(model_dir)
     info = select_device(device)
@@ -473,6 +476,7 @@ def start_master(
     this one first): they then sum in one NVLink group. `decision`: detection's (default: asked)."""
     info = select_device(f"cuda:{gpus[0]}" if gpus else s.device)
     dtype = default_dtype(info, s.dtype)
+    use_act_quant(s.act_quant)  # this node's; its workers get it with their assignment
     model_dir = resolve_model(s.model)
     cfg = ModelConfig.from_dir(model_dir)
     if s.wire == "int8" and (s.collective != "star" or cfg.hidden_size % 32):
@@ -518,6 +522,7 @@ def start_master(
         max_context=s.max_context,
         kv_blocks=s.kv_blocks,
         quant=s.quant,
+        act_quant=s.act_quant,
         weights=weight_bytes(model_dir, dtype, s.quant),
         cache_size=s.cache_size,
         split_head=split_head,

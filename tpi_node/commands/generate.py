@@ -48,6 +48,7 @@ def run(s: GenerateSettings) -> int:
             fast_path=s.fast_path,
             draft_model=s.draft_model,
             draft_quant=s.draft_quant,
+            act_quant=s.act_quant,
         )
         cache.make_room(s.cache_size)  # a --quant slice set it wrote (its runner holds it)
         close = engine.shutdown

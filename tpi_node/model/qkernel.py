@@ -89,6 +89,8 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(build()))
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 lib.tpi_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+                lib.tpi_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+                lib.tpi_has_q8dot.argtypes = []
                 lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
                 _lib = lib
             except (OSError, RuntimeError) as e:
@@ -110,19 +112,34 @@ class Tuning:
     kernel_max_tokens: int = 16  # steps of up to this many tokens use the kernel, bigger ones dequant
     decode_threads: int = 1  # threads for small steps: 1 unless more measured clearly faster
     measured: str = ""  # what `tune` saw, for the start-up log line
+    int8_activations: bool = False  # --act-quant int8 where the kernel has it (use_act_quant)
+    act_note: str = ""  # why --act-quant int8 runs exact here, when it does
 
     def describe(self) -> str:
         lib = library()
         if lib is None:
             return f"quantised matmul: dequantise + GEMM for every step (no kernel: {_lib_error})"
+        act = "int8 activations (VNNI)" if self.int8_activations else f"fp32-exact{self.act_note}"
         return (
-            f"quantised matmul: C kernel for steps <= {self.kernel_max_tokens} tokens (decode on "
+            f"quantised matmul: C kernel, {act}, for steps <= {self.kernel_max_tokens} tokens (decode on "
             f"{self.decode_threads} thread{'s' if self.decode_threads > 1 else ''}), dequantise + GEMM above "
             f"({self.measured})"
         )
 
 
 TUNING = Tuning()
+
+
+def use_act_quant(mode: str) -> None:
+    """--act-quant: 'int8' runs the kernel's small steps with int8 activations (qmatmul.c,
+    tpi_qmatmul_q8) where this build has them (AVX512-VNNI), else the exact kernel, and `describe`
+    says why; 'none' keeps fp32-exact products. Set before `tune`, which then times what runs."""
+    lib = library()
+    has = lib is not None and bool(lib.tpi_has_q8dot())
+    TUNING.int8_activations = mode == "int8" and has
+    TUNING.act_note = ""
+    if mode == "int8" and not has:
+        TUNING.act_note = " (--act-quant int8 needs AVX512-VNNI, which this CPU or build lacks)"
 
 
 def _threads() -> int:
@@ -142,10 +159,9 @@ def kernel_matmul(x: torch.Tensor, w: QMatrix, threads: int | None = None) -> to
     n, k = w.shape
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     data = w.data if w.data.is_contiguous() else w.data.contiguous()
-    rc = lib.tpi_qmatmul(
-        KIND[w.fmt], xf.data_ptr(), xf.shape[0], k, data.data_ptr(), n, y.data_ptr(), threads or _kernel_threads()
-    )
-    if rc != 0:
+    fn = lib.tpi_qmatmul_q8 if TUNING.int8_activations else lib.tpi_qmatmul
+    rc = fn(KIND[w.fmt], xf.data_ptr(), xf.shape[0], k, data.data_ptr(), n, y.data_ptr(), threads or _kernel_threads())
+    if rc != 0:  # -1: a bad argument; -2 cannot happen (use_act_quant checked tpi_has_q8dot)
         raise ValueError(f"qmatmul refused x {list(x.shape)} against a {w.fmt} {list(w.shape)} matrix")
     return y
 
