@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tpi_node.errors import TpiError
-from tpi_node.model.layers import rms_norm
+from tpi_node.model.layers import add_rms_norm
 
 
 @dataclass
@@ -94,8 +94,7 @@ class Collective(ABC):
         total = self.allreduce(partial)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
-        x = residual + total.to(residual.dtype)
-        return x, rms_norm(x, norm_weight, eps)
+        return add_rms_norm(residual, total, norm_weight, eps)
 
     def start_add_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
@@ -138,8 +137,7 @@ class AsyncCollective(Collective):
             t0 = time.perf_counter()
             total = self.allreduce_wait(f.handle)
             self.stats.seconds += time.perf_counter() - t0
-            x = f.residual + total.to(f.residual.dtype)
-            f.result, f.residual = (x, rms_norm(x, f.norm_weight, f.eps)), None
+            f.result, f.residual = add_rms_norm(f.residual, total, f.norm_weight, f.eps), None
         return f.result
 
 

@@ -306,6 +306,10 @@ def build_local_engine(
     use_act_quant(act_quant)
     model_dir = resolve_model(str(model), progress=progress)
     cfg = ModelConfig.from_dir(model_dir)
+    # first: parsing tokenizer.json takes ~40 MiB for a moment (SmolLM2's), which is then given back
+    # before the weights load, so that it does not add to the process's peak
+    tokenizer = Tokenizer.from_dir(model_dir)
+    heap.trim()
     info = select_device(device)
     fast = choose_fast_path(fast_path, detect_for(info, decision), str(info.device))
     cap = device_capacity("local", info, memory_budget, dtype)
@@ -350,7 +354,6 @@ def build_local_engine(
     say_memory("local", window, mem.kv_blocks, progress)
     if progress:
         say(fast.summary())
-    tokenizer = Tokenizer.from_dir(model_dir)
     draft = build_draft(
         draft_model,
         speculative,

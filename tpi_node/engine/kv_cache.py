@@ -31,6 +31,7 @@ class StepIndex:
     decode: list[int]  # indices (in the layout) of the one-token sequences
     decode_slots: torch.Tensor | None  # [B, L] slots of each decode sequence's tokens (padded)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a slot holds a real token
+    decode_lens: torch.Tensor | None  # [B] tokens each decode sequence attends to (past + 1)
     seq_slots: dict[int, torch.Tensor]  # layout index -> [past + n] slots of a prefill sequence
 
 
@@ -75,7 +76,7 @@ class PagedKVCache:
         pos = layout.positions().to(dev)
         slots = _slot(table[owner, pos // BLOCK_TOKENS], pos)
         decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = lens = None
         if decode:
             lens = torch.tensor([layout.past_lens[j] + 1 for j in decode], device=dev)  # [B]
             at = torch.arange(int(lens.max()), device=dev)  # [L]
@@ -88,7 +89,7 @@ class PagedKVCache:
             if n > 1:
                 at = torch.arange(p + n, device=dev)
                 seq_slots[j] = _slot(table[j, at // BLOCK_TOKENS], at)
-        self.index = StepIndex(slots, decode, decode_slots, decode_mask, seq_slots)
+        self.index = StepIndex(slots, decode, decode_slots, decode_mask, lens, seq_slots)
 
     def layer(self, i: int, index: StepIndex | None = None) -> LayerKV:
         """Layer i as indexed by the last `begin`, or by `index` (one half of a split step)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tpi_node import heap
 from tpi_node.comm.collective import Collective, InFlight
 from tpi_node.dtypes import torch_dtype
 from tpi_node.engine.batch import BatchLayout
@@ -94,6 +95,7 @@ class NodeRunner:
             # which way each step size runs, and on how many threads the kernel's own pool runs a
             # decode step's quantised matmuls, measured on this machine with this node's matrix
             print(f"[tpi-node] {tune(sample, self.max_threads).describe()}", file=sys.stderr, flush=True)
+            heap.trim()  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
 
     def _threads_for(self, tokens: int) -> None:
         """Small steps (decode) run torch on one thread: their float matrix-vector products are too

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tpi_node.model import decode_ops
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.qkernel import best_of, qlinear
 from tpi_node.model.quant import QMatrix
@@ -128,6 +129,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y.to(x.dtype)
 
 
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = residual + delta and rms_norm(x): [T, H] each; one C call in fp32 on the CPU."""
+    delta = delta.to(residual.dtype)
+    if decode_ops.usable(residual, delta, weight):
+        return decode_ops.add_rms_norm(residual, delta, weight, eps)
+    x = residual + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """[hd/2] inverse frequencies, with Llama-3 or linear rope scaling when configured."""
     hd = cfg.head_dim
@@ -187,12 +199,17 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
         return h.new_zeros(T, h.shape[1])
     qkv = linear(h, w.wqkv, w.bqkv)  # [T, (nq + 2nkv) hd]
     nq, nkv = w.n_q * head_dim, w.n_kv * head_dim
-    q = qkv[:, :nq].view(T, w.n_q, head_dim)
-    k = qkv[:, nq : nq + nkv].view(T, w.n_kv, head_dim)
-    v = qkv[:, nq + nkv :].view(T, w.n_kv, head_dim)
     cos, sin = rope_cs
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache.store(k, v)  # every new token of every sequence, one write
+    fast = decode_ops.usable(qkv, cos, sin, cache.k)  # fp32 on the CPU: rope, store, decode attention in C
+    if fast:
+        decode_ops.rope_store(qkv, w.n_q, w.n_kv, head_dim, cos, sin, cache)  # q and k roped in place
+        q = qkv[:, :nq].view(T, w.n_q, head_dim)
+    else:
+        q = qkv[:, :nq].view(T, w.n_q, head_dim)
+        k = qkv[:, nq : nq + nkv].view(T, w.n_kv, head_dim)
+        v = qkv[:, nq + nkv :].view(T, w.n_kv, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.store(k, v)  # every new token of every sequence, one write
 
     g = w.n_q // w.n_kv  # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
@@ -200,7 +217,10 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     for n in layout.new_lens:
         starts.append(starts[-1] + n)
     decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
-    if decode:
+    if decode and fast:
+        rows = torch.tensor([starts[j] for j in decode])
+        decode_ops.attend_decode(qkv, rows, w.n_q, w.n_kv, head_dim, cache, out.view(T, nq))
+    elif decode:
         # every one-token sequence in ONE call: the g query heads of a KV head become g rows
         # against that head's keys (no GQA expansion); the mask hides each slot's unused tail
         rows = torch.tensor([starts[j] for j in decode], device=h.device)

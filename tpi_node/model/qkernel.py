@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tpi_node.model.quant import KIND, QMatrix, quantize
 from tpi_node.paths import kernels_dir
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
+# one library: the quantised matmul, and the small fp32 ops of a decode step (model/decode_ops.py)
+SOURCES = (Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode_ops.c"))
 CFLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
 STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
 
@@ -53,12 +54,13 @@ def _cpu_key() -> str:
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()
+    code = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()
     return kernels_dir() / f"qmatmul-{key[:16]}.so"
 
 
 def build() -> Path:
-    """Compile qmatmul.c for this CPU (once; concurrent nodes wait for the first). Raises
+    """Compile qmatmul.c and decode_ops.c for this CPU (once; concurrent nodes wait for the first). Raises
     RuntimeError with the compiler's message when there is no compiler or it fails."""
     out = library_path()
     if out.is_file():
@@ -72,7 +74,8 @@ def build() -> Path:
         if out.is_file():
             return out
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        argv = [cc, *CFLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
             raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -91,6 +94,13 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
                 lib.tpi_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
                 lib.tpi_has_q8dot.argtypes = []
+                f32, c64 = ctypes.c_float, ctypes.c_int64
+                lib.tpi_add_rmsnorm.argtypes = [ptr, ptr, ptr, c64, c64, f32, ptr, ptr]
+                lib.tpi_rope_store.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr, ptr]
+                lib.tpi_attend_decode.argtypes = [ptr, c64, ptr, c64, c64, c64, c64, ptr, ptr, ptr, c64, ptr]
+                lib.tpi_attend_decode.argtypes += [f32, ptr, ptr, c64]
+                for fn in (lib.tpi_add_rmsnorm, lib.tpi_rope_store, lib.tpi_attend_decode):
+                    fn.restype = None
                 lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
                 _lib = lib
             except (OSError, RuntimeError) as e:

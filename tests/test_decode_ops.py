@@ -1,0 +1,65 @@
+"""The C decode ops (model/decode_ops.c) against the torch ops they replace on fp32 CPU nodes
+(those torch ops are what tests/test_model_vs_hf.py holds to transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpi_node.engine.batch import BatchLayout
+from tpi_node.engine.kv_cache import PagedKVCache
+from tpi_node.model import decode_ops
+from tpi_node.model.layers import apply_rope, rms_norm
+
+pytestmark = pytest.mark.skipif(not decode_ops.usable(torch.zeros(1)), reason="no C compiler: torch ops run")
+
+
+def test_add_rms_norm_equals_the_torch_ops():
+    res, delta, w = torch.randn(5, 576), torch.randn(5, 576), torch.rand(576) + 0.5
+    x, h = decode_ops.add_rms_norm(res, delta, w, 1e-5)
+    assert torch.equal(x, res + delta)
+    assert torch.allclose(h, rms_norm(res + delta, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_q, n_kv", [(9, 3), (4, 4), (2, 1)])
+def test_rope_store_and_decode_attention_equal_the_torch_ops(n_q, n_kv):
+    """A mixed step: sequence 0 prefills 5 tokens after 20, sequences 1-3 decode one token after
+    0, 37 and 70 (blocks scattered over the pool): rope and the KV write for every token, and the
+    decode rows' attention, against apply_rope + index writes + scaled_dot_product_attention."""
+    hd, g = 64, n_q // n_kv
+    past, new = (20, 0, 37, 70), (5, 1, 1, 1)
+    blocks = [list(range(k * 7 % 40, k * 7 % 40 + 6)) for k in range(4)]  # disjoint 6-block tables
+    blocks = [[b + 40 * k for b in t] for k, t in enumerate(blocks)]
+    layout = BatchLayout((1, 2, 3, 4), past, new, tuple(tuple(t) for t in blocks))
+    T = sum(new)
+    kv = PagedKVCache(1, n_kv, hd, torch.float32, "cpu", 200)
+    for pool in (kv.k[0], kv.v[0]):
+        pool[: kv.null_slot].copy_(torch.randn(kv.null_slot, n_kv, hd))
+    want_k, want_v = kv.k[0].clone(), kv.v[0].clone()
+    kv.begin(layout)
+    cache = kv.layer(0)
+    qkv = torch.randn(T, (n_q + 2 * n_kv) * hd)
+    pos = layout.positions()
+    emb = torch.randn(128, hd)
+    cos, sin = emb.cos()[pos].contiguous(), emb.sin()[pos].contiguous()
+
+    q = apply_rope(qkv[:, : n_q * hd].view(T, n_q, hd), cos, sin)
+    k = apply_rope(qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd), cos, sin)
+    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd)
+    want_k[kv.index.slots], want_v[kv.index.slots] = k, v
+
+    fused = qkv.clone()
+    decode_ops.rope_store(fused, n_q, n_kv, hd, cos, sin, cache)
+    assert torch.allclose(fused[:, : n_q * hd].view(T, n_q, hd), q, atol=1e-6)
+    assert torch.allclose(kv.k[0], want_k, atol=1e-6) and torch.equal(kv.v[0], want_v)
+
+    rows = torch.tensor([5, 6, 7])  # the decode sequences' tokens in the step
+    out = torch.full((T, n_q * hd), 7.0)
+    decode_ops.attend_decode(fused, rows, n_q, n_kv, hd, cache, out)
+    ks, vs, mask = cache.decode_kv()  # [B, nkv, L, hd]
+    qs = q[rows].view(3, n_kv, g, hd)
+    want = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).reshape(3, n_q * hd)
+    assert torch.allclose(out[rows], want, atol=1e-5)
+    assert torch.equal(out[:5], torch.full((5, n_q * hd), 7.0))  # the prefill rows are not its to write
+    assert kv.index.decode_lens.tolist() == [1, 38, 71]

@@ -1,0 +1,101 @@
+/* The small ops of a decode step on a CPU node in fp32, each one call instead of ten torch ops.
+ *
+ * A one-token step spends about as long in the dispatch of its small torch ops (rope, the KV
+ * write, attention over a few hundred keys, add + RMSNorm: ~50 ops a layer, a few us each) as in
+ * its matmuls; these do the same arithmetic in one pass each. Compiled with qmatmul.c into one
+ * library (model/qkernel.py); called from model/layers.py and comm/collective.py where the
+ * tensors are fp32 on the CPU, else the torch ops run. Shapes as model/layers.py names them:
+ * T tokens, H hidden, nq / nkv heads held here, hd head dim; KV pools are [slots][nkv][hd].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* sum of a[i] b[i] (or of a[i]^2 when b == a) in 16 independent lanes: without -ffast-math gcc
+ * may not reorder one running sum, so a plain loop would be a chain of scalar adds */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lane[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lane[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int j = 0; j < 16; j++) s += lane[j];
+    return s;
+}
+
+/* x = res + delta (delta may be NULL: x = res), h = w * x / sqrt(mean(x^2) + eps), rows of H */
+void tpi_add_rmsnorm(const float *res, const float *delta, const float *w, int64_t T, int64_t H, float eps,
+                     float *x, float *h) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *r = res + t * H, *d = delta ? delta + t * H : NULL;
+        float *xr = x + t * H, *hr = h + t * H;
+        if (d)
+            for (int64_t i = 0; i < H; i++) xr[i] = r[i] + d[i];
+        else if (xr != r)
+            memcpy(xr, r, sizeof(float) * H);
+        const float inv = 1.0f / sqrtf(dot(xr, xr, H) / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* rotate-half rope of one head in place: x[i] cos[i] - x[i + hd/2] sin[i], and the other half */
+static inline void rope_head(float *x, const float *cos, const float *sin, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* qkv [T][(nq + 2 nkv) hd] (q, k, v heads side by side): rope on q and k in place, then k and v
+ * into the pools at slots[t]. cos / sin [T][hd]. */
+void tpi_rope_store(float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t hd, const float *cos, const float *sin,
+                    float *kpool, float *vpool, const int64_t *slots) {
+    const int64_t stride = (nq + 2 * nkv) * hd;
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * stride;
+        for (int64_t j = 0; j < nq + nkv; j++) rope_head(row + j * hd, cos + t * hd, sin + t * hd, hd);
+        memcpy(kpool + slots[t] * nkv * hd, row + nq * hd, sizeof(float) * nkv * hd);
+        memcpy(vpool + slots[t] * nkv * hd, row + (nq + nkv) * hd, sizeof(float) * nkv * hd);
+    }
+}
+
+/* Attention of one-token sequences. Sequence b's query heads are row rows[b] of q (row stride
+ * qstride, heads of hd side by side); query head i reads KV head i / (nq / nkv). It attends to its
+ * lens[b] tokens at slots[b][0 .. lens[b]) (slots is [B][L]). Its output is row rows[b] of out
+ * (row stride ostride, heads side by side).
+ * scores: [L] scratch per head, given by the caller (no allocation here). */
+void tpi_attend_decode(const float *q, int64_t qstride, const int64_t *rows, int64_t B, int64_t nq, int64_t nkv,
+                       int64_t hd, const float *kpool, const float *vpool, const int64_t *slots, int64_t L,
+                       const int64_t *lens, float scale, float *scores, float *out, int64_t ostride) {
+    const int64_t g = nq / nkv;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = lens[b];
+        const int64_t *sl = slots + b * L;
+        for (int64_t i = 0; i < nq; i++) {
+            const float *qh = q + rows[b] * qstride + i * hd;
+            const int64_t kvh = i / g;
+            float mx = -INFINITY;
+            for (int64_t l = 0; l < n; l++) {
+                const float s = dot(qh, kpool + (sl[l] * nkv + kvh) * hd, hd) * scale;
+                scores[l] = s;
+                mx = s > mx ? s : mx;
+            }
+            float sum = 0.0f;
+            for (int64_t l = 0; l < n; l++) {
+                scores[l] = expf(scores[l] - mx);
+                sum += scores[l];
+            }
+            float *o = out + rows[b] * ostride + i * hd;
+            memset(o, 0, sizeof(float) * hd);
+            const float inv = 1.0f / sum;
+            for (int64_t l = 0; l < n; l++) {
+                const float *v = vpool + (sl[l] * nkv + kvh) * hd;
+                const float p = scores[l] * inv;
+                for (int64_t e = 0; e < hd; e++) o[e] += p * v[e];
+            }
+        }
+    }
+}

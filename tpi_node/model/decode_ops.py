@@ -1,0 +1,78 @@
+"""The small ops of a decode step as single calls into decode_ops.c (built with the quantised
+kernel, model/qkernel.py), where every tensor is fp32 on the CPU; elsewhere (bf16/fp16, CUDA, MPS,
+no C compiler) model/layers.py runs the same math in torch ops.
+
+Why: at SmolLM2's size a one-token step spent ~8 ms of ~17 in the dispatch of ~50 small torch ops
+a layer (rope, the KV write, attention, add + RMSNorm), as long as in its matmuls. The C versions
+compute the same fp32 arithmetic in a different summation order: tests hold them to transformers
+at the usual fp32 tolerance, like the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpi_node.model.qkernel import library
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """All fp32, contiguous, on the CPU, and the library is built."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and (
+        library() is not None
+    )
+
+
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = residual + delta, h = weight * x / rms(x); [T, H] each (fp32 CPU, see `usable`)."""
+    x, h = torch.empty_like(residual), torch.empty_like(residual)
+    t, n = residual.shape
+    library().tpi_add_rmsnorm(
+        residual.data_ptr(), delta.data_ptr(), weight.data_ptr(), t, n, eps, x.data_ptr(), h.data_ptr()
+    )
+    return x, h
+
+
+def rope_store(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, cos, sin, kv) -> None:
+    """qkv [T, (n_q + 2 n_kv) hd]: rope on its q and k heads in place, then k and v written to the
+    cache `kv` (engine/kv_cache.py LayerKV) at the step's slots. cos / sin [T, hd]."""
+    library().tpi_rope_store(
+        qkv.data_ptr(),
+        qkv.shape[0],
+        n_q,
+        n_kv,
+        head_dim,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        kv.k.data_ptr(),
+        kv.v.data_ptr(),
+        kv.index.slots.data_ptr(),
+    )
+
+
+def attend_decode(qkv: torch.Tensor, rows: torch.Tensor, n_q: int, n_kv: int, head_dim: int, kv, out) -> None:
+    """Attention of the step's one-token sequences: sequence b's query is row rows[b] of qkv (its
+    first n_q heads), its keys and values the cache's decode slots (StepIndex); the result goes to
+    row rows[b] of out [T, n_q hd]. Softmax scale 1/sqrt(hd), as scaled_dot_product_attention's."""
+    idx = kv.index
+    slots, lens = idx.decode_slots, idx.decode_lens
+    scores = torch.empty(slots.shape[1])
+    library().tpi_attend_decode(
+        qkv.data_ptr(),
+        qkv.shape[1],
+        rows.data_ptr(),
+        rows.shape[0],
+        n_q,
+        n_kv,
+        head_dim,
+        kv.k.data_ptr(),
+        kv.v.data_ptr(),
+        slots.data_ptr(),
+        slots.shape[1],
+        lens.data_ptr(),
+        head_dim**-0.5,
+        scores.data_ptr(),
+        out.data_ptr(),
+        out.shape[1],
+    )
