@@ -54,7 +54,8 @@ def test_rope_store_and_decode_attention_equal_the_torch_ops(n_q, n_kv):
     assert torch.allclose(fused[:, : n_q * hd].view(T, n_q, hd), q, atol=1e-6)
     assert torch.allclose(kv.k[0], want_k, atol=1e-6) and torch.equal(kv.v[0], want_v)
 
-    rows = torch.tensor([5, 6, 7])  # the decode sequences' tokens in the step
+    rows = kv.index.decode_rows  # the decode sequences' tokens in the step
+    assert rows.tolist() == [5, 6, 7]
     out = torch.full((T, n_q * hd), 7.0)
     decode_ops.attend_decode(fused, rows, n_q, n_kv, hd, cache, out)
     ks, vs, mask = cache.decode_kv()  # [B, nkv, L, hd]

@@ -15,6 +15,7 @@ table[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS. A node keeps no per-
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class StepIndex:
 
     slots: torch.Tensor  # [T] pool slot of every new token
     decode: list[int]  # indices (in the layout) of the one-token sequences
+    decode_rows: torch.Tensor | None  # [B] the row of each one's token among the step's T
     decode_slots: torch.Tensor | None  # [B, L] slots of each decode sequence's tokens (padded)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a slot holds a real token
     decode_lens: torch.Tensor | None  # [B] tokens each decode sequence attends to (past + 1)
@@ -76,8 +78,10 @@ class PagedKVCache:
         pos = layout.positions().to(dev)
         slots = _slot(table[owner, pos // BLOCK_TOKENS], pos)
         decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
-        decode_slots = decode_mask = lens = None
+        decode_slots = decode_mask = lens = rows = None
         if decode:
+            starts = [0, *itertools.accumulate(layout.new_lens)]
+            rows = torch.tensor([starts[j] for j in decode], device=dev)  # [B]
             lens = torch.tensor([layout.past_lens[j] + 1 for j in decode], device=dev)  # [B]
             at = torch.arange(int(lens.max()), device=dev)  # [L]
             real = at[None, :] < lens[:, None]  # [B, L]
@@ -89,7 +93,7 @@ class PagedKVCache:
             if n > 1:
                 at = torch.arange(p + n, device=dev)
                 seq_slots[j] = _slot(table[j, at // BLOCK_TOKENS], at)
-        self.index = StepIndex(slots, decode, decode_slots, decode_mask, lens, seq_slots)
+        self.index = StepIndex(slots, decode, rows, decode_slots, decode_mask, lens, seq_slots)
 
     def layer(self, i: int, index: StepIndex | None = None) -> LayerKV:
         """Layer i as indexed by the last `begin`, or by `index` (one half of a split step)."""

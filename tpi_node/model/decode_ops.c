@@ -65,8 +65,8 @@ void tpi_rope_store(float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t hd, 
 /* Attention of one-token sequences. Sequence b's query heads are row rows[b] of q (row stride
  * qstride, heads of hd side by side); query head i reads KV head i / (nq / nkv). It attends to its
  * lens[b] tokens at slots[b][0 .. lens[b]) (slots is [B][L]). Its output is row rows[b] of out
- * (row stride ostride, heads side by side).
- * scores: [L] scratch per head, given by the caller (no allocation here). */
+ * (row stride ostride, heads side by side). The g = nq / nkv query heads of a KV head go together,
+ * so each key and value is loaded once for all of them. scores: [g][L] scratch from the caller. */
 void tpi_attend_decode(const float *q, int64_t qstride, const int64_t *rows, int64_t B, int64_t nq, int64_t nkv,
                        int64_t hd, const float *kpool, const float *vpool, const int64_t *slots, int64_t L,
                        const int64_t *lens, float scale, float *scores, float *out, int64_t ostride) {
@@ -74,27 +74,31 @@ void tpi_attend_decode(const float *q, int64_t qstride, const int64_t *rows, int
     for (int64_t b = 0; b < B; b++) {
         const int64_t n = lens[b];
         const int64_t *sl = slots + b * L;
-        for (int64_t i = 0; i < nq; i++) {
-            const float *qh = q + rows[b] * qstride + i * hd;
-            const int64_t kvh = i / g;
-            float mx = -INFINITY;
+        for (int64_t kvh = 0; kvh < nkv; kvh++) {
+            const float *qh = q + rows[b] * qstride + kvh * g * hd; /* its g query heads, side by side */
+            float *o = out + rows[b] * ostride + kvh * g * hd;
             for (int64_t l = 0; l < n; l++) {
-                const float s = dot(qh, kpool + (sl[l] * nkv + kvh) * hd, hd) * scale;
-                scores[l] = s;
-                mx = s > mx ? s : mx;
+                const float *k = kpool + (sl[l] * nkv + kvh) * hd;
+                for (int64_t i = 0; i < g; i++) scores[i * L + l] = dot(qh + i * hd, k, hd) * scale;
             }
-            float sum = 0.0f;
-            for (int64_t l = 0; l < n; l++) {
-                scores[l] = expf(scores[l] - mx);
-                sum += scores[l];
+            for (int64_t i = 0; i < g; i++) { /* softmax of each head's n scores */
+                float *s = scores + i * L, mx = -INFINITY, sum = 0.0f;
+                for (int64_t l = 0; l < n; l++) mx = s[l] > mx ? s[l] : mx;
+                for (int64_t l = 0; l < n; l++) {
+                    s[l] = expf(s[l] - mx);
+                    sum += s[l];
+                }
+                const float inv = 1.0f / sum;
+                for (int64_t l = 0; l < n; l++) s[l] *= inv;
             }
-            float *o = out + rows[b] * ostride + i * hd;
-            memset(o, 0, sizeof(float) * hd);
-            const float inv = 1.0f / sum;
+            memset(o, 0, sizeof(float) * g * hd);
             for (int64_t l = 0; l < n; l++) {
                 const float *v = vpool + (sl[l] * nkv + kvh) * hd;
-                const float p = scores[l] * inv;
-                for (int64_t e = 0; e < hd; e++) o[e] += p * v[e];
+                for (int64_t i = 0; i < g; i++) {
+                    const float p = scores[i * L + l];
+                    float *oi = o + i * hd;
+                    for (int64_t e = 0; e < hd; e++) oi[e] += p * v[e];
+                }
             }
         }
     }

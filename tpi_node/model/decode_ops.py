@@ -17,9 +17,10 @@ from tpi_node.model.qkernel import library
 
 def usable(*tensors: torch.Tensor) -> bool:
     """All fp32, contiguous, on the CPU, and the library is built."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and (
-        library() is not None
-    )
+    for t in tensors:  # a plain loop: asked several times a layer
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return library() is not None
 
 
 def add_rms_norm(
@@ -57,7 +58,7 @@ def attend_decode(qkv: torch.Tensor, rows: torch.Tensor, n_q: int, n_kv: int, he
     row rows[b] of out [T, n_q hd]. Softmax scale 1/sqrt(hd), as scaled_dot_product_attention's."""
     idx = kv.index
     slots, lens = idx.decode_slots, idx.decode_lens
-    scores = torch.empty(slots.shape[1])
+    scores = torch.empty(n_q // n_kv, slots.shape[1])  # [g, L] scratch
     library().tpi_attend_decode(
         qkv.data_ptr(),
         qkv.shape[1],

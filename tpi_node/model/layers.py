@@ -11,6 +11,7 @@ nq / nkv = query / KV heads held by this node, F = FFN columns held by this node
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -213,21 +214,17 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
 
     g = w.n_q // w.n_kv  # query heads per KV head
     out = torch.empty(T, w.n_q, head_dim, dtype=h.dtype, device=h.device)
-    starts = [0]
-    for n in layout.new_lens:
-        starts.append(starts[-1] + n)
-    decode = [j for j, n in enumerate(layout.new_lens) if n == 1]
+    decode, rows = cache.index.decode, cache.index.decode_rows  # the one-token sequences, their rows
     if decode and fast:
-        rows = torch.tensor([starts[j] for j in decode])
         decode_ops.attend_decode(qkv, rows, w.n_q, w.n_kv, head_dim, cache, out.view(T, nq))
     elif decode:
         # every one-token sequence in ONE call: the g query heads of a KV head become g rows
         # against that head's keys (no GQA expansion); the mask hides each slot's unused tail
-        rows = torch.tensor([starts[j] for j in decode], device=h.device)
         ks, vs, mask = cache.decode_kv()  # [B, nkv, L, hd], [B, 1, 1, L]
         qs = q[rows].view(len(decode), w.n_kv, g, head_dim)  # [B, nkv, g, hd]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # [B, nkv, g, hd]
         out[rows] = o.reshape(len(decode), w.n_q, head_dim)
+    starts = [0, *itertools.accumulate(layout.new_lens)] if len(decode) < len(layout.new_lens) else ()
     for j, n in enumerate(layout.new_lens):
         if n == 1:
             continue

@@ -86,6 +86,8 @@ def build() -> Path:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (the reason is in `library_error()`)."""
     global _lib, _lib_error
+    if _lib is not None:  # every matmul and decode op asks: no lock once it is loaded
+        return _lib
     with _lib_lock:
         if _lib is None and _lib_error is None:
             try:

@@ -5,12 +5,14 @@ matrix's blocks) and read back (`read_head`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from tpi_node.errors import UserError
+from tpi_node.heap import huge_empty
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.quant import QMatrix, quantizable, quantize
 
@@ -41,7 +43,11 @@ def load_rows(
         reader.release_pages()
 
     first = part_of(first)
-    out = torch.empty(end - start, *first.shape[1:], dtype=torch.uint8 if blocks else dtype, device=device)
+    shape, out_dtype = (end - start, *first.shape[1:]), torch.uint8 if blocks else dtype
+    if torch.device(device).type == "cpu":  # read in full every token: huge pages (heap.huge_empty)
+        out = huge_empty(math.prod(shape) * out_dtype.itemsize).view(out_dtype).view(shape)
+    else:
+        out = torch.empty(shape, dtype=out_dtype, device=device)
     fill(out, start, first)
     for a in range(start + block, end, block):
         fill(out, a, part_of(reader.rows(name, a, min(a + block, end))))

@@ -14,6 +14,7 @@ import torch
 
 from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import TpiError
+from tpi_node.heap import huge_empty
 
 
 class ShardError(TpiError):
@@ -55,7 +56,7 @@ def read_safetensors(path: Path, into: torch.Tensor | None = None) -> tuple[dict
         header, size = _read_header(f, path)
         if into is not None and into.numel() < size:
             raise ShardError(f"{path}: {size} bytes of tensors do not fit the {into.numel()}-byte slot")
-        raw = into[:size] if into is not None else torch.empty(size, dtype=torch.uint8)
+        raw = into[:size] if into is not None else huge_empty(size)
         view, got = memoryview(raw.numpy()), 0
         while got < size:  # raw reads may return short; loop to the end
             n = f.readinto(view[got:])

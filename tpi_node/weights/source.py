@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tpi_node.dtypes import torch_dtype
+from tpi_node.heap import huge_empty
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES
 from tpi_node.weights.checkpoint import open_checkpoint
@@ -135,7 +136,7 @@ class CheckpointSlices:
         i = self._layer[name]
         size = self._sizes[i]
         if into is None:
-            into = torch.empty(size, dtype=torch.uint8)
+            into = huge_empty(size)
         elif into.numel() < size:
             raise ShardError(f"{name} of {self.where} takes {size} bytes; its slot holds {into.numel()}")
         pieces = self._layouts[i]

@@ -43,6 +43,7 @@ from typing import Protocol
 import psutil
 import torch
 
+from tpi_node.heap import huge_empty
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.layers import LayerWeights, can_prepack, prepack_pays
 from tpi_node.model.quant import FORMAT_OF_BYTES, QMatrix
@@ -193,7 +194,8 @@ class ShardStore:
             # Another device: the slot is only a staging buffer for the copy.
             pin = self._uploader is not None  # pinned: the copy to the GPU runs asynchronously
             self._free_slots = [
-                torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(self.window)
+                torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) if pin else huge_empty(self.slot_bytes)
+                for _ in range(self.window)
             ]
             self._thread = threading.Thread(target=self._prefetch_loop, name="tpi-prefetch", daemon=True)
             self._thread.start()
