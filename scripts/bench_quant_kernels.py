@@ -5,8 +5,10 @@ For each shape and step size (tokens T): fp32 (MKL, and oneDNN prepacked), bf16,
 weight-only kernels (torch._weight_int8pack_mm per-row int8 and torch._weight_int4pack_mm_for_cpu
 group-32 int4, which torchao's CPU int4 layout also calls; both take bf16 activations), and
 tpi-node's own (model/qkernel.py: qmatmul.c on q4_1 / q8_0 blocks with fp32 activations, and
-dequantise + GEMM). Weights are cycled through copies of 256 MiB or more, as a real decode streams
-every layer once per token: nothing stays in the CPU caches between two calls of one matrix.
+dequantise + GEMM, and --act-quant int8's integer kernel). Weights are cycled through copies of 256
+MiB or more, as a real decode streams every layer once per token: nothing stays in the CPU caches
+between two calls of one matrix. The copies sit in transparent huge pages (heap.huge_empty) as a
+node's weights do, except oneDNN's prepacked ones (torch allocates those).
 
     .venv/bin/python scripts/bench_quant_kernels.py [--threads 2] [--tokens 1 8 64]
 """
@@ -20,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tpi_node.heap import huge_empty
 from tpi_node.model import qkernel
 from tpi_node.model.quant import QMatrix, quantize
 
@@ -62,13 +65,30 @@ def candidates(w: torch.Tensor) -> dict:
     if qkernel.library() is not None:
         out["tpi kernel q8_0"] = (quantize(w, "q8_0"), lambda x, v: qkernel.kernel_matmul(x, v))
         out["tpi kernel q4_1"] = (quantize(w, "q4_1"), lambda x, v: qkernel.kernel_matmul(x, v))
+        if qkernel.library().tpi_has_q8dot():
+            out["tpi kernel q8_0, int8 act"] = (quantize(w, "q8_0"), lambda x, v: int8_act(x, v))
+            out["tpi kernel q4_1, int8 act"] = (quantize(w, "q4_1"), lambda x, v: int8_act(x, v))
     return out
+
+
+def int8_act(x: torch.Tensor, w: QMatrix) -> torch.Tensor:
+    """The kernel as --act-quant int8 runs it."""
+    qkernel.TUNING.int8_activations = True
+    try:
+        return qkernel.kernel_matmul(x, w)
+    finally:
+        qkernel.TUNING.int8_activations = False
 
 
 def _copy(v):
     if isinstance(v, tuple):
         return tuple(_copy(t) for t in v)
-    return QMatrix(v.data.clone()) if isinstance(v, QMatrix) else v.clone()
+    if isinstance(v, QMatrix):
+        return QMatrix(_copy(v.data))
+    if v.is_mkldnn:
+        return v.clone()
+    out = huge_empty(v.numel() * v.element_size()).view(v.dtype).view(v.shape)  # as a node holds weights
+    return out.copy_(v)
 
 
 def nbytes(v) -> int:
@@ -99,7 +119,7 @@ def main() -> None:
         print("| --- | ---: | " + " | ".join("---:" for _ in a.tokens) + " |")
         for name, (v, fn) in candidates(w).items():
             size = nbytes(v)
-            copies = [v] + [_copy(v) for _ in range(min(63, CYCLE_BYTES // max(size, 1) - 1))]
+            copies = [_copy(v) for _ in range(min(64, max(2, CYCLE_BYTES // max(size, 1))))]
             cells = []
             for t in a.tokens:
                 x = torch.randn(t, k)
