@@ -12,6 +12,5 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from tpi_node import heap as _heap  # noqa: E402  (after the environment it must not precede)
 
 _heap.limit_arenas()
-_heap.mmap_big_blocks()
 
 __version__ = "0.1.0"

@@ -1,7 +1,6 @@
 """The C heap under torch and grpc (glibc malloc): how much of what Python frees goes back.
 
 limit_arenas()      at import (tpi_node/__init__.py), before threads start
-mmap_big_blocks()   at import too
 trim()              after big frees (a re-plan drops a whole deployment, `tune` its timing runs)
 huge_empty(n)       a buffer for weights: transparent huge pages where the kernel allows them
 """
@@ -16,10 +15,8 @@ import sys
 import torch
 
 M_ARENA_MAX = -8  # glibc malloc.h
-M_MMAP_THRESHOLD = -3
 MADV_HUGEPAGE = 14  # linux/mman.h
 HUGE_PAGE = 2 << 20  # x86-64's and most arm64 kernels' transparent huge page
-MMAP_THRESHOLD = 1 << 20  # blocks this big or bigger are their own mappings (mmap_big_blocks)
 
 
 def _libc():
@@ -38,18 +35,6 @@ def limit_arenas(arenas: int = 2) -> None:
     libc = _libc()
     if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
         libc.mallopt(M_ARENA_MAX, arenas)
-
-
-def mmap_big_blocks(threshold: int = MMAP_THRESHOLD) -> None:
-    """Blocks of `threshold` bytes or more (a prefill chunk's activations, a dequantised matrix)
-    get a mapping of their own, unmapped when freed. glibc does that from 128 KiB, but raises the
-    bar to the size of any such block freed (up to 32 MiB), after which they stay in the heap:
-    SmolLM2's process grew 31 MiB over its first 128 tokens that way, 19 MiB with the bar fixed
-    at 1 MiB (the rest is the KV cache filling). Decode's blocks are smaller: unaffected.
-    A MALLOC_MMAP_THRESHOLD_ the user set wins."""
-    libc = _libc()
-    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def trim() -> None:

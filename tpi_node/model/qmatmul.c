@@ -98,6 +98,33 @@ static inline float row_dot(int kind, const float *x, const float *xsum, int64_t
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + am0 + am1;
 }
 
+/* one row of W against tn (<= TV) rows of x, each output y[t * N]. Inlined with a constant tn,
+ * so that gcc unrolls the t loops and keeps acc[] in registers (a variable tn left them on the
+ * stack: every fmadd waited for the last one's store) */
+static inline __attribute__((always_inline)) void rows_tn(int kind, const float *x, const float *xsum, int64_t K,
+                                                          int64_t nb, const uint8_t *row, float *y, int64_t N,
+                                                          const int tn) {
+    const int64_t bb = BLOCK_BYTES[kind];
+    __m512 acc[TV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float accm[TV] = {0, 0, 0, 0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        __m512 lo, hi;
+        block_q(kind, blk, &lo, &hi);
+        const float d = f16(blk);
+        const float m = kind == Q4_1 ? f16(blk + 2) : -8.0f * d; /* Q4_0: d (q - 8) = d q - 8 d */
+        const __m512 vd = _mm512_set1_ps(d);
+        for (int t = 0; t < tn; t++) {
+            const float *xb = x + t * K + b * QK;
+            __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+            dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+            acc[t] = _mm512_fmadd_ps(dot, vd, acc[t]);
+            if (xsum) accm[t] += m * xsum[t * nb + b];
+        }
+    }
+    for (int t = 0; t < tn; t++) y[t * N] = _mm512_reduce_add_ps(acc[t]) + accm[t];
+}
+
 static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t N,
                       float *y, int64_t n0, int64_t n1, int64_t t0, int nt) {
     const int64_t nb = K / QK, bb = BLOCK_BYTES[kind], rs = nb * bb;
@@ -110,27 +137,14 @@ static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, co
         const uint8_t *row = w + n * rs;
         __builtin_prefetch(row + PF_DIST);
         for (int ta = 0; ta < nt; ta += TV) {
-            const int tn = nt - ta < TV ? nt - ta : TV;
-            const float *xr = x + (t0 + ta) * K;
-            const float *sr = xsum ? xsum + (t0 + ta) * nb : NULL;
-            __m512 acc[TV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            float accm[TV] = {0, 0, 0, 0};
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = row + b * bb;
-                __m512 lo, hi;
-                block_q(kind, blk, &lo, &hi);
-                const float d = f16(blk);
-                const float m = kind == Q4_1 ? f16(blk + 2) : -8.0f * d; /* Q4_0: d (q - 8) = d q - 8 d */
-                const __m512 vd = _mm512_set1_ps(d);
-                for (int t = 0; t < tn; t++) {
-                    const float *xb = xr + t * K + b * QK;
-                    __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-                    dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
-                    acc[t] = _mm512_fmadd_ps(dot, vd, acc[t]);
-                    if (sr) accm[t] += m * sr[t * nb + b];
-                }
+            float *yt = y + (t0 + ta) * N + n;
+            const float *xr = x + (t0 + ta) * K, *sr = xsum ? xsum + (t0 + ta) * nb : NULL;
+            switch (nt - ta < TV ? nt - ta : TV) { /* a constant tn each: accumulators in registers */
+            case 1: rows_tn(kind, xr, sr, K, nb, row, yt, N, 1); break;
+            case 2: rows_tn(kind, xr, sr, K, nb, row, yt, N, 2); break;
+            case 3: rows_tn(kind, xr, sr, K, nb, row, yt, N, 3); break;
+            default: rows_tn(kind, xr, sr, K, nb, row, yt, N, 4);
             }
-            for (int t = 0; t < tn; t++) y[(t0 + ta + t) * N + n] = _mm512_reduce_add_ps(acc[t]) + accm[t];
         }
     }
 }
@@ -262,9 +276,43 @@ static inline float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + am0 + am1;
 }
 
+/* one row of W against tn (<= TV) rows of x from row t1 of xq (constant tn: see rows_tn) */
+static inline __attribute__((always_inline)) void rows_tn_q8(int kind, const struct xq8 *xq, int64_t t1, int64_t K,
+                                                             const uint8_t *row, float *y, int64_t N, const int tn) {
+    const int64_t nb = K / QK, np = (nb + 1) / 2, bb = BLOCK_BYTES[kind];
+    __m512 acc[TV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float accm[TV] = {0, 0, 0, 0};
+    for (int64_t p = 0; p < np; p++) {
+        const int64_t b = 2 * p;
+        const int odd_end = b + 1 == nb; /* the last block alone: its pair's second half is zero in x's scales */
+        const uint8_t *b0 = row + b * bb, *b1 = odd_end ? b0 : b0 + bb;
+        const __m512i wv = pair_u8(kind, b0, b1);
+        const float d0 = f16(b0), d1 = f16(b1);
+        const __m512 vd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+        float m0 = 0.0f, m1 = 0.0f;
+        if (kind != Q8_0) {
+            m0 = kind == Q4_1 ? f16(b0 + 2) : -8.0f * d0;
+            m1 = odd_end ? 0.0f : kind == Q4_1 ? f16(b1 + 2) : -8.0f * d1;
+        }
+        for (int t = 0; t < tn; t++) {
+            const int64_t tt = t1 + t;
+            const int8_t *xb = xq->q + tt * K + b * QK;
+            const __m512i xv = odd_end ? _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xb))
+                                       : _mm512_loadu_si512(xb);
+            const __m512i start =
+                kind == Q8_0 ? _mm512_loadu_si512(xq->corr + (tt * np + p) * 16) : _mm512_setzero_si512();
+            const __m512i dot = _mm512_dpbusd_epi32(start, wv, xv);
+            const __m512 scale = _mm512_mul_ps(vd, _mm512_loadu_ps(xq->dd + (tt * np + p) * 16));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+            if (kind != Q8_0) accm[t] += m0 * xq->s[tt * nb + b] + (odd_end ? 0.0f : m1 * xq->s[tt * nb + b + 1]);
+        }
+    }
+    for (int t = 0; t < tn; t++) y[t * N] = _mm512_reduce_add_ps(acc[t]) + accm[t];
+}
+
 static void rows_pass_q8(int kind, const struct xq8 *xq, int64_t K, const uint8_t *w, int64_t N, float *y,
                          int64_t n0, int64_t n1, int64_t t0, int nt) {
-    const int64_t nb = K / QK, np = (nb + 1) / 2, bb = BLOCK_BYTES[kind], rs = nb * bb;
+    const int64_t nb = K / QK, rs = nb * BLOCK_BYTES[kind];
     if (nt == 1) {
         for (int64_t n = n0; n < n1; n++) y[t0 * N + n] = row_dot_q8(kind, xq, t0, K, w + n * rs);
         return;
@@ -273,33 +321,13 @@ static void rows_pass_q8(int kind, const struct xq8 *xq, int64_t K, const uint8_
         const uint8_t *row = w + n * rs;
         __builtin_prefetch(row + PF_DIST);
         for (int ta = 0; ta < nt; ta += TV) {
-            const int tn = nt - ta < TV ? nt - ta : TV;
-            const int64_t t1 = t0 + ta;
-            __m512 acc[TV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            float accm[TV] = {0, 0, 0, 0};
-            for (int64_t p = 0; p < np; p++) {
-                const int64_t b = 2 * p;
-                const uint8_t *b0 = row + b * bb, *b1 = b + 1 < nb ? b0 + bb : b0; /* odd end: b1 scaled by 0 */
-                const __m512i wv = pair_u8(kind, b0, b1);
-                const float d0 = f16(b0), d1 = f16(b1);
-                const __m512 vd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-                float m0 = 0.0f, m1 = 0.0f;
-                if (kind != Q8_0) {
-                    m0 = kind == Q4_1 ? f16(b0 + 2) : -8.0f * d0;
-                    m1 = b + 1 < nb ? (kind == Q4_1 ? f16(b1 + 2) : -8.0f * d1) : 0.0f;
-                }
-                for (int t = 0; t < tn; t++) {
-                    const int64_t tt = t1 + t;
-                    const __m512i xv = b + 1 < nb ? _mm512_loadu_si512(xq->q + tt * K + b * QK)
-                                                  : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xq->q + tt * K + b * QK)));
-                    const __m512i start = kind == Q8_0 ? _mm512_loadu_si512(xq->corr + (tt * np + p) * 16) : _mm512_setzero_si512();
-                    const __m512i dot = _mm512_dpbusd_epi32(start, wv, xv);
-                    const __m512 scale = _mm512_mul_ps(vd, _mm512_loadu_ps(xq->dd + (tt * np + p) * 16));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
-                    if (kind != Q8_0) accm[t] += m0 * xq->s[tt * nb + b] + (b + 1 < nb ? m1 * xq->s[tt * nb + b + 1] : 0.0f);
-                }
+            float *yt = y + (t0 + ta) * N + n;
+            switch (nt - ta < TV ? nt - ta : TV) {
+            case 1: rows_tn_q8(kind, xq, t0 + ta, K, row, yt, N, 1); break;
+            case 2: rows_tn_q8(kind, xq, t0 + ta, K, row, yt, N, 2); break;
+            case 3: rows_tn_q8(kind, xq, t0 + ta, K, row, yt, N, 3); break;
+            default: rows_tn_q8(kind, xq, t0 + ta, K, row, yt, N, 4);
             }
-            for (int t = 0; t < tn; t++) y[(t1 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) + accm[t];
         }
     }
 }
