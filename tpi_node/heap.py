@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 import sys
 
@@ -52,12 +53,14 @@ def huge_empty(nbytes: int) -> torch.Tensor:
     Decode reads every weight once a token, from DRAM: with 4 KiB pages the CPU's prefetchers stop
     at each page and the TLB misses every few rows; with 2 MiB pages the quantised kernel read
     1.5x faster (SmolLM2's gate|up, 48 against 73 us, 2 threads; its Q8_0 head 1.0 against 1.6 ms;
-    scripts/bench_quant_kernels.py). The buffer starts at a 2 MiB boundary of a slightly larger
-    allocation; the slack is never touched, so it takes no memory. Elsewhere: torch.empty."""
+    scripts/bench_quant_kernels.py). The buffer starts at a 2 MiB boundary of a mapping of its own,
+    slightly larger: the slack is never touched, so it takes no memory (from malloc's heap it could
+    be pages a freed block left resident). Elsewhere: torch.empty."""
     libc = _libc() if nbytes >= HUGE_PAGE and sys.platform.startswith("linux") else None
     if libc is None:
         return torch.empty(nbytes, dtype=torch.uint8)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # (the default, shared, would be shmem: no THP)
+    raw = torch.frombuffer(mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private), dtype=torch.uint8)  # holds the mapping
     out = raw[-raw.data_ptr() % HUGE_PAGE :][:nbytes]  # a view: it keeps raw's storage alive
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise(out.data_ptr(), nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # advice: may fail, fine
