@@ -4,6 +4,7 @@ tiny synthetic models by preset (written once per session into a temp dir)."""
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,11 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tpi_node.paths import KERNELS_ENV, kernels_dir
 from tpi_node.weights.prepare import prepare_model
 from tpi_node.weights.synth import synthesize
 
 # The suite runs on 2 cores next to servers and workers of its own.
 torch.set_num_threads(2)
+# Tests give nodes homes of their own (TPI_HOME); the compiled kernel is built once for all of them
+# (~0.6 s a build), in this user's home, as `make install` builds it. Workers inherit it.
+os.environ.setdefault(KERNELS_ENV, str(kernels_dir()))
 
 _tiny_root: Path | None = None
 _tiny_made: dict[tuple, Path] = {}

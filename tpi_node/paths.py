@@ -4,7 +4,8 @@
       models/             prepared models (weights/prepare.py)
       shards/             per-node layer slices (weights/slicer.py)
       certs/              `tpi-node certs` output
-      kernels/            the quantised-matmul kernel, compiled for this CPU (model/qkernel.py)
+      kernels/            the quantised-matmul kernel, compiled for this CPU (model/qkernel.py);
+                          $TPI_KERNELS_DIR instead when set
       node-id.json        this machine's node ids (cluster/identity.py)
 
 Read at call time, not at import, so a test (or a second cluster in one process) can point
@@ -17,6 +18,7 @@ import os
 from pathlib import Path
 
 HOME_ENV = "TPI_HOME"
+KERNELS_ENV = "TPI_KERNELS_DIR"
 
 
 def tpi_home() -> Path:
@@ -37,4 +39,7 @@ def certs_dir() -> Path:
 
 
 def kernels_dir() -> Path:
-    return tpi_home() / "kernels"
+    """Compiled code depends only on its source and the CPU (its file name says both), so nodes
+    with different homes may share one folder: the test suite's many TPI_HOMEs compile it once."""
+    shared = os.environ.get(KERNELS_ENV)
+    return Path(shared).expanduser() if shared else tpi_home() / "kernels"

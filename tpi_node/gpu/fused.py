@@ -1,11 +1,12 @@
-"""Fused residual add + RMSNorm: the Triton kernel where it applies, the exact torch path elsewhere.
+"""Fused residual add + RMSNorm: the Triton kernel where it applies, the unfused path elsewhere.
 
     x_new = residual + partial          # [T, H]  (partial already summed over nodes)
     h     = rms_norm(x_new, weight, eps)
 
 `add_rms_norm` picks the kernel for CUDA tensors of a float dtype with hidden <= 16384 when Triton
-imports; otherwise (CPU, no Triton, odd layouts) it runs the reference, which is exactly what
-`Collective.allreduce_add_norm` computes. Importing this module never imports triton.
+imports; otherwise (CPU, no Triton, odd layouts) it runs exactly what `Collective.allreduce_add_norm`
+computes (model/layers.py add_rms_norm: one C call on fp32 CPU tensors, else torch ops, which are
+`add_rms_norm_reference`, the kernel's definition). Importing this module never imports triton.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 
 import torch
 
+from tpi_node.model import layers
 from tpi_node.model.layers import rms_norm
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,8 +57,8 @@ def add_rms_norm(
     partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """partial, residual: [..., H]; weight: [H]. Returns (x_new, h) shaped like residual."""
-    if not kernel_applies(partial, residual, weight):
-        return add_rms_norm_reference(partial, residual, weight, eps)
+    if not kernel_applies(partial, residual, weight):  # what a node without the kernel runs (C on fp32 CPU)
+        return layers.add_rms_norm(residual, partial, weight, eps)
     shape = residual.shape
     # [..., H] -> [T, H]; reshape copies only if the leading dims are not viewable.
     p2, r2 = partial.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
