@@ -64,3 +64,51 @@ def test_rope_store_and_decode_attention_equal_the_torch_ops(n_q, n_kv):
     assert torch.allclose(out[rows], want, atol=1e-5)
     assert torch.equal(out[:5], torch.full((5, n_q * hd), 7.0))  # the prefill rows are not its to write
     assert kv.index.decode_lens.tolist() == [1, 38, 71]
+
+
+@pytest.mark.parametrize("act", ["none", "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_halves_equal_the_unfused_path(monkeypatch, act, bias):
+    """A decode step over quantised matrices runs each half of the layer as one call
+    (decode_ops.attention_decode, decode_ops.mlp): the same numbers as the step-by-step path
+    (its kernels and ops), with a Qwen2-style qkv bias too and under --act-quant int8."""
+    from tpi_node.model import qkernel
+    from tpi_node.model.layers import LayerWeights, attention_partial, mlp_partial
+    from tpi_node.model.quant import quantize
+
+    n_q, n_kv, hd, hidden, ffn = 9, 3, 64, 576, 320
+    g = torch.Generator().manual_seed(0)
+    mat = lambda n, k, fmt="q4_1": quantize(torch.randn(n, k, generator=g) * 0.05, fmt)  # noqa: E731
+    w = LayerWeights(
+        n_q,
+        n_kv,
+        mat((n_q + 2 * n_kv) * hd, hidden),
+        torch.randn((n_q + 2 * n_kv) * hd, generator=g) if bias else None,
+        mat(hidden, n_q * hd, "q8_0"),
+        mat(2 * ffn, hidden),
+        mat(hidden, ffn),
+    )
+    layout = BatchLayout((1, 2), (20, 5), (1, 1), ((0, 1), (2,)))
+    h = torch.randn(2, hidden, generator=g)
+    emb = torch.randn(64, hd, generator=g)
+    pos = layout.positions()
+    rope = (emb.cos()[pos].contiguous(), emb.sin()[pos].contiguous())
+    pools = torch.randn(2, 8 * 16 + 1, n_kv, hd, generator=g)
+    qkernel.use_act_quant(act)
+    if act == "int8" and not qkernel.TUNING.int8_activations:
+        pytest.skip("no AVX512-VNNI here: --act-quant int8 runs the exact kernel")
+    monkeypatch.setattr(qkernel.TUNING, "kernel_max_tokens", 16)  # the kernel's step sizes (what tune sets)
+    assert decode_ops.fused_half(h, w.wqkv, w.wo) and decode_ops.fused_half(h, w.w13, w.w2)
+
+    def layer():
+        kv = PagedKVCache(1, n_kv, hd, torch.float32, "cpu", 8)
+        kv.k[0].copy_(pools[0]), kv.v[0].copy_(pools[1])
+        kv.begin(layout)
+        return attention_partial(h, w, kv.layer(0), layout, rope, hd), mlp_partial(h, w), kv.k[0].clone()
+
+    fused = layer()
+    monkeypatch.setattr(decode_ops, "fused_half", lambda *a: False)
+    plain = layer()
+    assert torch.allclose(fused[0], plain[0], rtol=0, atol=1e-6)  # the same kernels and ops in C
+    assert torch.allclose(fused[1], plain[1], rtol=0, atol=1e-5)  # silu: expf against torch's
+    assert torch.equal(fused[2], plain[2])  # the same keys written

@@ -309,7 +309,7 @@ def build_local_engine(
     # first: parsing tokenizer.json takes ~40 MiB for a moment (SmolLM2's), which is then given back
     # before the weights load, so that it does not add to the process's peak
     tokenizer = Tokenizer.from_dir(model_dir)
-    heap.trim()
+    heap.trim(collect=False)
     info = select_device(device)
     fast = choose_fast_path(fast_path, detect_for(info, decision), str(info.device))
     cap = device_capacity("local", info, memory_budget, dtype)

@@ -95,7 +95,7 @@ class NodeRunner:
             # which way each step size runs, and on how many threads the kernel's own pool runs a
             # decode step's quantised matmuls, measured on this machine with this node's matrix
             print(f"[tpi-node] {tune(sample, self.max_threads).describe()}", file=sys.stderr, flush=True)
-            heap.trim()  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
+            heap.trim(collect=False)  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
 
     def _threads_for(self, tokens: int) -> None:
         """Small steps (decode) run torch on one thread: their float matrix-vector products are too

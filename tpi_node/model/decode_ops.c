@@ -9,7 +9,13 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* qmatmul.c: y [T][N] = x [T][K] @ W.T for W in GGUF blocks (exact, or with int8 activations) */
+int tpi_qmatmul(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y, int threads);
+int tpi_qmatmul_q8(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
+                   int threads);
 
 /* sum of a[i] b[i] (or of a[i]^2 when b == a) in 16 independent lanes: without -ffast-math gcc
  * may not reorder one running sum, so a plain loop would be a chain of scalar adds */
@@ -75,8 +81,9 @@ void tpi_attend_decode(const float *q, int64_t qstride, const int64_t *rows, int
         const int64_t n = lens[b];
         const int64_t *sl = slots + b * L;
         for (int64_t kvh = 0; kvh < nkv; kvh++) {
-            const float *qh = q + rows[b] * qstride + kvh * g * hd; /* its g query heads, side by side */
-            float *o = out + rows[b] * ostride + kvh * g * hd;
+            const int64_t row = rows ? rows[b] : b; /* NULL rows: sequence b is row b */
+            const float *qh = q + row * qstride + kvh * g * hd; /* its g query heads, side by side */
+            float *o = out + row * ostride + kvh * g * hd;
             for (int64_t l = 0; l < n; l++) {
                 const float *k = kpool + (sl[l] * nkv + kvh) * hd;
                 for (int64_t i = 0; i < g; i++) scores[i * L + l] = dot(qh + i * hd, k, hd) * scale;
@@ -102,4 +109,56 @@ void tpi_attend_decode(const float *q, int64_t qstride, const int64_t *rows, int
             }
         }
     }
+}
+
+/* ---- whole halves of a decode layer, for weights in GGUF blocks -------------------------------
+ * A step whose every sequence decodes one token, on a node whose matrices are quantised: its
+ * attention half (qkv matmul, bias, rope + KV write, attention, o_proj) and its FFN half (gate|up
+ * matmul, silu(gate) * up, down_proj) are one call each, instead of a dozen Python-level calls.
+ * The arithmetic is the unfused path's: the same kernels, the same ops above. Returns 0, or -1
+ * when the kernel refused an argument or scratch memory ran out. out: [T][H], this node's partial. */
+
+static int qmm(int q8, int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
+               int threads) {
+    return q8 ? tpi_qmatmul_q8(kind, x, T, K, w, N, y, threads) : tpi_qmatmul(kind, x, T, K, w, N, y, threads);
+}
+
+int tpi_attention_decode(const float *h, int64_t T, int64_t H, int kind_qkv, const uint8_t *wqkv, const float *bqkv,
+                         int kind_o, const uint8_t *wo, int64_t nq, int64_t nkv, int64_t hd, const float *cos,
+                         const float *sin, float *kpool, float *vpool, const int64_t *slots, const int64_t *dslots,
+                         int64_t L, const int64_t *lens, float scale, int threads, int q8, float *out) {
+    const int64_t width = (nq + 2 * nkv) * hd, g = nq / nkv;
+    float *qkv = malloc(sizeof(float) * (T * width + T * nq * hd + g * L));
+    if (!qkv) return -1;
+    float *att = qkv + T * width, *scores = att + T * nq * hd;
+    int rc = qmm(q8, kind_qkv, h, T, H, wqkv, width, qkv, threads);
+    if (rc == 0) {
+        if (bqkv)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < width; i++) qkv[t * width + i] += bqkv[i];
+        tpi_rope_store(qkv, T, nq, nkv, hd, cos, sin, kpool, vpool, slots);
+        tpi_attend_decode(qkv, width, NULL, T, nq, nkv, hd, kpool, vpool, dslots, L, lens, scale, scores, att,
+                          nq * hd);
+        rc = qmm(q8, kind_o, att, T, nq * hd, wo, H, out, threads);
+    }
+    free(qkv);
+    return rc;
+}
+
+int tpi_mlp(const float *h, int64_t T, int64_t H, int kind13, const uint8_t *w13, int kind2, const uint8_t *w2,
+            int64_t F, int threads, int q8, float *out) {
+    float *gu = malloc(sizeof(float) * T * 3 * F); /* [T][2F] gate | up, then [T][F] silu(gate) * up */
+    if (!gu) return -1;
+    float *a = gu + T * 2 * F;
+    int rc = qmm(q8, kind13, h, T, H, w13, 2 * F, gu, threads);
+    if (rc == 0) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *gate = gu + t * 2 * F, *up = gate + F;
+            float *at = a + t * F;
+            for (int64_t i = 0; i < F; i++) at[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        }
+        rc = qmm(q8, kind2, a, T, F, w2, H, out, threads);
+    }
+    free(gu);
+    return rc;
 }

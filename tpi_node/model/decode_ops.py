@@ -5,14 +5,16 @@ no C compiler) model/layers.py runs the same math in torch ops.
 Why: at SmolLM2's size a one-token step spent ~8 ms of ~17 in the dispatch of ~50 small torch ops
 a layer (rope, the KV write, attention, add + RMSNorm), as long as in its matmuls. The C versions
 compute the same fp32 arithmetic in a different summation order: tests hold them to transformers
-at the usual fp32 tolerance, like the torch path.
+at the usual fp32 tolerance, like the torch path. Where the layer's matrices are quantised and
+every sequence of the step decodes, each half of the layer (`attention_decode`, `mlp`) is one call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tpi_node.model.qkernel import library
+from tpi_node.model.qkernel import TUNING, library
+from tpi_node.model.quant import KIND, QMatrix
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -77,3 +79,72 @@ def attend_decode(qkv: torch.Tensor, rows: torch.Tensor, n_q: int, n_kv: int, he
         out.data_ptr(),
         out.shape[1],
     )
+
+
+def _blocks(*ws) -> bool:
+    return all(isinstance(w, QMatrix) and w.data.is_contiguous() for w in ws)
+
+
+def fused_half(h: torch.Tensor, *ws) -> bool:
+    """Whether a layer half over matrices `ws` runs as one call: fp32 on the CPU, every matrix in
+    contiguous blocks, and a step small enough for the kernel (qkernel.qlinear's rule)."""
+    return h.shape[0] <= TUNING.kernel_max_tokens and _blocks(*ws) and usable(h)
+
+
+def attention_decode(h: torch.Tensor, w, kv, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """attention_partial of a step whose every sequence decodes one token (token t is sequence t),
+    as one call: h [T, H] -> this node's partial [T, H]. `w`: model/layers.py LayerWeights."""
+    idx = kv.index
+    t, n = h.shape
+    out = torch.empty(t, n)
+    bias = w.bqkv.float().contiguous() if w.bqkv is not None else None
+    rc = library().tpi_attention_decode(
+        h.data_ptr(),
+        t,
+        n,
+        KIND[w.wqkv.fmt],
+        w.wqkv.data.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        KIND[w.wo.fmt],
+        w.wo.data.data_ptr(),
+        w.n_q,
+        w.n_kv,
+        head_dim,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        kv.k.data_ptr(),
+        kv.v.data_ptr(),
+        idx.slots.data_ptr(),
+        idx.decode_slots.data_ptr(),
+        idx.decode_slots.shape[1],
+        idx.decode_lens.data_ptr(),
+        head_dim**-0.5,
+        TUNING.decode_threads,
+        int(TUNING.int8_activations),
+        out.data_ptr(),
+    )
+    if rc != 0:
+        raise MemoryError(f"the fused attention of a {t}-token step failed (scratch memory)")
+    return out
+
+
+def mlp(h: torch.Tensor, w) -> torch.Tensor:
+    """mlp_partial as one call: h [T, H] -> this node's partial [T, H] (SwiGLU over its columns)."""
+    t, n = h.shape
+    out = torch.empty(t, n)
+    rc = library().tpi_mlp(
+        h.data_ptr(),
+        t,
+        n,
+        KIND[w.w13.fmt],
+        w.w13.data.data_ptr(),
+        KIND[w.w2.fmt],
+        w.w2.data.data_ptr(),
+        w.w2.shape[1],
+        TUNING.decode_threads,
+        int(TUNING.int8_activations),
+        out.data_ptr(),
+    )
+    if rc != 0:
+        raise MemoryError(f"the fused FFN of a {t}-token step failed (scratch memory)")
+    return out

@@ -198,9 +198,11 @@ def attention_partial(h, w: LayerWeights, cache, layout, rope_cs, head_dim: int)
     T = h.shape[0]
     if w.n_q == 0:
         return h.new_zeros(T, h.shape[1])
+    cos, sin = rope_cs
+    if len(cache.index.decode) == T and decode_ops.fused_half(h, w.wqkv, w.wo) and decode_ops.usable(cos, sin, cache.k):
+        return decode_ops.attention_decode(h, w, cache, cos, sin, head_dim)  # the whole half, one call
     qkv = linear(h, w.wqkv, w.bqkv)  # [T, (nq + 2nkv) hd]
     nq, nkv = w.n_q * head_dim, w.n_kv * head_dim
-    cos, sin = rope_cs
     fast = decode_ops.usable(qkv, cos, sin, cache.k)  # fp32 on the CPU: rope, store, decode attention in C
     if fast:
         decode_ops.rope_store(qkv, w.n_q, w.n_kv, head_dim, cos, sin, cache)  # q and k roped in place
@@ -247,5 +249,7 @@ def mlp_partial(h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """SwiGLU over this node's FFN columns. h: [T, H] -> partial [T, H]."""
     if w.w13 is None:
         return torch.zeros_like(h)
+    if decode_ops.fused_half(h, w.w13, w.w2):  # quantised, small, fp32 on the CPU: one call
+        return decode_ops.mlp(h, w)
     gate, up = linear(h, w.w13).chunk(2, dim=-1)  # [T, F] each
     return linear(F.silu(gate) * up, w.w2)

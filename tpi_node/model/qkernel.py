@@ -103,6 +103,10 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_attend_decode.argtypes += [f32, ptr, ptr, c64]
                 for fn in (lib.tpi_add_rmsnorm, lib.tpi_rope_store, lib.tpi_attend_decode):
                     fn.restype = None
+                c32 = ctypes.c_int
+                lib.tpi_attention_decode.argtypes = [ptr, c64, c64, c32, ptr, ptr, c32, ptr, c64, c64, c64, ptr]
+                lib.tpi_attention_decode.argtypes += [ptr, ptr, ptr, ptr, ptr, c64, ptr, f32, c32, c32, ptr]
+                lib.tpi_mlp.argtypes = [ptr, c64, c64, c32, ptr, c32, ptr, c64, c32, c32, ptr]
                 lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
                 _lib = lib
             except (OSError, RuntimeError) as e:
