@@ -55,10 +55,11 @@ def huge_empty(nbytes: int) -> torch.Tensor:
     transparent huge pages (madvise; the usual setting of /sys/kernel/mm/transparent_hugepage).
     Decode reads every weight once a token, from DRAM: with 4 KiB pages the CPU's prefetchers stop
     at each page and the TLB misses every few rows; with 2 MiB pages the quantised kernel read
-    1.5x faster (SmolLM2's gate|up, 48 against 73 us, 2 threads; its Q8_0 head 1.0 against 1.6 ms;
-    scripts/bench_quant_kernels.py). The buffer starts at a 2 MiB boundary of a mapping of its own,
-    slightly larger: the slack is never touched, so it takes no memory (from malloc's heap it could
-    be pages a freed block left resident). Elsewhere: torch.empty."""
+    SmolLM2's Q8_0 head in 1.26 ms against 2.0 (2 threads), and with int8 activations its gate|up
+    in 48 us against 73-77 (copies cycled cold as scripts/bench_quant_kernels.py does). The buffer
+    starts at a 2 MiB boundary of a mapping of its own, slightly larger: the slack is never
+    touched, so it takes no memory (from malloc's heap it could be pages a freed block left
+    resident). Elsewhere: torch.empty."""
     libc = _libc() if nbytes >= HUGE_PAGE and sys.platform.startswith("linux") else None
     if libc is None:
         return torch.empty(nbytes, dtype=torch.uint8)

@@ -30,16 +30,13 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* x = res + delta (delta may be NULL: x = res), h = w * x / sqrt(mean(x^2) + eps), rows of H */
+/* x = res + delta, h = w * x / sqrt(mean(x^2) + eps), rows of H */
 void tpi_add_rmsnorm(const float *res, const float *delta, const float *w, int64_t T, int64_t H, float eps,
                      float *x, float *h) {
     for (int64_t t = 0; t < T; t++) {
-        const float *r = res + t * H, *d = delta ? delta + t * H : NULL;
+        const float *r = res + t * H, *d = delta + t * H;
         float *xr = x + t * H, *hr = h + t * H;
-        if (d)
-            for (int64_t i = 0; i < H; i++) xr[i] = r[i] + d[i];
-        else if (xr != r)
-            memcpy(xr, r, sizeof(float) * H);
+        for (int64_t i = 0; i < H; i++) xr[i] = r[i] + d[i];
         const float inv = 1.0f / sqrtf(dot(xr, xr, H) / (float)H + eps);
         for (int64_t i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * inv);
     }
