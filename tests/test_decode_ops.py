@@ -66,6 +66,37 @@ def test_rope_store_and_decode_attention_equal_the_torch_ops(n_q, n_kv):
     assert kv.index.decode_lens.tolist() == [1, 38, 71]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("past", [(1499, 0, 300, 17), (1499,)])
+@pytest.mark.parametrize("n_q, n_kv, hd", [(9, 3, 64), (4, 1, 128), (2, 2, 40)])
+def test_decode_attention_over_long_contexts_on_the_pools_threads(monkeypatch, threads, past, n_q, n_kv, hd):
+    """Contexts of 1 to 1,500 keys, scores far apart (the online softmax rescales as its max
+    grows), one sequence whose keys are cut into chunks on two threads and merged, a head dim
+    that is no multiple of 16 (the tiles' masked tails): scaled_dot_product_attention's numbers."""
+    from tpi_node.model import qkernel
+
+    monkeypatch.setattr(qkernel.TUNING, "decode_threads", threads)
+    B = len(past)
+    blocks = [list(range(k * 100, k * 100 + 94)) for k in range(B)]  # 94 blocks of 16 slots each
+    layout = BatchLayout(tuple(range(1, B + 1)), past, (1,) * B, tuple(tuple(t) for t in blocks))
+    kv = PagedKVCache(1, n_kv, hd, torch.float32, "cpu", 400)
+    g = torch.Generator().manual_seed(1)
+    for pool in (kv.k[0], kv.v[0]):
+        pool[: kv.null_slot].copy_(torch.randn(kv.null_slot, n_kv, hd, generator=g) * 3)
+    kv.begin(layout)
+    cache = kv.layer(0)
+    qkv = torch.randn(B, (n_q + 2 * n_kv) * hd, generator=g) * 3
+    cache.store(qkv[:, n_q * hd : (n_q + n_kv) * hd].view(B, n_kv, hd), qkv[:, (n_q + n_kv) * hd :].view(B, n_kv, hd))
+    rows = kv.index.decode_rows
+    out = torch.empty(B, n_q * hd)
+    decode_ops.attend_decode(qkv, rows, n_q, n_kv, hd, cache, out)
+    ks, vs, mask = cache.decode_kv()  # [B, nkv, L, hd]
+    qs = qkv[:, : n_q * hd].view(B, n_kv, n_q // n_kv, hd)
+    want = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).reshape(B, n_q * hd)
+    assert kv.index.decode_lens.tolist() == [p + 1 for p in past]
+    assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), (out - want).abs().max()
+
+
 @pytest.mark.parametrize("act", ["none", "int8"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_layer_halves_equal_the_unfused_path(monkeypatch, act, bias):

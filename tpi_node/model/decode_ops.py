@@ -57,11 +57,11 @@ def rope_store(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, cos, sin, 
 def attend_decode(qkv: torch.Tensor, rows: torch.Tensor, n_q: int, n_kv: int, head_dim: int, kv, out) -> None:
     """Attention of the step's one-token sequences: sequence b's query is row rows[b] of qkv (its
     first n_q heads), its keys and values the cache's decode slots (StepIndex); the result goes to
-    row rows[b] of out [T, n_q hd]. Softmax scale 1/sqrt(hd), as scaled_dot_product_attention's."""
+    row rows[b] of out [T, n_q hd]. Softmax scale 1/sqrt(hd), as scaled_dot_product_attention's.
+    Long contexts run on the kernel pool's decode threads (their keys cut into chunks)."""
     idx = kv.index
     slots, lens = idx.decode_slots, idx.decode_lens
-    scores = torch.empty(n_q // n_kv, slots.shape[1])  # [g, L] scratch
-    library().tpi_attend_decode(
+    rc = library().tpi_attend_decode(
         qkv.data_ptr(),
         qkv.shape[1],
         rows.data_ptr(),
@@ -75,10 +75,12 @@ def attend_decode(qkv: torch.Tensor, rows: torch.Tensor, n_q: int, n_kv: int, he
         slots.shape[1],
         lens.data_ptr(),
         head_dim**-0.5,
-        scores.data_ptr(),
+        TUNING.decode_threads,
         out.data_ptr(),
         out.shape[1],
     )
+    if rc != 0:
+        raise MemoryError(f"the attention of {rows.shape[0]} decoding sequences failed (scratch memory)")
 
 
 def _blocks(*ws) -> bool:

@@ -100,10 +100,10 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_add_rmsnorm.argtypes = [ptr, ptr, ptr, c64, c64, f32, ptr, ptr]
                 lib.tpi_rope_store.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr, ptr]
                 lib.tpi_attend_decode.argtypes = [ptr, c64, ptr, c64, c64, c64, c64, ptr, ptr, ptr, c64, ptr]
-                lib.tpi_attend_decode.argtypes += [f32, ptr, ptr, c64]
-                for fn in (lib.tpi_add_rmsnorm, lib.tpi_rope_store, lib.tpi_attend_decode):
-                    fn.restype = None
                 c32 = ctypes.c_int
+                lib.tpi_attend_decode.argtypes += [f32, c32, ptr, c64]
+                for fn in (lib.tpi_add_rmsnorm, lib.tpi_rope_store):
+                    fn.restype = None
                 lib.tpi_attention_decode.argtypes = [ptr, c64, c64, c32, ptr, ptr, c32, ptr, c64, c64, c64, ptr]
                 lib.tpi_attention_decode.argtypes += [ptr, ptr, ptr, ptr, ptr, c64, ptr, f32, c32, c32, ptr]
                 lib.tpi_mlp.argtypes = [ptr, c64, c64, c32, ptr, c32, ptr, c64, c32, c32, ptr]

@@ -426,6 +426,9 @@ static void run_parts(part_fn fn, void *arg, int parts) {
     atomic_flag_clear(&pool.busy);
 }
 
+/* the pool for decode_ops.c (attention of a decode step) */
+void tpi_run_parts(part_fn fn, void *arg, int parts) { run_parts(fn, arg, parts); }
+
 static inline void share(int64_t total, int part, int parts, int64_t *a, int64_t *b) {
     *a = total * part / parts;
     *b = total * (part + 1) / parts;
