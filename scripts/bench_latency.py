@@ -147,6 +147,7 @@ def child_master(a) -> dict:
         no_prefix_cache=True,  # request B must not reuse A's KV cache
         speculative="off",  # one token per step: a step is what s/token measures
         fast_path="off",
+        head_split="off",  # the lm_head on the master, as node_budgets counts it (a worker holds none)
     )
     running = start_master(s, a.nodes, a.port)
     workers = [f"w{r}" for r in range(1, a.nodes)]

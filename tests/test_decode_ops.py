@@ -94,7 +94,7 @@ def test_decode_attention_over_long_contexts_on_the_pools_threads(monkeypatch, t
     qs = qkv[:, : n_q * hd].view(B, n_kv, n_q // n_kv, hd)
     want = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).reshape(B, n_q * hd)
     assert kv.index.decode_lens.tolist() == [p + 1 for p in past]
-    assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), (out - want).abs().max()
+    assert torch.allclose(out, want, rtol=1e-4, atol=5e-5), (out - want).abs().max()  # values ~3: fp32 sums
 
 
 @pytest.mark.parametrize("act", ["none", "int8"])
