@@ -62,3 +62,32 @@ def test_batched_greedy_equals_alone(engine):
     assert together == alone
     # they really shared steps: far fewer steps than the tokens generated
     assert engine.counters.steps - steps0 < sum(len(a) for a in alone)
+
+
+@pytest.mark.parametrize("act", ["none", "int8"])
+def test_decode_layers_in_one_call_equal_the_layer_loop(engine, act):
+    """One node holding every layer runs a decode step's layer loop as one C call
+    (decode_ops.DecodeStack): the loop's arithmetic, so its hidden states are the loop's bit for
+    bit, for three sequences decoding together (exact and with int8 activations)."""
+    from tpi_node.engine.batch import BatchLayout
+    from tpi_node.model import qkernel
+
+    runner = engine.driver.runner
+    assert runner.stack is not None  # the default model on one node takes it
+    qkernel.use_act_quant(act)
+    if act == "int8" and not qkernel.TUNING.int8_activations:
+        pytest.skip("no AVX512-VNNI here: --act-quant int8 runs the exact kernel")
+    g = torch.Generator().manual_seed(0)
+    hidden = engine.hidden_size
+    prefill = BatchLayout((1, 2, 3), (0, 0, 0), (40, 7, 23), ((0, 1, 2), (3,), (4, 5)))
+    runner.forward(prefill, torch.randn(70, hidden, generator=g))  # the KV the decode steps attend to
+    steps = [BatchLayout((1, 2, 3), (40 + k, 7 + k, 23 + k), (1, 1, 1), ((0, 1, 2), (3,), (4, 5))) for k in range(3)]
+    xs = [torch.randn(3, hidden, generator=g) for _ in steps]
+    stack, runner.stack = runner.stack, None
+    try:
+        loop = [runner.forward(layout, x) for layout, x in zip(steps, xs)]  # writes the same KV slots
+    finally:
+        runner.stack = stack
+    whole = [runner.forward(layout, x) for layout, x in zip(steps, xs)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, loop))
+    assert not torch.equal(whole[0], whole[1])  # real steps, not a constant

@@ -19,8 +19,9 @@ from tpi_node.engine.head import VocabShard
 from tpi_node.engine.kv_cache import PagedKVCache
 from tpi_node.engine.vocab import HeadAsk, HeadResult, vocab_step
 from tpi_node.model.config import ModelConfig
+from tpi_node.model.decode_ops import DecodeStack
 from tpi_node.model.layers import Rope, attention_partial, mlp_partial, rms_norm
-from tpi_node.model.qkernel import tune
+from tpi_node.model.qkernel import TUNING, tune
 from tpi_node.weights.cache import Lease, hold
 from tpi_node.weights.head_rows import HEAD_FILE
 from tpi_node.weights.plan import NodeShare, PartitionPlan
@@ -96,6 +97,24 @@ class NodeRunner:
             # decode step's quantised matmuls, measured on this machine with this node's matrix
             print(f"[tpi-node] {tune(sample, self.max_threads).describe()}", file=sys.stderr, flush=True)
             heap.trim(collect=False)  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
+        self.stack = self._decode_stack()
+        if self.stack is not None:
+            print("[tpi-node] decode steps: every layer in one C call (one node, all layers resident)", file=sys.stderr)
+
+    def _decode_stack(self) -> DecodeStack | None:
+        """The layer loop of a decode step as one call (model/decode_ops.py), where this node may
+        take it: alone (the allreduce is the partial itself), every layer resident, quantised, fp32
+        on the CPU. Otherwise (a cluster, streaming, float or GPU weights) the loop below runs."""
+        if self.store.streaming or self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        if not (self.coll.single_node() and self.share.n_kv):
+            return None
+        layers = []
+        for i in range(self.cfg.num_layers):
+            with self.store.layer(i) as w:  # resident: the same object for the store's life
+                layers.append(w)
+        norms = self.store.norms
+        return DecodeStack.of(layers, self.kv.k, self.kv.v, norms.post, [*norms.input[1:], norms.final])
 
     def _threads_for(self, tokens: int) -> None:
         """Small steps (decode) run torch on one thread: their float matrix-vector products are too
@@ -105,6 +124,11 @@ class NodeRunner:
         want = 1 if tokens < PARALLEL_MIN_TOKENS else self.max_threads
         if self.device.type == "cpu" and torch.get_num_threads() != want:
             torch.set_num_threads(want)
+
+    def _all_decode(self, layout: BatchLayout) -> bool:
+        """Every sequence of the step decodes one token, and the kernel takes a step this size."""
+        index = self.kv.index
+        return len(index.decode) == layout.num_tokens <= TUNING.kernel_max_tokens
 
     def split_at(self, n_tokens: int) -> int:
         """Where a step of n_tokens is cut in two halves (0: not split): the collective says."""
@@ -127,10 +151,14 @@ class NodeRunner:
         x = x.to(self.device, self.dtype)
         rope_cs = self.rope.tables(layout.positions().to(self.device), self.dtype)
         h = rms_norm(x, norms.input[0], eps)
+        whole = self.stack is not None and not cut and self._all_decode(layout)
+        if whole:  # the loop below, as one call (the same arithmetic, bit for bit)
+            x = x.clone()  # updated in place: not the caller's tensor
+            self.stack.run(x, h, self.kv.index, *rope_cs, cfg.head_dim, eps)
         if cut:
             h = self._split_layers(layout, x, h, rope_cs, cut)
             self.stats.split_steps += 1
-        for i in range(0 if cut else cfg.num_layers):
+        for i in range(0 if cut or whole else cfg.num_layers):
             with self.store.layer(i) as w:
                 a = attention_partial(h, w, self.kv.layer(i), layout, rope_cs, cfg.head_dim)
                 x, h = self.coll.allreduce_add_norm(a, x, norms.post[i], eps)

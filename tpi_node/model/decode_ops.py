@@ -150,3 +150,79 @@ def mlp(h: torch.Tensor, w) -> torch.Tensor:
     if rc != 0:
         raise MemoryError(f"the fused FFN of a {t}-token step failed (scratch memory)")
     return out
+
+
+class DecodeStack:
+    """Every layer of a node that holds them all, for `decode_layers`: per layer the addresses of
+    its matrices, bias, KV pools and norms, gathered once (the layers and pools stay where they are
+    for the node's life). `of` says None where a layer does not fit the fused halves."""
+
+    def __init__(self, layers: list, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor], post, nxt) -> None:
+        w0 = layers[0]
+        self.n_q, self.n_kv, self.ffn = w0.n_q, w0.n_kv, w0.w2.shape[1]
+        self._held = (layers, kv_k, kv_v, post, nxt)  # what the addresses point into stays alive with them
+        self._keep = [w.bqkv.float().contiguous() for w in layers if w.bqkv is not None]  # the biases' fp32 copies
+        biases = iter(self._keep)
+        cols = {
+            "wqkv": [w.wqkv.data.data_ptr() for w in layers],
+            "kqkv": [KIND[w.wqkv.fmt] for w in layers],
+            "bqkv": [next(biases).data_ptr() if w.bqkv is not None else 0 for w in layers],
+            "wo": [w.wo.data.data_ptr() for w in layers],
+            "ko": [KIND[w.wo.fmt] for w in layers],
+            "w13": [w.w13.data.data_ptr() for w in layers],
+            "k13": [KIND[w.w13.fmt] for w in layers],
+            "w2": [w.w2.data.data_ptr() for w in layers],
+            "k2": [KIND[w.w2.fmt] for w in layers],
+            "kpool": [t.data_ptr() for t in kv_k],
+            "vpool": [t.data_ptr() for t in kv_v],
+            "post": [t.data_ptr() for t in post],
+            "next": [t.data_ptr() for t in nxt],
+        }
+        kinds = ("kqkv", "ko", "k13", "k2")
+        self.arrays = {k: torch.tensor(v, dtype=torch.int32 if k in kinds else torch.int64) for k, v in cols.items()}
+
+    @classmethod
+    def of(cls, layers: list, kv_k, kv_v, post, nxt) -> DecodeStack | None:
+        """The stack, or None: every layer's matrices quantised in contiguous blocks, attention and
+        FFN work on each, one shape for all, and fp32 CPU pools and norms."""
+        w0 = layers[0]
+        for w in layers:
+            if not (_blocks(w.wqkv, w.wo, w.w13, w.w2) and w.n_q > 0):
+                return None
+            if (w.n_q, w.n_kv, w.w2.shape[1]) != (w0.n_q, w0.n_kv, w0.w2.shape[1]):
+                return None
+        if not usable(*kv_k, *kv_v, *post, *nxt):
+            return None
+        return cls(layers, kv_k, kv_v, post, nxt)
+
+    def run(self, x: torch.Tensor, h: torch.Tensor, index, cos, sin, head_dim: int, eps: float) -> None:
+        """The whole layer loop of a decode step (every sequence decodes: token t is sequence t) on
+        x (the residual) and h (its input-normed copy), [T, H] each, in place: afterwards x is the
+        last layer's residual and h its final-normed hidden states."""
+        a = self.arrays
+        t, n = h.shape
+        rc = library().tpi_decode_layers(
+            len(a["wqkv"]),
+            *(a[k].data_ptr() for k in ("wqkv", "kqkv", "bqkv", "wo", "ko", "w13", "k13", "w2", "k2")),
+            *(a[k].data_ptr() for k in ("kpool", "vpool", "post", "next")),
+            t,
+            n,
+            self.n_q,
+            self.n_kv,
+            head_dim,
+            self.ffn,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            index.slots.data_ptr(),
+            index.decode_slots.data_ptr(),
+            index.decode_slots.shape[1],
+            index.decode_lens.data_ptr(),
+            head_dim**-0.5,
+            eps,
+            TUNING.decode_threads,
+            int(TUNING.int8_activations),
+            x.data_ptr(),
+            h.data_ptr(),
+        )
+        if rc != 0:
+            raise MemoryError(f"the fused layers of a {t}-token step failed (scratch memory)")

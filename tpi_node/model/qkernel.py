@@ -107,6 +107,8 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_attention_decode.argtypes = [ptr, c64, c64, c32, ptr, ptr, c32, ptr, c64, c64, c64, ptr]
                 lib.tpi_attention_decode.argtypes += [ptr, ptr, ptr, ptr, ptr, c64, ptr, f32, c32, c32, ptr]
                 lib.tpi_mlp.argtypes = [ptr, c64, c64, c32, ptr, c32, ptr, c64, c32, c32, ptr]
+                lib.tpi_decode_layers.argtypes = [c64, *[ptr] * 13, c64, c64, c64, c64, c64, c64, ptr, ptr, ptr]
+                lib.tpi_decode_layers.argtypes += [ptr, c64, ptr, f32, f32, c32, c32, ptr, ptr]
                 lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
                 _lib = lib
             except (OSError, RuntimeError) as e:
