@@ -77,6 +77,19 @@ def test_default_gguf_tensor_table(default_gguf):
     assert md["tokenizer.ggml.merges"][0] == "Ġ t" and md["general.languages"] == ["en"]
 
 
+def test_a_tensor_reader_leaves_the_metadata_arrays_out(default_gguf, gguf_path):
+    """GgufFile(arrays=False), what the checkpoint reader opens: the same tensor table and scalar
+    metadata, the arrays (the vocabulary and merges: ~8 MiB of strings) not kept."""
+    lean = GgufFile(gguf_path, arrays=False)
+    assert lean.tensors == default_gguf.tensors and lean.data_offset == default_gguf.data_offset
+    arrays = {k for k, v in default_gguf.metadata.items() if isinstance(v, list)}
+    assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"} <= arrays
+    assert all(lean.metadata[k] is None for k in arrays)
+    assert {k: v for k, v in lean.metadata.items() if k not in arrays} == {
+        k: v for k, v in default_gguf.metadata.items() if k not in arrays
+    }
+
+
 def test_raw_bytes_equal_the_reference_reader(default_gguf, gguf_path):
     ref = gguf.GGUFReader(gguf_path)
     assert [t.name for t in ref.tensors] == default_gguf.names()

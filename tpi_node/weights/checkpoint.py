@@ -192,7 +192,7 @@ class GgufReader:
     """
 
     def __init__(self, path: str | Path, cfg: dict) -> None:
-        self.file = GgufFile(path)
+        self.file = GgufFile(path, arrays=False)  # the tensors only: the tokenizer comes from prepare's files
         self.path = Path(path)
         self.permute_heads: dict[str, int] = {}
         if cfg.get("model_type", "llama") in ("llama", "mistral"):
