@@ -238,10 +238,21 @@ def best_of(fns: dict, rounds: int = 5, budget_s: float = 0.004) -> dict:
     return best
 
 
+# Decode runs on all threads only where they win clearly (a thread team waits on its slowest
+# member): by THREAD_WIN, in the best of up to THREAD_TRIES measurements. On the 2-core AMD EPYC VM
+# a single measurement (one try at a 1.25 margin) chose 1 thread in about 1 start of 4: the second
+# core was busy for the measurement's ~40 ms (SmolLM2's gate|up, 1/2 threads: 130 against 98-130
+# us, 69 usual), and decode then ran at 88 tok/s against 140. Four tries at 1.25 still chose 1
+# thread in 2 starts of 6 (119 and 130 us throughout); four at 1.1 chose 2 threads in 8 of 8.
+THREAD_TRIES = 4
+THREAD_WIN = 1.1
+
+
 def tune(sample: QMatrix | None = None, max_threads: int | None = None) -> Tuning:
     """Measure on this machine, on `sample` (a real weight of this node, else a 2048 x 2048 q4_1
-    matrix), in ~0.3 s: one-token steps on 1 thread against `max_threads` (torch's count), and the
-    kernel against dequantise + GEMM for each step size in STEP_SIZES. Sets and returns TUNING."""
+    matrix), in ~0.3 s: one-token steps on 1 thread against `max_threads` (torch's count; measured
+    again, up to THREAD_TRIES times, while all threads do not win clearly), and the kernel against
+    dequantise + GEMM for each step size in STEP_SIZES. Sets and returns TUNING."""
     if library() is None:
         TUNING.kernel_max_tokens, TUNING.measured = 0, ""
         return TUNING
@@ -252,9 +263,15 @@ def tune(sample: QMatrix | None = None, max_threads: int | None = None) -> Tunin
     most = max_threads or torch.get_num_threads()
     x1 = torch.randn(1, k)
     if most > 1:
-        t = best_of({1: lambda: kernel_matmul(x1, sample, 1), most: lambda: kernel_matmul(x1, sample, most)})
-        TUNING.decode_threads = most if t[most] * 1.25 < t[1] else 1  # a clear win only: threads wait on each other
-        notes = [f"1 token on 1/{most} threads: {t[1] * 1e6:.0f}/{t[most] * 1e6:.0f} us"]
+        t, tries = {1: float("inf"), most: float("inf")}, 0
+        while tries < THREAD_TRIES and not t[most] * THREAD_WIN < t[1]:
+            if tries:
+                time.sleep(0.05)  # a busy moment of the other cores passes
+            got = best_of({1: lambda: kernel_matmul(x1, sample, 1), most: lambda: kernel_matmul(x1, sample, most)})
+            t, tries = {n: min(t[n], got[n]) for n in t}, tries + 1
+        TUNING.decode_threads = most if t[most] * THREAD_WIN < t[1] else 1
+        us = f"{t[1] * 1e6:.0f}/{t[most] * 1e6:.0f} us"
+        notes = [f"1 token on 1/{most} threads: {us} ({tries} {'tries' if tries > 1 else 'try'})"]
     else:
         TUNING.decode_threads, notes = 1, []
     best, steps = 0, []
