@@ -3,8 +3,9 @@
  * A one-token step spends about as long in the dispatch of its small torch ops (rope, the KV
  * write, attention over a few hundred keys, add + RMSNorm: ~50 ops a layer, a few us each) as in
  * its matmuls; these do the same arithmetic in one pass each. Compiled with qmatmul.c into one
- * library (model/qkernel.py); called from model/layers.py and comm/collective.py where the
- * tensors are fp32 on the CPU, else the torch ops run. Shapes as model/layers.py names them:
+ * library (model/qkernel.py); called through model/decode_ops.py from model/layers.py (and, for
+ * one node's whole decode loop, engine/runner.py) where the tensors are fp32 on the CPU, else the
+ * torch ops run. Shapes as model/layers.py names them:
  * T tokens, H hidden, nq / nkv heads held here, hd head dim; KV pools are [slots][nkv][hd].
  */
 #include <math.h>
@@ -315,14 +316,15 @@ int tpi_decode_layers(int64_t n_layers, const int64_t *wqkv, const int32_t *kqkv
     float *part = malloc(sizeof(float) * T * H);
     if (!part) return -1;
     int rc = 0;
-    for (int64_t l = 0; l < n_layers && rc == 0; l++) {
+    for (int64_t l = 0; l < n_layers; l++) {
         rc = tpi_attention_decode(h, T, H, kqkv[l], (const uint8_t *)wqkv[l], (const float *)bqkv[l], ko[l],
                                   (const uint8_t *)wo[l], nq, nkv, hd, cos, sin, (float *)kpools[l],
                                   (float *)vpools[l], slots, dslots, L, lens, scale, threads, q8, part);
         if (rc != 0) break;
         tpi_add_rmsnorm(x, part, (const float *)post[l], T, H, eps, x, h); /* in place: element by element */
         rc = tpi_mlp(h, T, H, k13[l], (const uint8_t *)w13[l], k2[l], (const uint8_t *)w2[l], F, threads, q8, part);
-        if (rc == 0) tpi_add_rmsnorm(x, part, (const float *)next[l], T, H, eps, x, h);
+        if (rc != 0) break;
+        tpi_add_rmsnorm(x, part, (const float *)next[l], T, H, eps, x, h);
     }
     free(part);
     return rc;

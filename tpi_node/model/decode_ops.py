@@ -153,20 +153,19 @@ def mlp(h: torch.Tensor, w) -> torch.Tensor:
 
 
 class DecodeStack:
-    """Every layer of a node that holds them all, for `decode_layers`: per layer the addresses of
+    """Every layer of a node that holds them all, for `tpi_decode_layers`: per layer the addresses of
     its matrices, bias, KV pools and norms, gathered once (the layers and pools stay where they are
     for the node's life). `of` says None where a layer does not fit the fused halves."""
 
     def __init__(self, layers: list, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor], post, nxt) -> None:
         w0 = layers[0]
         self.n_q, self.n_kv, self.ffn = w0.n_q, w0.n_kv, w0.w2.shape[1]
-        self._held = (layers, kv_k, kv_v, post, nxt)  # what the addresses point into stays alive with them
-        self._keep = [w.bqkv.float().contiguous() for w in layers if w.bqkv is not None]  # the biases' fp32 copies
-        biases = iter(self._keep)
+        biases = [w.bqkv.float().contiguous() if w.bqkv is not None else None for w in layers]  # fp32 copies
+        self._held = (layers, biases, kv_k, kv_v, post, nxt)  # what the addresses point into stays alive
         cols = {
             "wqkv": [w.wqkv.data.data_ptr() for w in layers],
             "kqkv": [KIND[w.wqkv.fmt] for w in layers],
-            "bqkv": [next(biases).data_ptr() if w.bqkv is not None else 0 for w in layers],
+            "bqkv": [b.data_ptr() if b is not None else 0 for b in biases],
             "wo": [w.wo.data.data_ptr() for w in layers],
             "ko": [KIND[w.wo.fmt] for w in layers],
             "w13": [w.w13.data.data_ptr() for w in layers],

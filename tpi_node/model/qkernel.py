@@ -96,11 +96,10 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
                 lib.tpi_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
                 lib.tpi_has_q8dot.argtypes = []
-                f32, c64 = ctypes.c_float, ctypes.c_int64
+                f32, c32, c64 = ctypes.c_float, ctypes.c_int, ctypes.c_int64
                 lib.tpi_add_rmsnorm.argtypes = [ptr, ptr, ptr, c64, c64, f32, ptr, ptr]
                 lib.tpi_rope_store.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr, ptr]
                 lib.tpi_attend_decode.argtypes = [ptr, c64, ptr, c64, c64, c64, c64, ptr, ptr, ptr, c64, ptr]
-                c32 = ctypes.c_int
                 lib.tpi_attend_decode.argtypes += [f32, c32, ptr, c64]
                 for fn in (lib.tpi_add_rmsnorm, lib.tpi_rope_store):
                     fn.restype = None
