@@ -83,10 +83,27 @@ def test_int8_activations_compute_what_they_define(fmt, tokens):
 
 def test_the_kernel_is_built_and_tuned_on_this_machine():
     assert qkernel.library() is not None, qkernel.library_error()  # CI has a C compiler
-    t = qkernel.tune(quantize(torch.randn(1024, 1024), "q4_1"), max_threads=2)
+    layer = [quantize(torch.randn(n, k), "q4_1") for n, k in ((1024, 1024), (256, 1024), (512, 256))]
+    t = qkernel.tune(layer, max_threads=2)
     # what it chose depends on this machine and its load; that it measured and says so does not
     assert t.kernel_max_tokens in (0, *qkernel.STEP_SIZES) and t.decode_threads in (1, 2)
     assert "tokens: kernel/dequant us 1: " in t.describe() and "1 token on 1/2 threads" in t.describe()
+    assert "q4_1 1024x1024, 256x1024, 512x256;" in t.describe()  # timed on every matrix given
+
+
+@pytest.mark.parametrize(
+    "wins,kernel_steps",
+    [
+        ([True] * 7, 7),
+        ([False] * 7, 0),
+        ([True, True, True, True, False, False, False], 4),
+        ([True, False, True, True, True, False, False], 5),  # one busy moment at 2 tokens
+        ([True, True, True, False, False, True, False], 3),  # one at 32
+        ([True, True, False, True, False, False, False], 4),  # a tie: the larger count
+    ],
+)
+def test_the_kernels_crossover_outvotes_a_noisy_step(wins, kernel_steps):
+    assert qkernel.crossover(wins) == kernel_steps
 
 
 @pytest.mark.parametrize("fmt,bound", [("q8_0", 0.5 / 127), ("q4_1", 0.5 / 15)])

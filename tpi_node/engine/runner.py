@@ -91,11 +91,11 @@ class NodeRunner:
         self.rope = Rope(cfg, self.device)
         self.stats = StepStats()
         self.max_threads = torch.get_num_threads()
-        sample = store.sample_matrix()
-        if sample is not None and self.device.type == "cpu":
+        samples = store.sample_matrices()
+        if samples and self.device.type == "cpu":
             # which way each step size runs, and on how many threads the kernel's own pool runs a
             # decode step's quantised matmuls, measured on this machine with this node's matrix
-            print(f"[tpi-node] {tune(sample, self.max_threads).describe()}", file=sys.stderr, flush=True)
+            print(f"[tpi-node] {tune(samples, self.max_threads).describe()}", file=sys.stderr, flush=True)
             heap.trim(collect=False)  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
         self.stack = self._decode_stack()
         if self.stack is not None:

@@ -409,17 +409,16 @@ class ShardStore:
                 timeout,
             )
 
-    def sample_matrix(self) -> QMatrix | None:
-        """This node's largest quantised matrix of layer 0 (what the kernel tuning measures on),
-        or None when its slices are float. Read from the file when the layers stream."""
+    def sample_matrices(self) -> list[QMatrix]:
+        """This node's quantised matrices of layer 0 (what the kernel tuning measures on), none
+        when its slices are float. Read from the file when the layers stream."""
         if self.streaming:
             t, _ = self._read(layer_file(0))
             mats = [_weight(v) for v in t.values()]
         else:
             w = self._loaded[0]
             mats = [w.wqkv, w.wo, w.w13, w.w2]
-        qs = [m for m in mats if isinstance(m, QMatrix)]
-        return max(qs, key=QMatrix.nbytes) if qs else None
+        return [m for m in mats if isinstance(m, QMatrix)]
 
     def in_memory(self) -> int:
         """Layers held now, the one being loaded included (never more than the window)."""
