@@ -4,6 +4,7 @@ have it, on the hub's Unix socket (cluster/unix_session.py): every test runs on 
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -19,7 +20,7 @@ from tpi_node.cluster.link import MasterLink, join_star
 from tpi_node.cluster.star_server import StarServer
 from tpi_node.cluster.unix_session import is_loopback
 from tpi_node.comm.codec import FrameError, to_pb, wire_dtype
-from tpi_node.comm.star import PeerLost
+from tpi_node.comm.star import PeerLost, StepAborted
 from tpi_node.proto import tpi_pb2 as pb
 
 H = 576
@@ -121,7 +122,7 @@ def test_sums_are_correct_with_uneven_timing(hub_factory, world, wire, tokens):
         # The master sums in fp32 in rank order; spokes sum nothing. bf16/fp16: all see the same
         # rounded sum (within one rounding step of the exact one).
         assert torch.allclose(got, want, atol=tol + (0.1 if wire != "fp32" else 0), rtol=1e-2 if wire != "fp32" else 0)
-    server.shared.run(__import__("asyncio").sleep(0.1))
+    server.shared.run(asyncio.sleep(0.1))
     results = [q.get(timeout=30) for _ in range(world - 1)]
     for status, rank, worst in results:
         assert status == "ok", worst
@@ -248,3 +249,135 @@ def test_a_unix_session_sending_bytes_that_are_no_frame_is_ended_and_the_step_fa
 )
 def test_only_a_loopback_master_is_offered_the_unix_socket(address, loopback):
     assert is_loopback(address) is loopback
+
+
+# ---- shared-memory lanes (comm/lane.py): a worker on the master's machine --------------------------
+
+
+def _lane_spoke(addr, q, sizes):
+    """Allreduces of `sizes` tokens, two at a time in flight (the token split's shape), so a lane's
+    entry and a frame can be in flight together; reports the worst error and its lane's file."""
+    torch.set_num_threads(1)
+    try:
+        s = _join(addr, 1, 2)
+        q.put(("lane", s.link.lane.path if s.link.lane else None))
+        s.begin_step(0)
+        worst = 0.0
+        for i in range(0, len(sizes), 2):
+            a = s.allreduce_start(_value(1, i, sizes[i]))
+            b = s.allreduce_start(_value(1, i + 1, sizes[i + 1]))
+            for j, h in ((i, a), (i + 1, b)):
+                worst = max(worst, (s.allreduce_wait(h) - _expected(2, j, sizes[j])).abs().max().item())
+        q.put(("ok", worst))
+        time.sleep(0.5)
+        s.link.close()
+    except Exception as e:
+        q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_a_local_worker_sums_on_its_lane_and_big_steps_in_frames_in_order(tmp_path):
+    """Small steps ride the lane, steps over a slot (LANE SLOT_BYTES) the socket; in flight together
+    in either order, each sum is its own. The lane's file is gone from /dev/shm once mapped."""
+    from tpi_node.comm.lane import DOWN, SLOT_BYTES, UP
+
+    big = SLOT_BYTES // (4 * H) + 1  # tokens: one over a slot
+    sizes = [1, big, big, 1, 16, 16, 1, 1]
+    server = StarServer(2, "127.0.0.1:0", unix_dir=str(tmp_path))
+    try:
+        q = mp.get_context("spawn").Queue()
+        p = _start(_lane_spoke, (f"127.0.0.1:{server.port}", server.socket_path), q, sizes)
+        server.wait_for_peers()
+        kind, path = q.get(timeout=30)
+        assert kind == "lane" and path and server.sessions.lane(1) is not None
+        assert not os.path.exists(path)  # unlinked by the master: it lives in the two mappings
+        hub = server.hub
+        hub.begin_step(0)
+        for i in range(0, len(sizes), 2):
+            a = hub.allreduce_start(_value(0, i, sizes[i]))
+            b = hub.allreduce_start(_value(0, i + 1, sizes[i + 1]))
+            for j, h in ((i, a), (i + 1, b)):
+                assert torch.allclose(hub.allreduce_wait(h), _expected(2, j, sizes[j]), atol=1e-5)
+        assert q.get(timeout=30) == ("ok", pytest.approx(0.0, abs=1e-5))
+        # the lane carried the 6 small steps both ways, the frames the 2 big ones
+        assert server.sessions.lane(1).read[UP] == 6 and server.sessions.lane(1).written[DOWN] == 6
+        p.join(timeout=10)
+    finally:
+        server.close()
+
+
+def _aborted_spoke(addr, q):
+    try:
+        s = _join(addr, 1, 2)
+        s.begin_step(0)
+        try:
+            s.allreduce(_value(1, 0, 1))
+            q.put(("not aborted", ""))
+        except StepAborted as e:
+            q.put(("aborted", str(e)))
+        s.begin_step(1)
+        got = s.allreduce(_value(1, 1, 1))
+        q.put(("ok", (got - _expected(2, 1, 1)).abs().max().item()))
+        time.sleep(0.5)
+        s.link.close()
+    except Exception as e:
+        q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_an_abort_reaches_a_worker_waiting_on_its_lane_and_the_next_step_sums(tmp_path):
+    """The worker waits for its sum on the lane; the master drops the step (a node was lost) and
+    says so on the socket: the worker raises StepAborted, and the next step passes over the stale
+    partial the aborted one left on the lane."""
+    from tpi_node.comm.lane import UP
+
+    server = StarServer(2, "127.0.0.1:0", unix_dir=str(tmp_path))
+    try:
+        q = mp.get_context("spawn").Queue()
+        p = _start(_aborted_spoke, (f"127.0.0.1:{server.port}", server.socket_path), q)
+        server.wait_for_peers()
+        lane, deadline = server.sessions.lane(1), time.monotonic() + 30
+        while lane.peek(UP, 0) != (0, 0):  # the step-0 partial is on the lane
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.shared.run(server.sessions.send_all(pb.MasterMsg(abort=pb.Abort(step_id=0, reason="node w9 was lost"))))
+        assert q.get(timeout=30) == ("aborted", "node w9 was lost")
+        hub = server.hub
+        hub.begin_step(1)
+        assert torch.allclose(hub.allreduce(_value(0, 1, 1)), _expected(2, 1, 1), atol=1e-5)
+        status, worst = q.get(timeout=30)
+        assert status == "ok" and worst < 1e-5
+        p.join(timeout=10)
+    finally:
+        server.close()
+
+
+def test_a_hello_naming_a_file_that_is_no_lane_is_refused(tmp_path):
+    from tpi_node.comm.lane import SHM_DIR, Lane, LaneError
+
+    bogus = SHM_DIR / f"tpi-node-lane-test-{os.getpid()}"
+    bogus.write_bytes(b"\0" * 4096)
+    try:
+        with pytest.raises(LaneError, match="foreign header or size"):
+            Lane.open(str(bogus))
+        assert not bogus.exists()  # taken off /dev/shm even so
+        with pytest.raises(LaneError, match="is not a lane file"):
+            Lane.open(str(tmp_path / "x"))
+        server = StarServer(2, "127.0.0.1:0", unix_dir=str(tmp_path))
+        try:  # a raw socket: MasterLink would name its own lane
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(server.socket_path)
+                missing = "/dev/shm/tpi-node-lane-missing"
+                hello = pb.WorkerMsg(hello=pb.Hello(node_id="odd", rank=1, lane=missing)).SerializeToString()
+                c.sendall(struct.pack("<I", len(hello)) + hello)
+                server.shared.run(asyncio.sleep(0.5))  # the server's loop reads it and answers
+                c.settimeout(10)
+                frame = b""
+                while len(frame) < 4 or len(frame) < 4 + struct.unpack_from("<I", frame)[0]:
+                    frame += c.recv(4096)
+                reply = pb.MasterMsg.FromString(frame[4:])
+            assert reply.WhichOneof("kind") == "shutdown" and reply.shutdown.code == pb.REFUSED
+            assert f"node odd (rank 1): cannot open the lane {missing}" in reply.shutdown.reason
+            assert server.sessions.missing() == [1]
+        finally:
+            server.close()
+    finally:
+        bogus.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ The Session stream is a gRPC call, or, for a worker on the master's machine, a U
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable
 
@@ -16,6 +17,8 @@ import grpc
 from tpi_node.cluster.channels import dial
 from tpi_node.cluster.tls import TlsFiles
 from tpi_node.cluster.unix_session import FrameSocket, connect
+from tpi_node.comm.lane import Lane
+from tpi_node.comm.lane import supported as lane_supported
 from tpi_node.comm.loop import new_event_loop
 from tpi_node.comm.star import PeerLost, StarSpoke
 from tpi_node.proto import tpi_pb2 as pb
@@ -27,7 +30,9 @@ class MasterLink:
         self.address, self.tls = address, tls
         self.loop = new_event_loop()
         self.channel = self.call = None
+        self.lane: Lane | None = None  # the session's shared-memory lane (comm/lane.py), on a Unix socket
         self._read: asyncio.Future | None = None
+        self._unread: collections.deque[pb.MasterMsg] = collections.deque()  # frames given back (`unread`)
         try:
             self.run(self._open(timeout_s))
         except BaseException:  # a worker dials again and again while its master is away: leak nothing
@@ -53,12 +58,20 @@ class MasterLink:
     def open_session(self, hello: pb.Hello, unix_path: str = "") -> str:
         """Open the Session stream and say hello: on the master's Unix socket `unix_path` when
         given and it connects, else on gRPC. -> what it runs on, for the log."""
-        why, self.call = "", None
+        self.close_session()  # what an earlier session left
+        why = ""
+        self._unread.clear()
         if unix_path:
             try:
                 self.call = connect(unix_path)
             except OSError as e:
                 why = f" (the master's Unix socket: {e.strerror or e})"
+        if self.local and lane_supported():
+            try:
+                self.lane = Lane.create()
+                hello.lane = self.lane.path
+            except OSError as e:  # /dev/shm full or read-only: the sums ride on the socket
+                why = f" (no shared-memory lane: {e.strerror or e})"
 
         async def _open():  # the call is made on this link's loop (any thread may own the link)
             if not self.local:
@@ -66,7 +79,9 @@ class MasterLink:
             await self.send(pb.WorkerMsg(hello=hello))
 
         self.run(_open())
-        return "a Unix socket (same machine)" if self.local else "gRPC" + why
+        if self.lane is not None:
+            return "a Unix socket (same machine), small partial sums on a shared-memory lane"
+        return ("a Unix socket (same machine)" if self.local else "gRPC") + why
 
     @property
     def local(self) -> bool:
@@ -81,6 +96,9 @@ class MasterLink:
         if self.call is not None:
             self.call.cancel()
             self.call = None
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
 
     async def send(self, msg: pb.WorkerMsg) -> None:
         try:
@@ -90,6 +108,8 @@ class MasterLink:
 
     async def recv(self, timeout: float | None) -> pb.MasterMsg | None:
         """The next frame from the master, or None after `timeout` seconds (the read stays pending)."""
+        if self._unread:
+            return self._unread.popleft()
         if self._read is None and self.local:  # spin for it first (a sum due within a layer's time)
             msg = self.call.spin() if timeout is None else self.call.spin(timeout)
             if msg is not None:
@@ -106,6 +126,16 @@ class MasterLink:
         except (grpc.RpcError, asyncio.CancelledError) as e:
             raise PeerLost(f"lost the master at {self.address}: {rpc_reason(e)}") from None
         return self._checked(msg)
+
+    def poll(self) -> pb.MasterMsg | None:
+        """The next frame if it is here now, else None (a Unix-socket session: a lane's wait)."""
+        if self._unread:
+            return self._unread.popleft()
+        msg = self.call.poll()
+        return None if msg is None else self._checked(msg)
+
+    def unread(self, msg: pb.MasterMsg) -> None:
+        self._unread.appendleft(msg)
 
     def _checked(self, msg: pb.MasterMsg) -> pb.MasterMsg:
         if msg is grpc.aio.EOF:
@@ -130,6 +160,9 @@ class MasterLink:
         with contextlib.suppress(Exception):
             self.run(_close())
         self.loop.close()
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
 
 
 def rpc_reason(e: BaseException) -> str:

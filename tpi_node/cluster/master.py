@@ -288,7 +288,7 @@ class ClusterMaster(rpc.MasterServicer):
             return
         log.info("node %s (rank %d) connected", h.node_id, h.rank)
         peer = Peer(h.rank, h.node_id, context)
-        await d.sessions.serve(peer)
+        await d.sessions.serve(peer, h.lane)
         log.warning("node %s (rank %d) left: %s", h.node_id, h.rank, peer.lost)
 
     # ---- Status, /health ----------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from collections.abc import Callable
 
 import grpc
 
-from tpi_node.cluster.unix_session import FrameSocket, SpinBudget
+from tpi_node.cluster.unix_session import FrameSocket
+from tpi_node.comm.lane import Lane, LaneError
 from tpi_node.comm.loop import SharedLoop
+from tpi_node.comm.spin import SpinBudget
 from tpi_node.comm.star import PeerLost, StarHub
 from tpi_node.proto import tpi_pb2 as pb
 
@@ -52,6 +54,7 @@ class Peer:
         self.last_seen = time.monotonic()
         self.write_lock = asyncio.Lock()
         self.local = isinstance(context, FrameSocket)  # a Unix-socket session: a worker on this machine
+        self.lane: Lane | None = None  # its shared-memory lane, when its Hello named one (comm/lane.py)
 
     async def write(self, msg: pb.MasterMsg) -> None:
         async with self.write_lock:
@@ -89,6 +92,10 @@ class Sessions:
     async def send(self, rank: int, msg: pb.MasterMsg) -> None:
         await self.peers[rank].write(msg)
 
+    def lane(self, rank: int) -> Lane | None:
+        p = self.peers.get(rank)
+        return p.lane if p is not None and p.lost is None else None
+
     def refuse(self, rank: int, reason: str) -> None:
         """End `rank`'s session because of a malformed frame (the worker exits with this reason)."""
         peer = self.peers[rank]
@@ -96,8 +103,17 @@ class Sessions:
         asyncio.get_running_loop().create_task(self._quietly(peer, shutdown_msg(pb.MALFORMED_FRAME, reason)))
 
     # ---- sessions --------------------------------------------------------------------------------
-    async def serve(self, peer: Peer) -> None:
-        """Read a worker's frames until its stream ends (runs as the Session RPC handler)."""
+    async def serve(self, peer: Peer, lane: str = "") -> None:
+        """Read a worker's frames until its stream ends (runs as the Session RPC handler). `lane`:
+        the shared-memory lane its Hello named (a worker on this machine), mapped here first."""
+        if lane:
+            try:
+                if not peer.local:
+                    raise LaneError("a shared-memory lane needs a session on this machine's Unix socket")
+                peer.lane = Lane.open(lane)
+            except LaneError as e:
+                await peer.write(shutdown_msg(pb.REFUSED, f"{peer.name()}: {e}"))
+                return
         self._attach(peer)
         reason = "disconnected"
         try:
@@ -169,6 +185,8 @@ class Sessions:
             peer.lost = reason
         if self.peers.get(peer.rank) is peer and self.partials is not None:
             self.partials.link_lost(peer.rank, f"{peer.name()} {reason}")
+        if peer.lane is not None:  # nobody reads it now (`lane` answers None for a lost peer)
+            peer.lane.close()
 
     def any_lost(self) -> bool:
         """A worker that had a session has lost it."""

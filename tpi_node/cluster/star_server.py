@@ -31,7 +31,7 @@ class _SessionOnly(rpc.MasterServicer):
         if not 1 <= rank < self.sessions.world_size:
             await context.write(shutdown_msg(pb.REFUSED, f"rank {rank} is not in this plan"))
             return
-        await self.sessions.serve(Peer(rank, first.hello.node_id, context))
+        await self.sessions.serve(Peer(rank, first.hello.node_id, context), first.hello.lane)
 
 
 class StarServer:

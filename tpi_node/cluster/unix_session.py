@@ -5,7 +5,9 @@ does), and decode pays two hops per allreduce, 60 allreduces a token on SmolLM2:
 2-node token. A worker that dialled its master over loopback (the workers of `run`) opens its
 session on the master's Unix socket instead: the same frames (one pb.WorkerMsg / pb.MasterMsg
 each, after a 4-byte little-endian length), the same Hello with its join's ticket, the same
-Sessions and StarHub behind it. Join, FetchShard and Status stay on gRPC.
+Sessions and StarHub behind it. Join, FetchShard and Status stay on gRPC. The worker's small
+partial sums and their sums skip even this socket: they ride on the shared-memory lane its Hello
+names (comm/lane.py; MasterLink.open_session makes it).
 
 Waiting. The side that waits for a frame first spins on non-blocking reads for up to SPIN_S,
 yielding its core each turn (`spin`), and only then sleeps on the event loop (`read`). Waking a
@@ -34,33 +36,14 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from tpi_node.comm.spin import SPIN_S, SpinBudget
 from tpi_node.proto import tpi_pb2 as pb
 
-# How long a waiting reader spins before it sleeps: about a layer's compute. SmolLM2 at 2 local
-# nodes (bench_cluster.py, before it gave threads as `run` does): 0.50x one node's tokens/s with no
-# spin, 0.55x at 0.2 ms, 0.58x at 2 ms.
-SPIN_S = 0.002
-SPIN_MIN_S = 0.00005  # where SpinBudget goes while spinning does not pay
 MAX_FRAME = 1 << 30  # as the gRPC channels' message limit (cluster/channels.py)
 _LEN = struct.Struct("<I")
 _CHUNK = 1 << 20
 _SNDBUF = 4 << 20
 END = grpc.aio.EOF  # what `read` gives at the end of the stream, as a gRPC call's read does
-
-
-class SpinBudget:
-    """How long a reader spins next: SPIN_S while spinning pays (the frame came within it), halved
-    after each spin that found nothing, down to SPIN_MIN_S (an idle worker's heartbeat waits, a
-    peer that is far behind). With more busy processes than cores a spinning reader holds the core
-    its peer needs: bench_allreduce.py at 3 processes on 2 cores, 256 tokens, took 4.6 ms a round
-    trip with a fixed 2 ms spin against 2.6 ms with none, while at 1 token the spin made it 0.65x.
-    This halving did not cure that case (4.1 ms); the larger send buffer helped more (2.9 ms)."""
-
-    def __init__(self) -> None:
-        self.s = SPIN_S
-
-    def spent(self, paid: bool) -> None:
-        self.s = min(SPIN_S, self.s * 2) if paid else max(SPIN_MIN_S, self.s / 2)
 
 
 class FrameSocket:

@@ -25,13 +25,18 @@ wake-ups a frame), and ~0.1 ms of Python per side and direction (codec, sum, an 
 Earlier choices, same bench: grpc.aio + uvloop beat plain asyncio (~25%), sync gRPC with queue
 hand-offs (~2x) and unary calls (~2x). Workers on the master's machine skip gRPC's threads: their
 sessions run on a Unix socket (cluster/unix_session.py; ~0.1 ms a round trip), whose frames the
-hub reads while it waits through `HubLinks.poll`, spinning before it sleeps on the loop.
+hub reads while it waits through `HubLinks.poll`, spinning before it sleeps on the loop. Their
+small partial sums skip the socket too: each rides on the worker's shared-memory lane (comm/lane.py;
+~40 us a round trip), and an allreduce whose workers are all on lanes is reduced without the loop
+(`_reduce_on_lanes`). A rank's part is taken from whichever channel holds the awaited key, and its
+sum goes back the way its partial came.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,10 +46,14 @@ import torch
 
 from tpi_node.comm.codec import FrameError, dtype_enum, from_pb, to_pb, wire_dtype, wire_nbytes
 from tpi_node.comm.collective import AsyncCollective
+from tpi_node.comm.lane import DOWN, NAP_S, UP, Lane, LaneError
 from tpi_node.comm.loop import SharedLoop
+from tpi_node.comm.spin import SpinBudget
 from tpi_node.errors import TpiError
 from tpi_node.gpu.split import half_point
 from tpi_node.proto import tpi_pb2 as pb
+
+LOOK_S = 0.0005  # while a lane is awaited, how often the sessions' sockets are read too
 
 
 class PeerLost(TpiError):
@@ -79,6 +88,9 @@ class HubLinks(Protocol):
 
     def refuse(self, rank: int, reason: str) -> None:
         """A malformed frame came from `rank`: end its session with this reason."""
+
+    def lane(self, rank: int) -> Lane | None:
+        """`rank`'s shared-memory lane (a worker on this machine, comm/lane.py), None else."""
 
     def poll(self, has_frame: Callable[[int], bool]) -> None:
         """Deliver what sessions on this machine (Unix sockets) sent, waiting a little, without
@@ -120,6 +132,8 @@ class StarHub(AsyncCollective):
         self._inbox: dict[int, collections.deque] = {r: collections.deque() for r in range(1, world_size)}
         self.step_id, self.stage = 0, 0
         self._waiter: asyncio.Future | None = None
+        self._want: tuple[int, int] = (0, 0)  # the key `_wait_all` awaits
+        self._spin = SpinBudget()  # how long an allreduce on lanes spins before the loop's way
 
     # ---- called on the loop by the session layer ------------------------------------------------
     def deliver(self, rank: int, partial: pb.Partial) -> None:
@@ -163,6 +177,8 @@ class StarHub(AsyncCollective):
         return b
 
     def allreduce_wait(self, b: _Begun) -> torch.Tensor:
+        if b.out is None and self._begun[0] is b and self._on_lanes(b.acc):
+            self._reduce_on_lanes(b)
         if b.out is None:
             self.shared.run(self._reduce_through(b))
         return b.out
@@ -171,25 +187,90 @@ class StarHub(AsyncCollective):
         while b.out is None:  # the earlier ones first: every worker sends in start order
             await self._reduce(self._begun[0])
 
+    def _lane(self, r: int) -> Lane | None:
+        """Rank r's lane, where its fp32 partials may come (a --wire other than fp32 is what the
+        user chose to see on every hop: frames only)."""
+        return self.links.lane(r) if self.wire == torch.float32 else None
+
+    def _on_lane(self, r: int, key: tuple[int, int]) -> Lane | None:
+        """Rank r's lane when its next entry is `key`'s (or an earlier one, which `take` refuses),
+        else None: the part comes in a frame."""
+        lane = self._lane(r)
+        head = lane.peek(UP, key[0]) if lane is not None else None
+        return lane if head is not None and head <= key else None
+
+    def _on_lanes(self, acc: torch.Tensor) -> bool:
+        """Every worker may send a partial this size on its lane (all on this machine)."""
+        return all((lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size))
+
+    def _on_any_lane(self, acc: torch.Tensor) -> bool:
+        return any((lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size))
+
+    def _reduce_on_lanes(self, b: _Begun) -> None:
+        """Every worker's partial of `b` may come on its lane: spin for them without the event loop
+        (its run costs more than the lane's round trip), reading the Unix sockets every LOOK_S for
+        a worker that left or reported an error, for up to the spin budget. Not longer: the loop
+        also serves this master's gRPC (a worker fetching a shard again mid-step), so a longer
+        wait, or a part that came in a frame, goes the loop's way (`_nap_until_all_in`)."""
+        self._want = b.key
+        spin_until = look = time.perf_counter()
+        spin_until += self._spin.s
+        while not self._all_in():
+            now = time.perf_counter()
+            if now >= spin_until:
+                self._spin.spent(False)
+                return
+            if now >= look:
+                self.links.poll(lambda r: True)  # each socket read once, no spin
+                self._check_links()
+                look = now + LOOK_S
+            os.sched_yield()
+        self._spin.spent(True)
+        on_lanes = ((lane := self._lane(r)) is not None and lane.peek(UP, b.key[0]) == b.key for r in self._inbox)
+        if all(on_lanes):
+            self._sum(b)  # else a frame came, or a wrong key: the loop's way reduces it or refuses it
+
     async def _reduce(self, b: _Begun) -> None:
+        await self._wait_all(b.key, self._on_any_lane(b.acc))
+        if self._sum(b):
+            await asyncio.sleep(0)  # every write is handed to gRPC before the loop stops
+
+    def _sum(self, b: _Begun) -> bool:
+        """Reduce `b`, every part being here, and send the sum back: in place on the lanes, in
+        frames to the others (handed to the loop) -> whether frames went."""
         key, acc = b.key, b.acc
-        await self._wait_all(key)
         self._begun.popleft()
         shape = tuple(acc.shape)
-        for r in range(1, self.world_size):
-            acc += self._take(r, key, shape, self._wire_enum, "partial")
-        reduced = pb.MasterMsg(reduced=pb.Reduced(step_id=key[0], stage=key[1]))
-        to_pb(acc, self.wire, out=reduced.reduced.tensor)
+        lanes = {r: self._on_lane(r, key) for r in range(1, self.world_size)}  # the way each partial came
+        for r, lane in lanes.items():
+            if lane is None:
+                acc += self._take(r, key, shape, self._wire_enum, "partial")
+                continue
+            try:
+                acc += lane.take(UP, key, shape, "partial")
+            except FrameError as e:
+                raise self._refuse(r, str(e)) from None
+        framed = [r for r, lane in lanes.items() if lane is None]
+        if framed:
+            reduced = pb.MasterMsg(reduced=pb.Reduced(step_id=key[0], stage=key[1]))
+            to_pb(acc, self.wire, out=reduced.reduced.tensor)
+            if self.wire != torch.float32:  # every node must see the very same (rounded) sum: what it sent
+                acc = from_pb(reduced.reduced.tensor, shape, copy=False, what="reduced sum").float()
+        for r, lane in lanes.items():
+            if lane is not None:
+                try:
+                    lane.put(DOWN, key, acc, self.timeout_s)
+                except LaneError as e:
+                    raise PeerLost(f"{self.links.name(r)}: {e}") from None
         # Not awaited: a write completes ~0.2 ms after gRPC took it (a wake-up of this loop), time
         # the master computes instead. Each peer's writes keep their order (Peer.write's lock); a
         # failed one ends that session, which the next wait reports (link_lost).
-        for r in range(1, self.world_size):
+        for r in framed:
             _soon(self.links.send(r, reduced))
+        # the payload each worker got back, a lane's (fp32) as a frame's
         self.stats.bytes_sent += wire_nbytes(acc.numel(), self.wire) * (self.world_size - 1)
-        await asyncio.sleep(0)  # every write is handed to gRPC before the loop stops
-        if self.wire != torch.float32:  # every node must see the very same (rounded) sum: what it sent
-            acc = from_pb(reduced.reduced.tensor, shape, copy=False, what="reduced sum").float()
         b.out, b.acc = acc.to(b.device, b.dtype), None
+        return bool(framed)
 
     def _take(
         self, r: int, key: tuple[int, int], shape: tuple[int, ...], dtype: int, what: str, copy: bool = False
@@ -229,8 +310,18 @@ class StarHub(AsyncCollective):
         fp32 = dtype_enum(torch.float32)
         return [self._take(r, key, (sizes[r],), fp32, "head candidates", copy=True) for r in range(1, self.world_size)]
 
+    def _has(self, r: int) -> bool:
+        """Rank r's part of what `_wait_all` awaits is here: on its lane, or its next frame (which
+        `_take` checks). With a lane, a frame of a later key waits for the lane's turn."""
+        key, box = self._want, self._inbox[r]
+        if self._lane(r) is None:
+            return bool(box)
+        if self._on_lane(r, key) is not None:
+            return True
+        return bool(box) and (box[0].step_id, box[0].stage) <= key
+
     def _all_in(self) -> bool:
-        return all(self._inbox[r] for r in self._inbox)
+        return all(self._has(r) for r in self._inbox)
 
     def _check_links(self) -> None:
         missing = self.links.missing()
@@ -238,13 +329,19 @@ class StarHub(AsyncCollective):
             why = [f"{self.links.name(r)} {self.links.why_lost(r)}" for r in missing if self.links.why_lost(r)]
             raise PeerLost(f"rank(s) {missing} are not connected" + (": " + "; ".join(why) if why else ""))
 
-    async def _wait_all(self, key: tuple[int, int]) -> None:
+    async def _wait_all(self, key: tuple[int, int], lanes: bool = False) -> None:
+        """Until every worker's part of `key` (an allreduce's or a gather's) is here; `lanes`:
+        some may come on a lane, which wakes nobody (else a frame's delivery wakes this wait)."""
+        self._want = key
         self._check_links()
         if self._all_in():
             return
-        self.links.poll(lambda r: bool(self._inbox[r]))  # local workers' frames, without the loop's wake-ups
+        self.links.poll(self._has)  # local workers' frames and lanes, without the loop's wake-ups
         self._check_links()
         if self._all_in():
+            return
+        if lanes:
+            await self._nap_until_all_in(key)
             return
         loop = asyncio.get_running_loop()
         self._waiter = fut = loop.create_future()
@@ -255,15 +352,33 @@ class StarHub(AsyncCollective):
             timer.cancel()
             self._waiter = None
 
+    async def _nap_until_all_in(self, key: tuple[int, int]) -> None:
+        """A lane wakes nobody: look again after each short nap, the loop running in between. A
+        frame that completes the set (a gRPC worker's, typically the last) wakes it at once, as
+        does a session that ends (`deliver`, `link_lost`)."""
+        deadline = time.monotonic() + self.timeout_s
+        self._waiter = fut = asyncio.get_running_loop().create_future()
+        try:
+            while not fut.done() and not self._all_in():
+                self._check_links()
+                if time.monotonic() > deadline:
+                    raise self._too_slow(key)
+                await asyncio.wait((fut,), timeout=NAP_S)
+            if fut.done():
+                fut.result()  # PeerLost from link_lost
+        finally:
+            self._waiter = None
+
+    def _too_slow(self, key: tuple[int, int]) -> PeerLost:
+        slow = [r for r in self._inbox if not self._has(r)]
+        return PeerLost(
+            f"{', '.join(self.links.name(r) for r in slow)} sent no partial sum for step {key[0]} "
+            f"stage {key[1]} within {self.timeout_s:g} s"
+        )
+
     def _on_timeout(self, fut: asyncio.Future, key) -> None:
-        slow = [r for r in self._inbox if not self._inbox[r]]
         if not fut.done():
-            fut.set_exception(
-                PeerLost(
-                    f"{', '.join(self.links.name(r) for r in slow)} sent no partial sum for step {key[0]} "
-                    f"stage {key[1]} within {self.timeout_s:g} s"
-                )
-            )
+            fut.set_exception(self._too_slow(key))
 
     def _refuse(self, rank: int, what: str) -> FrameError:
         """A malformed frame: the session layer tells the worker why; the step fails."""
@@ -293,11 +408,19 @@ def _written(task: asyncio.Task) -> None:
 class SpokeChannel(Protocol):
     """A worker's end of its Session stream (implemented by cluster/link.py MasterLink)."""
 
+    lane: Lane | None  # the session's shared-memory lane (a worker on the master's machine)
+
     def run(self, coro: Awaitable): ...
 
     async def send(self, msg: pb.WorkerMsg) -> None: ...
 
     async def recv(self, timeout: float | None) -> pb.MasterMsg | None: ...
+
+    def poll(self) -> pb.MasterMsg | None:
+        """The next frame if one is here now (a lane session only; PeerLost once it ended)."""
+
+    def unread(self, msg: pb.MasterMsg) -> None:
+        """Give a frame back: the next `recv` or `poll` returns it first."""
 
 
 @dataclass
@@ -308,6 +431,7 @@ class _Sent:
     shape: tuple[int, ...]
     device: torch.device
     dtype: torch.dtype
+    lane: Lane | None = None  # the sum comes on this lane (else in a frame)
     out: torch.Tensor | None = None  # the sum, once received
 
 
@@ -323,6 +447,7 @@ class StarSpoke(AsyncCollective):
         self._wire_enum = dtype_enum(self.wire)
         self.step_id, self.stage = 0, 0
         self._sent: collections.deque[_Sent] = collections.deque()  # sent, sum not yet received
+        self._spin = SpinBudget()  # how long a wait for a sum on the lane spins before it naps
         self._writing: asyncio.Task | None = None  # the last partial's write
 
     def begin_step(self, step_id: int) -> None:
@@ -350,21 +475,87 @@ class StarSpoke(AsyncCollective):
         self.link.run(self._submit(msg))
         return None
 
+    def _on_lane(self, t: torch.Tensor) -> _Sent | None:
+        """Publish the partial on the session's lane where it fits (comm/lane.py), else None."""
+        lane = self.link.lane if self.wire == torch.float32 else None  # as the hub's `_lane`
+        if lane is None or not lane.fits(t):
+            return None
+        key = (self.step_id, self.stage)
+        self.stage += 1
+        s = _Sent(key, tuple(t.shape), t.device, t.dtype, lane)
+        try:
+            lane.put(UP, key, t, self.timeout_s)
+        except LaneError as e:
+            raise PeerLost(f"the master stopped reading: {e}") from None
+        self._sent.append(s)
+        return s
+
     def allreduce_start(self, t: torch.Tensor) -> _Sent:
-        msg, s = self._partial(t)
-        self.link.run(self._submit(msg))
+        s = self._on_lane(t)
+        if s is None:
+            msg, s = self._partial(t)
+            self.link.run(self._submit(msg))
         return s
 
     def allreduce_wait(self, s: _Sent) -> torch.Tensor:
-        if s.out is None:
-            self.link.run(self._receive_through(s))
+        while s.out is None:  # the sums come in start order, each on its own channel
+            head = self._sent[0]
+            if head.lane is not None:
+                self._lane_receive(head)
+            else:
+                self.link.run(self._receive_through(head))
         return s.out
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
-        """One turn of the loop for the whole round trip (decode's many small allreduces)."""
+        """One turn of the loop for the whole round trip (decode's many small allreduces); none
+        on a lane."""
+        if self.wire == torch.float32 and self.link.lane is not None and self.link.lane.fits(t):
+            return self.allreduce_wait(self.allreduce_start(t))
         msg, s = self._partial(t)
         self.link.run(self._submit_and_receive(msg, s))
         return s.out
+
+    def _lane_receive(self, s: _Sent) -> None:
+        """Wait for the sum of `s` (the oldest in flight) on its lane: spin, then nap, looking at
+        the session's frames in between for an abort, a shutdown or the end of the stream. Other
+        frames (the next step's) are given back to the link for later."""
+        deadline = time.monotonic() + self.timeout_s
+        spin_until = look = time.perf_counter()
+        spin_until += self._spin.s
+        held: list[pb.MasterMsg] = []
+        try:
+            while s.lane.peek(DOWN, s.key[0]) is None:
+                now = time.perf_counter()
+                if now >= look:  # the socket, every LOOK_S: a read costs more than a look at the lane
+                    look = now + LOOK_S
+                    while (msg := self.link.poll()) is not None:
+                        self._control(msg)
+                        if msg.WhichOneof("kind") != "heartbeat":
+                            held.append(msg)
+                    if time.monotonic() > deadline:
+                        step, stage = s.key
+                        within = f"within {self.timeout_s:g} s"
+                        raise PeerLost(f"the master sent no sum for step {step} stage {stage} {within}")
+                if now < spin_until:
+                    os.sched_yield()
+                else:
+                    time.sleep(NAP_S)
+        finally:
+            for msg in reversed(held):
+                self.link.unread(msg)
+        self._spin.spent(time.perf_counter() < spin_until)
+        total = s.lane.take(DOWN, s.key, s.shape, "reduced sum")
+        s.out = total.to(s.device, s.dtype)
+        self._sent.popleft()
+
+    @staticmethod
+    def _control(msg: pb.MasterMsg) -> None:
+        """Raise for a frame that ends the step or the session."""
+        kind = msg.WhichOneof("kind")
+        if kind == "abort":
+            raise StepAborted(msg.abort.reason)
+        if kind == "shutdown":
+            raise SessionEnded(f"the master ended the session: {msg.shutdown.reason}", msg.shutdown.code)
 
     async def _submit_and_receive(self, msg: pb.WorkerMsg, s: _Sent) -> None:
         await self._submit(msg)
@@ -403,8 +594,6 @@ class StarSpoke(AsyncCollective):
                 total = from_pb(r.tensor, head.shape, copy=True, what="reduced sum")
                 head.out = total.to(head.device, head.dtype)
                 self._sent.popleft()
-            elif kind == "abort":
-                raise StepAborted(reply.abort.reason)
-            elif kind == "shutdown":
-                raise SessionEnded(f"the master ended the session: {reply.shutdown.reason}", reply.shutdown.code)
+            else:
+                self._control(reply)
             # heartbeats (and anything else that is not for this allreduce) are skipped
