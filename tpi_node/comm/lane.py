@@ -25,6 +25,9 @@ and the master takes a rank's next part from whichever channel holds the key it 
 relies on x86-64's total store order (CPython writes the data, then the seq word); other machines
 do not open lanes and keep the socket.
 
+Memory: the file is 2 x DEPTH slots of SLOT_BYTES (8 MiB), but only the pages written count in
+either process's RSS: a decode step's few KiB per slot, up to a slot's MiB after a long prefill.
+
 The worker creates the file (0600, a random name) and names it in its Hello; the master maps it
 only if this user owns it and its header is right, then unlinks it: the memory lives while either
 end holds its mapping.
@@ -50,7 +53,7 @@ UP, DOWN = 0, 1  # worker -> master (partials), master -> worker (sums)
 MAGIC = int.from_bytes(b"TPILANE1", "little")
 VERSION = 1
 DEPTH = 4  # entries a direction may hold unread (the token split keeps 2 allreduces in flight)
-SLOT_BYTES = 256 << 10  # fp32 data a slot holds: 113 tokens of hidden 576, 8 of hidden 8192
+SLOT_BYTES = 1 << 20  # fp32 data a slot holds: 455 tokens of hidden 576, 64 of hidden 4096
 SHM_DIR = Path("/dev/shm")
 _HEADER = 64
 _SLOT_HEAD = 32
