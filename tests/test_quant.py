@@ -89,6 +89,10 @@ def test_the_kernel_is_built_and_tuned_on_this_machine():
     assert t.kernel_max_tokens in (0, *qkernel.STEP_SIZES) and t.decode_threads in (1, 2)
     assert "tokens: kernel/dequant us 1: " in t.describe() and "1 token on 1/2 threads" in t.describe()
     assert "q4_1 1024x1024, 256x1024, 512x256;" in t.describe()  # timed on every matrix given
+    chosen = (t.kernel_max_tokens, t.decode_threads)
+    again = qkernel.tune([quantize(torch.randn(n, k), "q4_1") for n, k in ((1024, 1024), (256, 1024), (512, 256))], 2)
+    assert (again.kernel_max_tokens, again.decode_threads) == chosen  # the same shapes: not timed again
+    assert again.describe().endswith("(measured once in this process))")
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ end holds its mapping.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import platform
@@ -117,7 +118,8 @@ class Lane:
             mm = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
-            Path(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (another user's, in sticky /dev/shm: refused above)
+                Path(path).unlink()
         magic, version, slot_bytes, depth = struct.unpack_from("<4Q", mm, 0)
         if (magic, version, depth) != (MAGIC, VERSION, DEPTH) or len(mm) != _HEADER + 2 * DEPTH * (
             _SLOT_HEAD + slot_bytes
@@ -159,9 +161,9 @@ class Lane:
         while True:
             n = self.read[direction]
             off = self._slot(direction, n)
-            seq, step, stage, _ = _SLOT.unpack_from(self.mm, off)
-            if seq != n + 1:
-                return None
+            if _WORD.unpack_from(self.mm, off)[0] != n + 1:  # the seq word alone, first: a wider
+                return None  # read may take its parts at different moments
+            step, stage = struct.unpack_from("<2Q", self.mm, off + 8)
             if step >= step_id:
                 return step, stage
             self._consumed(direction, n)
