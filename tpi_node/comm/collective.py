@@ -92,14 +92,19 @@ class Collective(ABC):
         the forward loop may then run a decode step's layers as one call (model/decode_ops.py)."""
         return False
 
-    def allreduce_add_norm(
-        self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_partial(self, partial: torch.Tensor) -> torch.Tensor:
+        """allreduce, counted in `stats`: what the one-call decode loop (model/decode_ops.py) asks
+        after each half layer, adding and norming the sum itself."""
         t0 = time.perf_counter()
         total = self.allreduce(partial)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
-        return add_rms_norm(residual, total, norm_weight, eps)
+        return total
+
+    def allreduce_add_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(residual, self.reduce_partial(partial), norm_weight, eps)
 
     def start_add_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float

@@ -99,15 +99,17 @@ class NodeRunner:
             heap.trim(collect=False)  # its timing runs' buffers (~28 MiB for SmolLM2), before the head loads
         self.stack = self._decode_stack()
         if self.stack is not None:
-            print("[tpi-node] decode steps: every layer in one C call (one node, all layers resident)", file=sys.stderr)
+            where = "one node" if self.coll.world_size == 1 else "each half layer's sum asked of the collective"
+            print(f"[tpi-node] decode steps: every layer in one C call ({where}, all layers resident)", file=sys.stderr)
 
     def _decode_stack(self) -> DecodeStack | None:
         """The layer loop of a decode step as one call (model/decode_ops.py), where this node may
-        take it: alone (the allreduce is the partial itself), every layer resident, quantised, fp32
-        on the CPU. Otherwise (a cluster, streaming, float or GPU weights) the loop below runs."""
+        take it: every layer resident, quantised, fp32 on the CPU, with heads of its own. Alone,
+        the allreduce is the partial itself; in a cluster the call asks the collective for each
+        sum (`reduce_partial`). Otherwise (streaming, float or GPU weights) the loop below runs."""
         if self.store.streaming or self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        if not (self.coll.single_node() and self.share.n_kv):
+        if not (self.share.n_kv and (self.coll.single_node() or self.coll.world_size > 1)):
             return None
         layers = []
         for i in range(self.cfg.num_layers):
@@ -154,7 +156,8 @@ class NodeRunner:
         whole = self.stack is not None and not cut and self._all_decode(layout)
         if whole:  # the loop below, as one call (the same arithmetic, bit for bit)
             x = x.clone()  # updated in place: not the caller's tensor
-            self.stack.run(x, h, self.kv.index, *rope_cs, cfg.head_dim, eps)
+            reduce = self.coll.reduce_partial if self.coll.world_size > 1 else None
+            self.stack.run(x, h, self.kv.index, *rope_cs, cfg.head_dim, eps, reduce)
         if cut:
             h = self._split_layers(layout, x, h, rope_cs, cut)
             self.stats.split_steps += 1

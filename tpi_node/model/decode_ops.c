@@ -305,14 +305,19 @@ int tpi_mlp(const float *h, int64_t T, int64_t H, int kind13, const uint8_t *w13
  * calls in the same order: the result is the loop's, bit for bit. Its Python version cost ~0.85 ms
  * of a SmolLM2 token (30 layers, a few calls and checks each). Per layer l, in arrays of n_layers:
  * the matrices' addresses and GGUF kinds (wqkv, wo, w13, w2), the qkv bias or 0, this layer's KV
- * pools, and the two norm weights. x, h: [T][H], updated in place. Returns 0, or -1 (scratch or a
- * refused argument, as the halves). */
+ * pools, and the two norm weights. x, h: [T][H], updated in place. On a node of a cluster, `reduce`
+ * (else NULL) turns each half's partial into the sum over the nodes, in place, before the add and
+ * norm: the collective's allreduce, called back into Python (0, or nonzero to stop). Returns 0, -1
+ * (scratch or a refused argument, as the halves), or what `reduce` returned. */
+typedef int (*tpi_reduce_fn)(float *part, int64_t n);
+
 int tpi_decode_layers(int64_t n_layers, const int64_t *wqkv, const int32_t *kqkv, const int64_t *bqkv,
                       const int64_t *wo, const int32_t *ko, const int64_t *w13, const int32_t *k13, const int64_t *w2,
                       const int32_t *k2, const int64_t *kpools, const int64_t *vpools, const int64_t *post,
                       const int64_t *next, int64_t T, int64_t H, int64_t nq, int64_t nkv, int64_t hd, int64_t F,
                       const float *cos, const float *sin, const int64_t *slots, const int64_t *dslots, int64_t L,
-                      const int64_t *lens, float scale, float eps, int threads, int q8, float *x, float *h) {
+                      const int64_t *lens, float scale, float eps, int threads, int q8, float *x, float *h,
+                      tpi_reduce_fn reduce) {
     float *part = malloc(sizeof(float) * T * H);
     if (!part) return -1;
     int rc = 0;
@@ -320,9 +325,11 @@ int tpi_decode_layers(int64_t n_layers, const int64_t *wqkv, const int32_t *kqkv
         rc = tpi_attention_decode(h, T, H, kqkv[l], (const uint8_t *)wqkv[l], (const float *)bqkv[l], ko[l],
                                   (const uint8_t *)wo[l], nq, nkv, hd, cos, sin, (float *)kpools[l],
                                   (float *)vpools[l], slots, dslots, L, lens, scale, threads, q8, part);
+        if (rc == 0 && reduce) rc = reduce(part, T * H);
         if (rc != 0) break;
         tpi_add_rmsnorm(x, part, (const float *)post[l], T, H, eps, x, h); /* in place: element by element */
         rc = tpi_mlp(h, T, H, k13[l], (const uint8_t *)w13[l], k2[l], (const uint8_t *)w2[l], F, threads, q8, part);
+        if (rc == 0 && reduce) rc = reduce(part, T * H);
         if (rc != 0) break;
         tpi_add_rmsnorm(x, part, (const float *)next[l], T, H, eps, x, h);
     }

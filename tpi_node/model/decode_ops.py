@@ -11,9 +11,11 @@ every sequence of the step decodes, each half of the layer (`attention_decode`, 
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
-from tpi_node.model.qkernel import TUNING, library
+from tpi_node.model.qkernel import REDUCE_FN, TUNING, library
 from tpi_node.model.quant import KIND, QMatrix
 
 
@@ -194,12 +196,26 @@ class DecodeStack:
             return None
         return cls(layers, kv_k, kv_v, post, nxt)
 
-    def run(self, x: torch.Tensor, h: torch.Tensor, index, cos, sin, head_dim: int, eps: float) -> None:
+    def run(self, x: torch.Tensor, h: torch.Tensor, index, cos, sin, head_dim: int, eps: float, reduce=None) -> None:
         """The whole layer loop of a decode step (every sequence decodes: token t is sequence t) on
         x (the residual) and h (its input-normed copy), [T, H] each, in place: afterwards x is the
-        last layer's residual and h its final-normed hidden states."""
+        last layer's residual and h its final-normed hidden states. `reduce`: on a node of a
+        cluster, partial [T, H] -> the sum over the nodes (the collective's allreduce), called
+        after each half layer; what it raises is raised here."""
         a = self.arrays
         t, n = h.shape
+        failed: list[BaseException] = []
+
+        def _reduce(address: int, values: int) -> int:
+            try:
+                part = torch.frombuffer((ctypes.c_float * values).from_address(address), dtype=torch.float32)
+                part.view(t, n).copy_(reduce(part.view(t, n)))
+                return 0
+            except BaseException as e:  # (it cannot cross the C frames: raised below)
+                failed.append(e)
+                return -3
+
+        callback = REDUCE_FN(_reduce) if reduce is not None else REDUCE_FN()  # (a NULL one: alone)
         rc = library().tpi_decode_layers(
             len(a["wqkv"]),
             *(a[k].data_ptr() for k in ("wqkv", "kqkv", "bqkv", "wo", "ko", "w13", "k13", "w2", "k2")),
@@ -222,6 +238,9 @@ class DecodeStack:
             int(TUNING.int8_activations),
             x.data_ptr(),
             h.data_ptr(),
+            callback,
         )
+        if failed:
+            raise failed[0]
         if rc != 0:
             raise MemoryError(f"the fused layers of a {t}-token step failed (scratch memory)")

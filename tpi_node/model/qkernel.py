@@ -37,6 +37,8 @@ from tpi_node.paths import kernels_dir
 SOURCES = (Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode_ops.c"))
 CFLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
 STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
+# tpi_decode_layers' callback: a half layer's partial (float *, values) -> 0, or nonzero to stop
+REDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -107,7 +109,7 @@ def library() -> ctypes.CDLL | None:
                 lib.tpi_attention_decode.argtypes += [ptr, ptr, ptr, ptr, ptr, c64, ptr, f32, c32, c32, ptr]
                 lib.tpi_mlp.argtypes = [ptr, c64, c64, c32, ptr, c32, ptr, c64, c32, c32, ptr]
                 lib.tpi_decode_layers.argtypes = [c64, *[ptr] * 13, c64, c64, c64, c64, c64, c64, ptr, ptr, ptr]
-                lib.tpi_decode_layers.argtypes += [ptr, c64, ptr, f32, f32, c32, c32, ptr, ptr]
+                lib.tpi_decode_layers.argtypes += [ptr, c64, ptr, f32, f32, c32, c32, ptr, ptr, REDUCE_FN]
                 lib.tpi_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
                 _lib = lib
             except (OSError, RuntimeError) as e:
