@@ -186,6 +186,13 @@ def test_smollm2_at_three_nodes_matches_the_single_node_engine_and_transformers(
     with torch.no_grad():
         hf_chat = smollm2_hf.generate(torch.tensor([chat]), max_new_tokens=32, do_sample=False)[0, len(chat) :].tolist()
     with cluster(smollm2_dir, 3, home) as (master, engine, _, _):
+        # every node's decode steps run as one C call, asking the collective for each half's sum
+        assert master.coordinator.deployment.runner.stack is not None
+        for w in ("w1", "w2"):
+            assert (
+                "every layer in one C call (each half layer's sum asked of the collective"
+                in (home / f"{w}.log").read_text()
+            )
         greedy32 = SamplingParams(max_tokens=32, temperature=0.0)
         assert [e.token_id for e in engine.generate_sync(chat, greedy32)][: len(hf_chat)] == hf_chat
         assert [e.token_id for e in engine.generate_sync(PROMPT, params)] == want
