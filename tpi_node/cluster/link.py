@@ -55,9 +55,11 @@ class MasterLink:
             raise PeerLost(f"cannot reach the master at {self.address} within {timeout_s:g} s{hint}") from None
         self.stub = rpc.MasterStub(self.channel)
 
-    def open_session(self, hello: pb.Hello, unix_path: str = "") -> str:
+    def open_session(self, hello: pb.Hello, unix_path: str = "", wire: str = "fp32") -> str:
         """Open the Session stream and say hello: on the master's Unix socket `unix_path` when
-        given and it connects, else on gRPC. -> what it runs on, for the log."""
+        given and it connects, else on gRPC; with a shared-memory lane on the socket where the
+        `wire` is fp32 (another is what the user chose to see on every hop: comm/star.py).
+        -> what it runs on, for the log."""
         self.close_session()  # what an earlier session left
         why = ""
         self._unread.clear()
@@ -66,7 +68,7 @@ class MasterLink:
                 self.call = connect(unix_path)
             except OSError as e:
                 why = f" (the master's Unix socket: {e.strerror or e})"
-        if self.local and lane_supported():
+        if self.local and wire == "fp32" and lane_supported():
             try:
                 self.lane = Lane.create()
                 hello.lane = self.lane.path
@@ -183,5 +185,5 @@ def join_star(
     """Dial a star session server (cluster/star_server.py) and say hello (on its Unix socket
     `unix_path` when given): the worker end used by benchmarks and the collective's tests."""
     link = MasterLink(address)
-    link.open_session(pb.Hello(node_id=node_id or f"rank-{rank}", rank=rank), unix_path)
+    link.open_session(pb.Hello(node_id=node_id or f"rank-{rank}", rank=rank), unix_path, wire)
     return StarSpoke(link, rank, world_size, wire, timeout_s)

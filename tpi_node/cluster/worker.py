@@ -249,7 +249,7 @@ def _join_and_serve(
     )
     local = spec.local_session and is_loopback(link.address)  # the master runs on this machine
     hello = pb.Hello(node_id=spec.node_id, plan_digest=a.plan.digest, rank=a.rank, ticket=a.ticket)
-    on = link.open_session(hello, reply.session_socket if local else "")
+    on = link.open_session(hello, reply.session_socket if local else "", a.wire)
     say(f"ready; serving steps from {link.address}; session on {on}")
     retry.served()
     try:

@@ -87,11 +87,6 @@ class Collective(ABC):
         """The two CUDA streams the halves of a split step run on, or None (inline)."""
         return None
 
-    def single_node(self) -> bool:
-        """True where the sum over nodes is the partial itself and add + RMSNorm is the plain one:
-        the forward loop may then run a decode step's layers as one call (model/decode_ops.py)."""
-        return False
-
     def reduce_partial(self, partial: torch.Tensor) -> torch.Tensor:
         """allreduce, counted in `stats`: what the one-call decode loop (model/decode_ops.py) asks
         after each half layer, adding and norming the sum itself."""
@@ -161,9 +156,6 @@ class LocalCollective(Collective):
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
-    def single_node(self) -> bool:
-        return not self.fused
 
     def allreduce_add_norm(self, partial, residual, norm_weight, eps):
         if not self.fused:

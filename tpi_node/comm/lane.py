@@ -36,6 +36,7 @@ end holds its mapping.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import platform
@@ -174,9 +175,7 @@ class Lane:
         n = self.read[direction]
         off = self._slot(direction, n)
         _, step_id, stage, nbytes = _SLOT.unpack_from(self.mm, off)
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if (step_id, stage) != key:
             raise FrameError(
                 f"sent a {what} for step {step_id} stage {stage} while step {key[0]} stage {key[1]} was being "

@@ -177,7 +177,7 @@ class StarHub(AsyncCollective):
         return b
 
     def allreduce_wait(self, b: _Begun) -> torch.Tensor:
-        if b.out is None and self._begun[0] is b and self._on_lanes(b.acc):
+        if b.out is None and self._begun[0] is b and all(self._fits_lanes(b.acc)):
             self._reduce_on_lanes(b)
         if b.out is None:
             self.shared.run(self._reduce_through(b))
@@ -199,12 +199,9 @@ class StarHub(AsyncCollective):
         head = lane.peek(UP, key[0]) if lane is not None else None
         return lane if head is not None and head <= key else None
 
-    def _on_lanes(self, acc: torch.Tensor) -> bool:
-        """Every worker may send a partial this size on its lane (all on this machine)."""
-        return all((lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size))
-
-    def _on_any_lane(self, acc: torch.Tensor) -> bool:
-        return any((lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size))
+    def _fits_lanes(self, acc: torch.Tensor) -> list[bool]:
+        """Per worker: may it send a partial this size on its lane?"""
+        return [(lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size)]
 
     def _reduce_on_lanes(self, b: _Begun) -> None:
         """Every worker's partial of `b` may come on its lane: spin for them without the event loop
@@ -231,7 +228,7 @@ class StarHub(AsyncCollective):
             self._sum(b)  # else a frame came, or a wrong key: the loop's way reduces it or refuses it
 
     async def _reduce(self, b: _Begun) -> None:
-        await self._wait_all(b.key, self._on_any_lane(b.acc))
+        await self._wait_all(b.key, any(self._fits_lanes(b.acc)))
         if self._sum(b):
             await asyncio.sleep(0)  # every write is handed to gRPC before the loop stops
 

@@ -107,9 +107,10 @@ class NodeRunner:
         take it: every layer resident, quantised, fp32 on the CPU, with heads of its own. Alone,
         the allreduce is the partial itself; in a cluster the call asks the collective for each
         sum (`reduce_partial`). Otherwise (streaming, float or GPU weights) the loop below runs."""
+        # (a CPU node's collective adds and norms plainly: only a CUDA one fuses them, gpu/fused.py)
         if self.store.streaming or self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        if not (self.share.n_kv and (self.coll.single_node() or self.coll.world_size > 1)):
+        if not self.share.n_kv:
             return None
         layers = []
         for i in range(self.cfg.num_layers):
