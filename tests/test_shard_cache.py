@@ -167,14 +167,19 @@ def test_runs_at_1_2_and_4_nodes_in_two_dtypes_stay_within_cache_size(tiny_model
     rows = [line for line in listed.splitlines() if line.startswith(model.name)]
     assert {r.split()[2] for r in rows} == {"fp32", "bf16"} and len(rows) == len(cache_sets(home))
     assert all(r.split()[-1] == "no" for r in rows)  # nothing runs (this process let go of its leases)
-    # a bound smaller than what is there: the least recently used sets go first (fp32's, older)
+    # a bound smaller than what is there: the least recently used sets go first (fp32's, older),
+    # passing over the sets this run leases (touched when leased, so they are the newest after it)
     small, before = _tree_bytes(home / "shards") // 2, [x.path for x in cache_sets(home)]
+    started = time.time()
     assert main([*gen, "--nodes", "2", "--dtype", "bf16", "--cache-size", str(small)]) == 0
     assert _tree_bytes(home / "shards") <= small
-    after = [x.path for x in cache_sets(home)]
-    gone = [p for p in before if p not in after]
-    assert gone and gone == before[: len(gone)] and all("fp32" in p.parts for p in gone)
-    assert all(p in after for p in before if "bf16" in p.parts)
+    after = cache_sets(home)
+    leased = {x.path for x in after if x.last_used >= started}
+    assert leased and all("bf16" in p.parts for p in leased)
+    gone = [p for p in before if p not in {x.path for x in after}]
+    evictable = [p for p in before if p not in leased]
+    assert gone and gone == evictable[: len(gone)]
+    assert sorted(before, key=lambda p: "bf16" in p.parts) == before  # fp32's were the older: they went first
     pruned = _cli(["cache", "prune", "--all"], home).stdout
     assert "removed" in pruned and cache_sets(home) == [] and _tree_bytes(home / "shards") == 0
 
