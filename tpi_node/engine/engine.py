@@ -123,7 +123,7 @@ class Engine:
         self.counters = EngineCounters()
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._ids = itertools.count(1)
-        self.grammars = GrammarCompiler(tokenizer.to_json(), head.vocab_size, sorted(self.eos_ids))
+        self.grammars = GrammarCompiler(tokenizer.to_json, head.vocab_size, sorted(self.eos_ids))
         # token masks of constrained sequences are computed here while the cluster runs the step
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tpi-grammar")
         self._kv_epoch = driver.kv_epoch()

@@ -13,6 +13,7 @@ allowing token 32 * w + i.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,9 +78,11 @@ class TokenConstraint:
 
 class GrammarCompiler:
     """Compiles specs against one tokenizer. The tokenizer's trie is built on first use (~0.4 s
-    for a 49k vocabulary), so a server that never constrains output never pays for it."""
+    for a 49k vocabulary), so a server that never constrains output never pays for it; so is its
+    JSON (`tokenizer_json` is called then: SmolLM2's is a 3.5 MB string, and serialising it leaves
+    a few MiB more in the heap)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int]) -> None:
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_ids: list[int]) -> None:
         self._tokenizer_json, self.vocab_size, self._eos = tokenizer_json, vocab_size, sorted(eos_ids)
         self._tok = None
 
@@ -87,7 +90,7 @@ class GrammarCompiler:
         if self._tok is None:
             import llguidance  # imported here: only servers that constrain output need it
 
-            self._tok = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos)
+            self._tok = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size, eos_token=self._eos)
         return self._tok
 
     def compile(self, spec: GrammarSpec) -> TokenConstraint:
