@@ -246,7 +246,7 @@ def _task_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_lm_eval_local_completions_scores_like_the_hf_model(served, smollm2_dir, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_scores_like_the_hf_model(served, hf, smollm2_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything is local: the model dir, the task's jsonl
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -270,15 +270,12 @@ def test_lm_eval_local_completions_scores_like_the_hf_model(served, smollm2_dir,
         ),
         **common,
     )
-    ref = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=dict(
-            pretrained=str(smollm2_dir), gguf_file="model.gguf", tokenizer=str(smollm2_dir), dtype="float32"
-        ),
-        device="cpu",
-        batch_size=8,
-        **common,
-    )
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    # lm-eval's own "hf" model around transformers' model of the same GGUF (the session's, loaded once)
+    hf_tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=8, device="cpu"), **common)
     got, want = api["samples"]["tpi_tiny_mc"], ref["samples"]["tpi_tiny_mc"]
     assert len(got) == len(want) == sum(1 for line in (DATA / "tiny_mc.jsonl").open() if line.strip())
     for a, b in zip(sorted(got, key=lambda s: s["doc_id"]), sorted(want, key=lambda s: s["doc_id"])):

@@ -37,6 +37,7 @@ DEFAULT_RUN_NODES = 3  # run's local cluster, at most one node per core (and at 
 # run: their sequences are then replayed into the new plan's caches (one prefill each), which costs
 # less than leaving a returning node out of a cluster whose traffic never stops (--admit-busy-after).
 ADMIT_BUSY_AFTER_S = 15.0
+FIRST_DIAL_S = 30.0  # join --dial-timeout's default
 
 
 # ---- converters (argparse `type=`; they also convert values from the environment and YAML) ----
@@ -384,6 +385,13 @@ class WorkerOptions:
     expect_model: str = setting("", "refuse a master serving another model", metavar="DIGEST")
     discover_timeout: float = setting(
         5.0, "seconds to look for the master by mDNS when --master is not given (default 5)", type=non_negative_float
+    )
+    dial_timeout: float = setting(
+        FIRST_DIAL_S,
+        f"seconds a worker dials a master it has never reached before it gives up, saying why (a wrong "
+        f"address, a firewall, another cluster's certificates) (default {FIRST_DIAL_S:g})",
+        type=non_negative_float,
+        metavar="S",
     )
     master_retry_s: float = setting(
         3600.0,

@@ -44,6 +44,7 @@ from tpi_node.errors import UserError
 from tpi_node.model.config import ModelConfig
 from tpi_node.model.qkernel import use_act_quant
 from tpi_node.proto import tpi_pb2 as pb
+from tpi_node.settings import FIRST_DIAL_S
 from tpi_node.weights import cache
 from tpi_node.weights.disk import DiskFullError, disk_full
 from tpi_node.weights.head_rows import HEAD_FILE
@@ -57,7 +58,6 @@ MakeWorkerCollective = Callable[[Assignment, MasterLink, str], Collective]
 # What a worker does when the master ends its session, by ShutdownCode.
 EXIT_CODES = {pb.MASTER_STOPPING: 0, pb.REFUSED: 1, pb.MALFORMED_FRAME: 1, pb.SHUTDOWN_UNSPECIFIED: 1}
 
-FIRST_DIAL_S = 30.0  # a master never reached yet: give up after this (likely a wrong address or TLS)
 REDIAL_S = 5.0  # a lost master: each attempt waits this long for a connection (gRPC redials inside)
 RETRY_PAUSE_S = (0.5, 4.0)  # pause between attempts that failed fast: first, doubling up to the last
 
@@ -75,6 +75,7 @@ class WorkerSpec:
     address: str = ""  # how it describes itself (shown in /health)
     expect_model: str = ""
     master_retry_s: float = 0.0  # how long to look for a lost master again (0: exit at once)
+    dial_timeout_s: float = FIRST_DIAL_S  # a master never reached yet: give up after this (--dial-timeout)
     rediscover: Callable[[], str] | None = None  # finds the master again (mDNS) -> host:port
     cache_size: int | None = None  # --cache-size: the shard cache's bound (weights/cache.py)
     local_session: bool = True  # --local-session auto: a master dialled over loopback -> its Unix socket
@@ -88,7 +89,7 @@ def worker_dir(a: Assignment) -> Path:
 
 def run_worker(spec: WorkerSpec, make_collective: MakeWorkerCollective) -> int:
     try:
-        link = MasterLink(spec.master, timeout_s=FIRST_DIAL_S, tls=spec.tls)
+        link = MasterLink(spec.master, timeout_s=spec.dial_timeout_s, tls=spec.tls)
     except PeerLost as e:
         raise UserError(str(e)) from None
     request = pb.JoinRequest(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-from tpi_node.commands import Command
 from tpi_node.errors import UserError
 from tpi_node.paths import shards_dir
 from tpi_node.settings import CACHE_ACTIONS, CacheSettings
@@ -82,11 +81,3 @@ def _ago(t: float) -> str:
         if s >= n:
             return f"{s / n:.0f} {unit} ago"
     return f"{s:.0f} s ago"
-
-
-COMMAND = Command(
-    "cache",
-    "list this machine's shard cache (cache list), or remove unused slice sets (cache prune)",
-    CacheSettings,
-    run,
-)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from tpi_node.cluster.tls import make_cluster_certs
-from tpi_node.commands import Command
 from tpi_node.paths import certs_dir
 from tpi_node.settings import CertsSettings
 
@@ -22,6 +21,3 @@ def run(s: CertsSettings) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-COMMAND = Command("certs", "create a cluster CA and node certificates for mutual TLS", CertsSettings, run)

@@ -7,7 +7,6 @@ import dataclasses
 import sys
 import time
 
-from tpi_node.commands import Command
 from tpi_node.commands.compose import build_local_engine, say
 from tpi_node.commands.local_cluster import LocalCluster
 from tpi_node.engine.device import default_dtype, select_device
@@ -78,6 +77,3 @@ def _generate(engine, s: GenerateSettings, params: SamplingParams) -> None:
     for node, st in engine.driver.stats().items():
         parts = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()]
         say(f"node {node}: " + " ".join(parts))
-
-
-COMMAND = Command("generate", "generate text for one prompt (text on stdout, logs on stderr)", GenerateSettings, run)

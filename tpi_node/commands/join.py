@@ -12,7 +12,6 @@ from tpi_node import __version__
 from tpi_node.cluster.auth import resolve_token
 from tpi_node.cluster.discovery import advertise_worker, find_master
 from tpi_node.cluster.worker import WorkerSpec, run_worker
-from tpi_node.commands import Command
 from tpi_node.commands.compose import capacity_for, make_worker_collective, node_id_for, say, tls_for
 from tpi_node.engine.device import select_device
 from tpi_node.settings import DEFAULT_GRPC_PORT, JoinSettings
@@ -39,6 +38,7 @@ def run(s: JoinSettings) -> int:
         expect_model=s.expect_model,
         cache_size=s.cache_size,
         master_retry_s=s.master_retry_s,
+        dial_timeout_s=s.dial_timeout,
         local_session=s.local_session == "auto",
         # a master found by mDNS is found that way again should it be lost (it may come back elsewhere)
         rediscover=None if s.master else lambda: master_address(_find_master(s)),
@@ -85,6 +85,3 @@ def _advertise(s: JoinSettings, node_id: str, capacity):
     except OSError as e:
         log.warning("cannot advertise on the network (mDNS): %s", e)
         return None
-
-
-COMMAND = Command("join", "join a master as a worker and serve its slice of the model", JoinSettings, run)

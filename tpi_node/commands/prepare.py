@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tpi_node.commands import Command
 from tpi_node.settings import PrepareSettings
 from tpi_node.weights.prepare import prepare_model
 
@@ -10,11 +9,3 @@ from tpi_node.weights.prepare import prepare_model
 def run(s: PrepareSettings) -> int:
     print(prepare_model(s.name))
     return 0
-
-
-COMMAND = Command(
-    "prepare",
-    "prepare a named model in the model cache (its GGUF as it is) and print its directory",
-    PrepareSettings,
-    run,
-)

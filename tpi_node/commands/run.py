@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from tpi_node.commands import Command
 from tpi_node.commands.compose import local_gpus_for, say, start_master
 from tpi_node.commands.local_cluster import (
     share_cores_with_local_workers,
@@ -46,6 +45,3 @@ def run(s: RunSettings) -> int:
         running.stop()
         stop_children(children)
     return 0
-
-
-COMMAND = Command("run", "a master plus N-1 local workers (each a `tpi-node join` process)", RunSettings, run)

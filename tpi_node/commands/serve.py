@@ -13,7 +13,6 @@ from tpi_node import __version__
 from tpi_node.cluster.discovery import WorkerWatch, advertise_master
 from tpi_node.cluster.master import refuse_unauthenticated_ring
 from tpi_node.cluster.view import ClusterView
-from tpi_node.commands import Command
 from tpi_node.commands.compose import RunningMaster, parse_gpus, say, start_master, tls_for
 from tpi_node.commands.local_cluster import spawn_workers, stop_children, worker_env, worker_flags
 from tpi_node.server.app import api_key_check, create_app
@@ -117,6 +116,3 @@ def _advertise(s: MasterSettings, node_id: str, grpc_port: int):
     except OSError as e:  # no multicast here: serving still works with --master
         log.warning("cannot advertise on the network (mDNS): %s", e)
         return None
-
-
-COMMAND = Command("serve", "run the master: the OpenAI API, and the gRPC port workers join", ServeSettings, run)

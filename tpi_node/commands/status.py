@@ -10,7 +10,6 @@ import urllib.request
 from tpi_node.cluster.auth import resolve_token
 from tpi_node.cluster.discovery import DiscoveryError, find_master
 from tpi_node.cluster.status_rpc import read_status
-from tpi_node.commands import Command
 from tpi_node.commands.compose import tls_for
 from tpi_node.commands.join import master_address
 from tpi_node.errors import UserError
@@ -111,6 +110,3 @@ def run(s: StatusSettings) -> int:
         state = fetch_state(url, api_key=s.api_key)
     print(json.dumps(state, indent=1) if s.json else format_table(state))
     return 0
-
-
-COMMAND = Command("status", "print the cluster table of a running master", StatusSettings, run)

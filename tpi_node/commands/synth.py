@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tpi_node.commands import Command
 from tpi_node.errors import UserError
 from tpi_node.model.presets import PRESETS
 from tpi_node.settings import SynthSettings
@@ -16,6 +15,3 @@ def run(s: SynthSettings) -> int:
         raise UserError("give the output folder: tpi-node synth --preset P --out DIR")
     print(synthesize(s.preset, s.out, layers=s.layers, dtype=s.dtype or "fp32", seed=s.seed or 0, quant=s.quant))
     return 0
-
-
-COMMAND = Command("synth", "write a checkpoint with random weights and the real shapes of a preset", SynthSettings, run)

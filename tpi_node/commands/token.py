@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from tpi_node.cluster.auth import new_token
-from tpi_node.commands import Command
 from tpi_node.settings import TokenSettings
 
 
@@ -13,8 +12,3 @@ def run(s: TokenSettings) -> int:
     print(new_token())
     print("give every node of the cluster this token: --token TOKEN or TPI_CLUSTER_TOKEN=TOKEN", file=sys.stderr)
     return 0
-
-
-COMMAND = Command(
-    "token", "make a new cluster token (give it to every node: --token or TPI_CLUSTER_TOKEN)", TokenSettings, run
-)
