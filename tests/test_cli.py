@@ -25,6 +25,12 @@ def tpi(*args, timeout=300):
         (["generate", "--prompt", "hi", "--top-p", "2"], "must be in (0, 1]"),
         (["synth", "--preset", "nope", "--out", "/tmp/x"], "unknown preset 'nope'"),
         (["generate", "--prompt", "hi", "--memory-budget", "lots"], "memory"),
+        (["join", "--master", "127.0.0.1:1", "--dial-timeout", "0"], "must be a number > 0"),
+        # nothing listens there: it gives up after its --dial-timeout, saying why
+        (
+            ["join", "--master", "127.0.0.1:1", "--dial-timeout", "0.5"],
+            "cannot reach the master at 127.0.0.1:1 within 0.5 s",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle):

@@ -62,6 +62,13 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def positive_float(s: str) -> float:
+    v = non_negative_float(s)
+    if v == 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s}")
+    return v
+
+
 def unit_interval(s: str) -> float:
     v = non_negative_float(s)
     if not 0 < v <= 1:
@@ -390,7 +397,7 @@ class WorkerOptions:
         FIRST_DIAL_S,
         f"seconds a worker dials a master it has never reached before it gives up, saying why (a wrong "
         f"address, a firewall, another cluster's certificates) (default {FIRST_DIAL_S:g})",
-        type=non_negative_float,
+        type=positive_float,
         metavar="S",
     )
     master_retry_s: float = setting(
