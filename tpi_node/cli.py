@@ -5,9 +5,6 @@ logging, and turns user errors into one clear line and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import atexit
-import functools
-import gc
 import logging
 import sys
 
@@ -43,17 +40,7 @@ def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None 
     return cmd, (load(cmd.settings, given) if cmd is not None else None), verbose
 
 
-@functools.cache
-def _skip_the_last_collections() -> None:
-    """At exit, after the atexit callbacks, Python runs its cycle collector over every object left:
-    with torch loaded that took ~0.25 s of each process's ~0.4 s teardown (a `tpi-node` command, a
-    worker told to stop). Frozen, those objects are skipped; what the collection would free goes
-    with the process anyway, and Python makes no promise to finalise objects alive at exit."""
-    atexit.register(gc.freeze)  # stops only the collector: every other exit callback still runs
-
-
 def main(argv: list[str] | None = None) -> int:
-    _skip_the_last_collections()
     parser = build_parser()
     try:
         cmd, settings, verbose = parse(argv, parser)
