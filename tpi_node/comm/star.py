@@ -38,7 +38,7 @@ import asyncio
 import collections
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -199,9 +199,10 @@ class StarHub(AsyncCollective):
         head = lane.peek(UP, key[0]) if lane is not None else None
         return lane if head is not None and head <= key else None
 
-    def _fits_lanes(self, acc: torch.Tensor) -> list[bool]:
-        """Per worker: may it send a partial this size on its lane?"""
-        return [(lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size)]
+    def _fits_lanes(self, acc: torch.Tensor) -> Iterator[bool]:
+        """Per worker, lazily (all() and any() stop at the first answer that decides them): may it
+        send a partial this size on its lane?"""
+        return ((lane := self._lane(r)) is not None and lane.fits(acc) for r in range(1, self.world_size))
 
     def _reduce_on_lanes(self, b: _Begun) -> None:
         """Every worker's partial of `b` may come on its lane: spin for them without the event loop
