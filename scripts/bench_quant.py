@@ -43,6 +43,33 @@ def rss() -> int:
         return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
 
 
+def resident_by_kind() -> dict[str, int]:
+    """This process's resident bytes by kind of mapping (/proc/self/smaps). llama.cpp's process
+    imports it from this file too (LLAMA_SNIPPET: the file needs nothing but the standard library
+    at import)."""
+    kinds: dict[str, int] = {}
+    kind = "other"
+    for ln in open("/proc/self/smaps"):
+        f = ln.split()
+        if len(f) >= 5 and "-" in f[0] and not f[0].endswith(":"):  # a mapping's header line
+            name = f[5] if len(f) > 5 else ""
+            if name == "[heap]":
+                kind = "heap (malloc)"
+            elif not name:
+                kind = "anonymous (mmap)"
+            elif name.endswith(".gguf"):
+                kind = "the model file (mmap)"
+            else:
+                kind = "shared libraries (code, data)" if name.startswith("/") else "other"
+        elif f[0] == "Rss:":
+            kinds[kind] = kinds.get(kind, 0) + int(f[1]) * 1024
+    return kinds
+
+
+def growth(before: dict, after: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
 def float_dir(gguf_dir: Path) -> Path:
     """The GGUF dequantised to an fp32 Hugging Face directory (written once)."""
     import torch
@@ -81,7 +108,7 @@ def run_tpi(config: str, threads: int, tokens: int) -> dict:
     from tpi_node.model.sampling_params import SamplingParams
     from tpi_node.weights.prepare import prepare_model
 
-    idle = rss()
+    idle, idle_kinds = rss(), resident_by_kind()
     gguf_dir = prepare_model(progress=False)
     gguf = config.startswith("gguf-q4_1")
     model, quant = (gguf_dir, "none") if gguf else (float_dir(gguf_dir), config.replace("fp32", "none"))
@@ -100,6 +127,7 @@ def run_tpi(config: str, threads: int, tokens: int) -> dict:
         "peak_rss": peak_rss(),
         "idle_rss": idle,
         "prompt_tokens": len(ids),
+        "growth": growth(idle_kinds, resident_by_kind()),
     }
 
 
@@ -109,9 +137,12 @@ from llama_cpp import Llama
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key))
-idle = status("VmRSS:")
-path, prompt, threads, tokens, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=batch, verbose=False)
+sys.path.insert(0, sys.argv[7])
+from bench_quant import resident_by_kind
+idle, idle_kinds = status("VmRSS:"), resident_by_kind()
+path, prompt = sys.argv[1], sys.argv[2]
+threads, tokens, batch, n_ctx = (int(v) for v in sys.argv[3:7])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=batch, verbose=False)
 ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
 llm(prompt, max_tokens=4, temperature=0.0)  # warm up
 llm.reset()
@@ -121,7 +152,8 @@ for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
     if len(stamps) == tokens:
         break
 print(json.dumps({"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                  "peak_rss": status("VmHWM:"), "idle_rss": idle, "prompt_tokens": len(ids), "n_batch": batch}))
+                  "peak_rss": status("VmHWM:"), "idle_rss": idle, "prompt_tokens": len(ids), "n_batch": batch,
+                  "n_ctx": n_ctx, "growth": {k: v - idle_kinds.get(k, 0) for k, v in resident_by_kind().items()}}))
 """
 
 
@@ -140,7 +172,11 @@ def run_llama_cpp(threads: int, tokens: int) -> dict:
     from tpi_node.weights.prepare import prepare_model
 
     gguf_dir = prepare_model(progress=False)
-    prompt = Tokenizer.from_dir(gguf_dir).apply_chat_template([{"role": "user", "content": PROMPT}])
+    tok = Tokenizer.from_dir(gguf_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
+    # its KV cache is allocated (and cleared) whole at n_ctx: just what the run needs, in steps of
+    # 256, as tpi-node's paged cache takes pages only for the tokens it holds
+    n_ctx = -(-(len(tok.encode(prompt, add_special_tokens=False)) + tokens + 8) // 256) * 256
     py = ensure_llama_cpp()
     # n_batch 512 (its default) prefills in batches; the llama-cpp-python 0.3.36 build here crashed
     # (SIGSEGV) in its batched CPU path on this AMX Xeon, so a crash retries with one token per batch
@@ -150,7 +186,9 @@ def run_llama_cpp(threads: int, tokens: int) -> dict:
         # tpi_node sets OMP_WAIT_POLICY=PASSIVE for its own processes (tpi_node/__init__.py); llama.cpp
         # runs with its own defaults (passive waiting made it ~7x slower here)
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        out = subprocess.run([*argv, str(batch)], capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [*argv, str(batch), str(n_ctx), str(Path(__file__).parent)], capture_output=True, text=True, env=env
+        )
         if out.returncode == 0:
             return json.loads(out.stdout.strip().splitlines()[-1])
     raise RuntimeError(f"llama.cpp failed (exit {out.returncode}): {out.stderr[-1500:]}")
@@ -194,19 +232,32 @@ def main() -> None:
     print(f"GGUF: {gguf.name} {gguf.stat().st_size / 2**20:.0f} MiB\n")
     base = statistics.median(x["tok_s"] for x in runs["gguf-q4_1"])
     lcpp = statistics.median(x["tok_s"] for x in runs["llama.cpp"]) if a.llama_cpp else None
-    print("| config | TTFT ms | decode tok/s | vs llama.cpp | peak RSS MiB | idle runtime MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    size = gguf.stat().st_size
+    print(
+        "| config | TTFT ms | decode tok/s | vs llama.cpp | peak RSS MiB | idle runtime MiB "
+        "| peak - idle MiB | (peak - idle) / GGUF |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in configs:
         med = {k: statistics.median(x[k] for x in runs[c]) for k in ("ttft_s", "tok_s", "peak_rss", "idle_rss")}
         rel = f"{med['tok_s'] / lcpp:.2f}x" if lcpp else "-"
         print(
             f"| {c} | {med['ttft_s'] * 1e3:.0f} | {med['tok_s']:.1f} | {rel} | "
-            f"{med['peak_rss'] / 2**20:.0f} | {med['idle_rss'] / 2**20:.0f} |"
+            f"{med['peak_rss'] / 2**20:.0f} | {med['idle_rss'] / 2**20:.0f} | "
+            f"{(med['peak_rss'] - med['idle_rss']) / 2**20:.0f} | {(med['peak_rss'] - med['idle_rss']) / size:.2f}x |"
         )
     if lcpp and any(x.get("n_batch") == 1 for x in runs["llama.cpp"]):
         print(
             "\nllama.cpp ran with n_batch=1: its batched prefill crashed here, so its TTFT is a token-by-token prefill"
         )
+    print(f"\nRSS goal: peak - idle <= 1.3x the GGUF ({1.3 * size / 2**20:.0f} MiB)")
+    shown = [c for c in ("gguf-q4_1", "llama.cpp") if c in runs]
+    kinds = sorted({k for c in shown for k, v in runs[c][-1]["growth"].items() if abs(v) >= 2**16})
+    print("\nResident memory grown since idle, by kind of mapping, MiB (the last round):\n")
+    print("| kind | " + " | ".join(shown) + " |")
+    print("| --- |" + " ---: |" * len(shown))
+    for k in kinds:
+        print(f"| {k} | " + " | ".join(f"{runs[c][-1]['growth'].get(k, 0) / 2**20:.1f}" for c in shown) + " |")
     print(f"\nnative Q4_1 decode vs fp32: {base / statistics.median(x['tok_s'] for x in runs['fp32']):.2f}x")
 
 
