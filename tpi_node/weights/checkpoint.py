@@ -20,6 +20,7 @@ import os
 import re
 import struct
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,20 @@ _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NATIVE_TYPES = tuple(_FLOATS) + tuple(t.upper() for t in BLOCK_BYTES)  # served as they are
 
 
+def refuse_unserved_types(g: GgufFile) -> None:
+    """UserError when a tensor the model reads is stored in a type tpi-node does not serve (a
+    K-quant file such as Q4_K_M: Q4_K and Q6_K blocks), naming the types and how to convert."""
+    unserved = Counter(t.type for t in g.tensors.values() if hf_name(t.name) is not None and t.type not in NATIVE_TYPES)
+    if unserved:
+        found = ", ".join(f"{kind}: {n}" for kind, n in unserved.most_common())
+        raise UserError(
+            f"{g.path} stores tensors in types tpi-node does not serve yet ({found} tensors; served as they "
+            f"are: {', '.join(NATIVE_TYPES)}). Re-quantise the file with llama.cpp "
+            f"(`llama-quantize --allow-requantize {g.path.name} out.gguf Q8_0`, or Q4_0), "
+            "or serve the model's Hugging Face checkpoint with --quant int8 or int4"
+        )
+
+
 class GgufReader:
     """A GGUF's tensors in HF names and layouts, its quantised blocks kept as they are.
 
@@ -193,6 +208,7 @@ class GgufReader:
 
     def __init__(self, path: str | Path, cfg: dict) -> None:
         self.file = GgufFile(path, arrays=False)  # the tensors only: the tokenizer comes from prepare's files
+        refuse_unserved_types(self.file)
         self.path = Path(path)
         self.permute_heads: dict[str, int] = {}
         if cfg.get("model_type", "llama") in ("llama", "mistral"):
@@ -209,13 +225,7 @@ class GgufReader:
     def _info(self, name: str):
         if name not in self._hf:
             raise UserError(f"{self.path}: tensor '{name}' ({gguf_name(name)}) is missing from the GGUF")
-        t = self.file.tensors[self._hf[name]]
-        if t.type not in NATIVE_TYPES:
-            raise UserError(
-                f"{self.path}: {t.name} is stored as {t.type}, which tpi-node does not serve yet "
-                f"(served as they are: {', '.join(NATIVE_TYPES)})"
-            )
-        return t
+        return self.file.tensors[self._hf[name]]
 
     def shape(self, name: str) -> list[int]:
         return list(self._info(name).shape)

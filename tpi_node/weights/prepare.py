@@ -37,6 +37,7 @@ from pathlib import Path
 from tpi_node.errors import UserError
 from tpi_node.paths import models_dir
 from tpi_node.settings import DEFAULT_MODEL
+from tpi_node.weights.checkpoint import refuse_unserved_types
 from tpi_node.weights.gguf import GGUF_NAME, GgufFile, end_of_generation_ids, hf_config, write_tokenizer
 
 READY_MARKER = ".tpi-ready"
@@ -196,6 +197,7 @@ def _write_model_dir(gguf_path: Path, out: Path, sampling: tuple, progress: bool
     _say(progress, f"reading {gguf_path} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
     with GgufFile(gguf_path) as g:  # a GgufError names the file; it is a UserError already
         cfg = hf_config(g)
+        refuse_unserved_types(g)  # before anything is written: K-quants are refused here, not when serving
         _say(progress, "writing config.json and tokenizer files")
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         write_tokenizer(g, out)
