@@ -7,6 +7,11 @@ kernel's arithmetic (fp32, exact dequantised weights): logits agree within 1e-3.
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ import torch
 from tests.hf_util import OurModel, make_hf_model
 from tpi_node.model import qkernel
 from tpi_node.model.quant import BLOCK_BYTES, QMatrix, quantize
+from tpi_node.paths import KERNELS_ENV
 from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.head_rows import LM_HEAD
 
@@ -93,6 +99,33 @@ def test_the_kernel_is_built_and_tuned_on_this_machine():
     again = qkernel.tune([quantize(torch.randn(n, k), "q4_1") for n, k in ((1024, 1024), (256, 1024), (512, 256))], 2)
     assert (again.kernel_max_tokens, again.decode_threads) == chosen  # the same shapes: not timed again
     assert again.describe().endswith("(measured once in this process))")
+
+
+def _has_avx2() -> bool:
+    try:
+        return platform.machine() == "x86_64" and " avx2 " in f" {open('/proc/cpuinfo').read()} "
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="builds for x86-64-v3 (AVX2): an x86-64 CPU with AVX2 runs it")
+def test_the_portable_c_path_passes_the_kernel_tests(tmp_path):
+    """A machine without AVX-512 (most laptops, ARM boards) runs the kernels' portable C loops,
+    which -march=native never compiles on an AVX-512 machine like CI's: build them for x86-64-v3
+    (AVX2, no AVX-512: TPI_KERNEL_ARCH) and run this file's and test_decode_ops.py's kernel tests
+    against that build (the slow perplexity tests left out)."""
+    kernels = tmp_path / "kernels"
+    env = {**os.environ, qkernel.ARCH_ENV: "x86-64-v3", KERNELS_ENV: str(kernels)}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not perplexity and not portable"]
+    argv += ["tests/test_quant.py", "tests/test_decode_ops.py"]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+    (built,) = kernels.glob("qmatmul-*.so")
+    code = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True, check=True).stdout
+    assert "%ymm" in code and "%zmm" not in code  # vectorised for AVX2, and no AVX-512 anywhere
 
 
 @pytest.mark.parametrize(

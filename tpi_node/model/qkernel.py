@@ -35,7 +35,11 @@ from tpi_node.paths import kernels_dir
 
 # one library: the quantised matmul, and the small fp32 ops of a decode step (model/decode_ops.py)
 SOURCES = (Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode_ops.c"))
-CFLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-pthread", "-shared", "-fPIC")
+# what the kernels are compiled for: gcc's -march, this CPU unless set (TPI_KERNEL_ARCH=x86-64-v3 builds
+# the portable C path for AVX2 machines: one build for a family of CPUs, and how the tests run that
+# path on an AVX-512 machine)
+ARCH_ENV = "TPI_KERNEL_ARCH"
 STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
 # tpi_decode_layers' callback: a half layer's partial (float *, values) -> 0, or nonzero to stop
 REDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
@@ -55,9 +59,13 @@ def _cpu_key() -> str:
         return platform.processor() + platform.machine()
 
 
+def _cflags() -> tuple[str, ...]:
+    return (*CFLAGS, f"-march={os.environ.get(ARCH_ENV) or 'native'}")
+
+
 def library_path() -> Path:
     code = b"".join(src.read_bytes() for src in SOURCES)
-    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()
+    key = hashlib.sha256(code + " ".join(_cflags()).encode() + _cpu_key().encode()).hexdigest()
     return kernels_dir() / f"qmatmul-{key[:16]}.so"
 
 
@@ -76,7 +84,7 @@ def build() -> Path:
         if out.is_file():
             return out
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        argv = [cc, *CFLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"]
+        argv = [cc, *_cflags(), "-o", str(tmp), *map(str, SOURCES), "-lm"]
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
