@@ -173,9 +173,10 @@ def test_synthetic_file_metadata_types_alignment_and_quant_sizes(tmp_path):
         g.raw("e.vec")
 
 
-def test_k_quant_files_are_refused_at_prepare_with_a_way_out(tmp_path, monkeypatch):
-    """A Q4_K_M-style file (Q4_K and Q6_K blocks): prepare refuses it before writing anything, naming
-    the types and how to convert; the weight reader refuses it the same way."""
+def test_files_with_unserved_types_are_refused_at_prepare_with_a_way_out(tmp_path, monkeypatch):
+    """A file with tensors in types tpi-node does not serve (here Q5_K and Q3_K, next to a served
+    Q4_K): prepare refuses it before writing anything, counting the types and saying how to
+    convert; the weight reader refuses it the same way."""
     from tpi_node.errors import UserError
     from tpi_node.paths import models_dir
     from tpi_node.weights.checkpoint import GgufReader
@@ -183,16 +184,17 @@ def test_k_quant_files_are_refused_at_prepare_with_a_way_out(tmp_path, monkeypat
     monkeypatch.setenv("TPI_HOME", str(tmp_path / "home"))
     rng = np.random.default_rng(0)
     tensors = [
-        ("blk.0.attn_q.weight", np.zeros((64, 64), np.float32)),  # F32 is served
-        ("blk.0.ffn_down.weight", rng.integers(0, 256, (64, 144), dtype=np.uint8), gguf.GGMLQuantizationType.Q4_K),
-        ("blk.0.ffn_up.weight", rng.integers(0, 256, (256, 144), dtype=np.uint8), gguf.GGMLQuantizationType.Q4_K),
-        ("blk.0.attn_v.weight", rng.integers(0, 256, (32, 210), dtype=np.uint8), gguf.GGMLQuantizationType.Q6_K),
+        ("blk.0.attn_q.weight", rng.integers(0, 256, (64, 144), dtype=np.uint8), gguf.GGMLQuantizationType.Q4_K),
+        ("blk.0.ffn_down.weight", rng.integers(0, 256, (64, 176), dtype=np.uint8), gguf.GGMLQuantizationType.Q5_K),
+        ("blk.0.ffn_up.weight", rng.integers(0, 256, (256, 176), dtype=np.uint8), gguf.GGMLQuantizationType.Q5_K),
+        ("blk.0.attn_v.weight", rng.integers(0, 256, (32, 110), dtype=np.uint8), gguf.GGMLQuantizationType.Q3_K),
     ]
-    path = _write(tmp_path / "m-Q4_K_M.gguf", "llama", _llama_meta, tensors)
-    want = r"stores tensors in types tpi-node does not serve yet \(Q4_K: 2, Q6_K: 1 tensors; served as they are: F32, "
+    path = _write(tmp_path / "m-Q5_K_M.gguf", "llama", _llama_meta, tensors)
+    want = r"stores tensors in types tpi-node does not serve yet \(Q5_K: 2, Q3_K: 1 tensors; served as they are: F32, "
     with pytest.raises(UserError, match=want) as err:
         prepare.prepare_gguf(path, progress=False)
-    assert "llama-quantize --allow-requantize m-Q4_K_M.gguf out.gguf Q8_0" in str(err.value)
+    assert "Q4_K, Q6_K)" in str(err.value)
+    assert "llama-quantize --allow-requantize m-Q5_K_M.gguf out.gguf Q8_0" in str(err.value)
     assert "--quant int8 or int4" in str(err.value) and "\n" not in str(err.value)
     assert not [p for p in models_dir().iterdir() if not p.name.startswith(".")]  # no model directory left
     with pytest.raises(UserError, match=want):

@@ -7,12 +7,14 @@ kernel's arithmetic (fp32, exact dequantised weights): logits agree within 1e-3.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,12 +32,14 @@ def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:
     data = torch.randint(0, 256, (n, k // 32, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
     scales = (torch.rand(n, k // 32, 2, generator=g) * 0.02 - 0.01).to(torch.float16)
     data[..., 0:2] = scales[..., :1].view(torch.uint8)
-    if fmt == "q4_1":
+    if fmt in ("q4_1", "q4_k"):  # q4_1's m; q4_k's dmin (its sub-block scale and min: bytes 4, 5)
         data[..., 2:4] = scales[..., 1:].view(torch.uint8)
+    if fmt == "q4_k":
+        data[..., 4:6] %= 64  # 6-bit in the file
     return QMatrix(data)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("tokens", [1, 3, 17, 70])
 def test_kernel_and_dequantise_agree_with_a_float_matmul(fmt, tokens):
     w = _random_blocks(fmt, 200, 320)
@@ -58,17 +62,19 @@ def _int8_activations_reference(x: torch.Tensor, w: QMatrix) -> torch.Tensor:
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     xq = ((blocks * inv).round().clamp(-127, 127).double() * (amax / 127).double()).view(t, k)
     d = w.data[..., 0:2].contiguous().view(torch.float16).double()
-    m = {"q4_0": -8 * d, "q4_1": w.data[..., 2:4].contiguous().view(torch.float16).double()}.get(w.fmt, 0 * d)
+    dmin = w.data[..., 2:4].contiguous().view(torch.float16).double()
+    d = d * w.data[..., 4:5].double() if w.fmt == "q4_k" else d  # a Q4_K sub-block's d sc
+    m = {"q4_0": -8 * d, "q4_1": dmin, "q4_k": -dmin * w.data[..., 5:6].double()}.get(w.fmt, 0 * d)
     offset = m.expand(*m.shape[:2], 32).reshape(w.shape[0], k)
     return xq @ (w.dequantize().double() - offset).T + x.double() @ offset.T
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_int8_activations_compute_what_they_define(fmt, tokens):
     """--act-quant int8 (AVX512-VNNI integer dot products): the kernel equals its definition to
     fp32 rounding, for an odd block count too (224 = 7 blocks); and it really rounds: it moves away
-    from the exact product, by about a percent."""
+    from the exact product, by about a percent. Q6_K (two scales a block) keeps the exact kernel."""
     qkernel.use_act_quant("int8")
     try:
         if not qkernel.TUNING.int8_activations:  # a CPU without VNNI keeps the exact kernel and says so
@@ -80,6 +86,9 @@ def test_int8_activations_compute_what_they_define(fmt, tokens):
             want, exact = _int8_activations_reference(x, w), x.double() @ w.dequantize().double().T
             got = qkernel.kernel_matmul(x, w).double()
             scale = exact.abs().max()
+            if fmt == "q6_k":
+                assert (got - exact).abs().max() / scale < 1e-5
+                continue
             assert (got - want).abs().max() / scale < 1e-5
             assert 1e-4 < (got - exact).abs().max() / scale < 0.05
     finally:
@@ -184,6 +193,101 @@ def test_gguf_blocks_dequantise_bit_for_bit_like_gguf_py(smollm2_dir):
         t = tensors[gname]
         want = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
         assert torch.equal(ours.dequantize(), want.view(ours.shape))
+
+
+def _k_quant_rows(rng, rows: int, cols: int, gtype: str):
+    """Random bytes of a Q4_K / Q6_K tensor (every bit pattern of its quants and sub-block scales)
+    with sane fp16 super-block scales (d, and Q4_K's dmin): (uint8 [rows, bytes], ggml type)."""
+    import gguf
+
+    size = {"Q4_K": 144, "Q6_K": 210}[gtype]
+    raw = rng.integers(0, 256, (rows, cols // 256 * size), dtype=np.uint8)
+    blocks = raw.reshape(rows, -1, size)
+    for at in [0, 2] if gtype == "Q4_K" else [208]:
+        scale = rng.random((*blocks.shape[:2], 1)) * 0.002 + 0.0005
+        blocks[..., at : at + 2] = scale.astype(np.float16).view(np.uint8)
+    return raw, getattr(gguf.GGMLQuantizationType, gtype)
+
+
+@pytest.mark.parametrize("gtype", ["Q4_K", "Q6_K"])
+def test_k_quant_super_blocks_repack_to_what_gguf_py_dequantises(gtype):
+    """Q4_K / Q6_K rows repacked into 32-weight blocks (weights/kquants.py) dequantise, in torch
+    and in the C kernel, bit for bit to what gguf-py (transformers' reader) gives for the file's bytes."""
+    import gguf
+
+    from tpi_node.weights.kquants import repack
+
+    raw, qtype = _k_quant_rows(np.random.default_rng(1), 6, 768, gtype)
+    want = torch.from_numpy(gguf.dequantize(raw, qtype).copy())
+    ours = QMatrix(torch.from_numpy(repack(gtype, raw)))
+    assert ours.fmt == gtype.lower() and ours.shape == (6, 768) and ours.nbytes() == 6 * 24 * BLOCK_BYTES[ours.fmt]
+    assert torch.equal(ours.dequantize(), want)
+    assert torch.equal(qkernel.dequantize(ours), want)
+    assert torch.equal(ours.cols(64, 160).dequantize(), want[:, 64:160])  # the plan cuts at 32 columns
+
+
+def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
+    """A Llama GGUF with Q4_K and Q6_K tensors, as a Q4_K_M file mixes them (Q6_K for the output
+    and ffn_down, and for attn_v in one layer, which makes that layer's fused q|k|v float): served
+    from its own blocks, repacked, it gives the logits transformers gives loading the same file."""
+    import gguf
+
+    from tpi_node.weights.gguf import GgufFile, hf_config
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, vocab, layers = 256, 512, 320, 2
+    w = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    for add, value in [("block_count", layers), ("context_length", 512), ("embedding_length", hidden)]:
+        getattr(w, f"add_{add}")(value)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+
+    def add(name, rows, cols, gtype):
+        raw, qtype = _k_quant_rows(rng, rows, cols, gtype)
+        w.add_tensor(name, raw, raw_dtype=qtype)
+
+    def norm(name):
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden, "Q4_K")
+    add("output.weight", vocab, hidden, "Q6_K")
+    norm("output_norm.weight")
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
+        for name, rows, cols in [("attn_q", hidden, hidden), ("attn_k", 128, hidden), ("attn_v", 128, hidden)]:
+            add(f"blk.{i}.{name}.weight", rows, cols, "Q6_K" if name == "attn_v" and i == 0 else "Q4_K")
+        add(f"blk.{i}.attn_output.weight", hidden, hidden, "Q4_K")
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, "Q4_K")
+        add(f"blk.{i}.ffn_up.weight", ffn, hidden, "Q4_K")
+        add(f"blk.{i}.ffn_down.weight", hidden, ffn, "Q6_K")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(GgufFile(tmp_path / "model.gguf"))))
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    ours = OurModel(tmp_path)
+    assert isinstance(ours.head.lm_head_w, QMatrix) and ours.head.lm_head_w.fmt == "q6_k"
+    ids = torch.randint(0, vocab, (29,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    got = ours.step(1, 0, ids)  # a 29-token prefill
+    assert (got - ref).abs().max() < 1e-3
+    seq = list(ids)
+    for _ in range(4):  # one-token steps: the kernel
+        seq.append(int(got[-1].argmax()))
+        got = ours.step(1, len(seq) - 1, seq[-1:])
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0, -1:]
+        assert (got - ref).abs().max() < 1e-3
+    ours.free([1])
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

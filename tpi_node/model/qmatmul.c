@@ -4,6 +4,10 @@
  *   Q4_0 (18 bytes): f16 d, 16 bytes of nibbles            w = d * (q - 8)
  *   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of nibbles     w = d * q + m
  *   Q8_0 (34 bytes): f16 d, 32 int8                        w = d * q
+ * or a K-quant's 32-weight sub-block, repacked from its 256-weight super-block (weights/kquants.py):
+ *   Q4_K (22 bytes): f16 d, f16 dmin, u8 sc, u8 mn, 16 bytes of nibbles   w = (d sc) q - dmin mn
+ *   Q6_K (36 bytes): f16 d, i8 sc_lo, i8 sc_hi, 32 int8 (q - 32)          w = (d sc_half) q
+ *     (sc_lo scales weights 0..15, sc_hi 16..31: a Q6_K scale covers 16 weights)
  * Nibbles: byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
  * x is [T][K] fp32 (K = 32 nb), y is [T][N] fp32. Every product is the exact dequantised weight
  * times x, accumulated in fp32: the result equals x @ dequantise(W).T up to summation order.
@@ -34,21 +38,40 @@ static inline float f16(const uint8_t *p) {
     return (float)h;
 }
 
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
-static const int BLOCK_BYTES[] = {18, 20, 34};
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q6_K = 4, KINDS = 5 };
+static const int BLOCK_BYTES[] = {18, 20, 34, 22, 36};
+static const int QS_AT[] = {2, 4, 2, 6, 4}; /* where a block's quants start */
+
+/* the scale of a block's sum of q x: its d (a Q4_K sub-block: d sc, exact in fp32 as gguf-py
+ * computes it). Q6_K's two half scales are applied to the weights instead (block_q), so 1. */
+static inline float blk_d(int kind, const uint8_t *blk) {
+    return kind == Q4_K ? f16(blk) * (float)blk[4] : kind == Q6_K ? 1.0f : f16(blk);
+}
+
+/* the m of w = d q + m, which multiplies the block's sum of x; Q8_0 and Q6_K have none */
+static inline int has_m(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q4_K; }
+static inline float blk_m(int kind, const uint8_t *blk) {
+    if (kind == Q4_K) return -(f16(blk + 2) * (float)blk[5]);
+    return kind == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk); /* Q4_0: d (q - 8) = d q - 8 d */
+}
+
+/* a Q6_K block's scale of weights 0..15 (half 0) or 16..31 (half 1), exact in fp32 */
+static inline float q6_half(const uint8_t *blk, int half) { return f16(blk) * (float)(int8_t)blk[2 + half]; }
 
 /* one block's 32 weights as floats (before the scale): q for Q4_1 / Q8_0, q - 8 for Q4_0 */
 static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float *d, float *m) {
-    *d = f16(blk);
+    *d = blk_d(kind, blk);
     *m = 0.0f;
-    if (kind == Q8_0) {
-        const int8_t *qs = (const int8_t *)(blk + 2);
+    if (kind == Q8_0 || kind == Q6_K) {
+        const int8_t *qs = (const int8_t *)(blk + QS_AT[kind]);
         for (int j = 0; j < QK; j++) q[j] = (float)qs[j];
+        if (kind == Q6_K)
+            for (int j = 0; j < QK; j++) q[j] *= q6_half(blk, j >= QK / 2);
         return;
     }
-    const uint8_t *qs = blk + (kind == Q4_1 ? 4 : 2);
+    const uint8_t *qs = blk + QS_AT[kind];
     const float off = 0.0f;
-    *m = kind == Q4_1 ? f16(blk + 2) : -8.0f * *d; /* Q4_0: d (q - 8) = d q - 8 d */
+    *m = blk_m(kind, blk);
     for (int j = 0; j < QK / 2; j++) {
         q[j] = (float)(qs[j] & 15) - off;
         q[j + QK / 2] = (float)(qs[j] >> 4) - off;
@@ -62,12 +85,17 @@ static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float
  * Per row of x: dot = lo * x[0:16] + hi * x[16:32], then acc += d * dot (the scale applied once).
  * The m (or -8 d) term needs the block's sum of x: one scalar multiply-add per block. */
 static inline void block_q(int kind, const uint8_t *blk, __m512 *lo, __m512 *hi) {
-    if (kind == Q8_0) {
-        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+    if (kind == Q8_0 || kind == Q6_K) {
+        const uint8_t *qs = blk + QS_AT[kind];
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
+        if (kind == Q6_K) { /* the weights themselves: q (d sc), rounded once as gguf-py does */
+            *lo = _mm512_mul_ps(*lo, _mm512_set1_ps(q6_half(blk, 0)));
+            *hi = _mm512_mul_ps(*hi, _mm512_set1_ps(q6_half(blk, 1)));
+        }
         return;
     }
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (kind == Q4_1 ? 4 : 2))));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + QS_AT[kind])));
     *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
     *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
 }
@@ -76,7 +104,8 @@ static inline void block_q(int kind, const uint8_t *blk, __m512 *lo, __m512 *hi)
 /* one row of W against one row of x (the decode step's case): two accumulator chains in registers
  * (in the TV-row loop below they live in a stack array, and every fmadd waited for the last one's
  * store: SmolLM2's gate|up, warm, one thread, 180 -> 150 us) */
-static inline float row_dot(int kind, const float *x, const float *xsum, int64_t nb, const uint8_t *row) {
+static inline __attribute__((always_inline)) float row_dot(int kind, const float *x, const float *xsum, int64_t nb,
+                                                           const uint8_t *row) {
     const int64_t bb = BLOCK_BYTES[kind];
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     float am0 = 0.0f, am1 = 0.0f;
@@ -85,10 +114,10 @@ static inline float row_dot(int kind, const float *x, const float *xsum, int64_t
         if (b % 2 == 0) __builtin_prefetch(blk + PF_DIST);
         __m512 lo, hi;
         block_q(kind, blk, &lo, &hi);
-        const float d = f16(blk);
+        const float d = blk_d(kind, blk);
         __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * QK));
         dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * QK + 16), dot);
-        const float m = kind == Q4_1 ? f16(blk + 2) * xsum[b] : kind == Q4_0 ? -8.0f * d * xsum[b] : 0.0f;
+        const float m = has_m(kind) ? blk_m(kind, blk) * xsum[b] : 0.0f;
         if (b & 1) {
             acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(d), acc1);
             am1 += m;
@@ -113,8 +142,8 @@ static inline __attribute__((always_inline)) void rows_tn(int kind, const float 
         const uint8_t *blk = row + b * bb;
         __m512 lo, hi;
         block_q(kind, blk, &lo, &hi);
-        const float d = f16(blk);
-        const float m = kind == Q4_1 ? f16(blk + 2) : -8.0f * d; /* Q4_0: d (q - 8) = d q - 8 d */
+        const float d = blk_d(kind, blk);
+        const float m = has_m(kind) ? blk_m(kind, blk) : 0.0f;
         const __m512 vd = _mm512_set1_ps(d);
         for (int t = 0; t < tn; t++) {
             const float *xb = x + t * K + b * QK;
@@ -134,12 +163,15 @@ static inline __attribute__((always_inline)) void rows_tn(int kind, const float 
  * below, which decoded SmolLM2's Q4_1 at 20 tok/s on the EPYC VM built for x86-64-v3: slower than
  * fp32. q[0..1] are weights 0..15 (a q4's low nibbles), q[2..3] weights 16..31. */
 static inline void block_q(int kind, const uint8_t *blk, __m256 q[4]) {
-    if (kind == Q8_0) {
+    if (kind == Q8_0 || kind == Q6_K) {
         for (int i = 0; i < 4; i++)
-            q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i))));
+            q[i] = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + QS_AT[kind] + 8 * i))));
+        if (kind == Q6_K)
+            for (int i = 0; i < 4; i++) q[i] = _mm256_mul_ps(q[i], _mm256_set1_ps(q6_half(blk, i / 2)));
         return;
     }
-    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + (kind == Q4_1 ? 4 : 2)));
+    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + QS_AT[kind]));
     const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
     q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
@@ -163,7 +195,8 @@ static inline __m256 block_dot(const __m256 q[4], const float *xb) {
 }
 
 #define TV 4
-static inline float row_dot(int kind, const float *x, const float *xsum, int64_t nb, const uint8_t *row) {
+static inline __attribute__((always_inline)) float row_dot(int kind, const float *x, const float *xsum, int64_t nb,
+                                                           const uint8_t *row) {
     const int64_t bb = BLOCK_BYTES[kind];
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float am = 0.0f;
@@ -172,11 +205,11 @@ static inline float row_dot(int kind, const float *x, const float *xsum, int64_t
         if (b % 2 == 0) __builtin_prefetch(blk + PF_DIST);
         __m256 q[4];
         block_q(kind, blk, q);
-        const float d = f16(blk);
+        const float d = blk_d(kind, blk);
         const __m256 dot = block_dot(q, x + b * QK);
         if (b & 1) acc1 = _mm256_fmadd_ps(dot, _mm256_set1_ps(d), acc1);
         else acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(d), acc0);
-        am += kind == Q4_1 ? f16(blk + 2) * xsum[b] : kind == Q4_0 ? -8.0f * d * xsum[b] : 0.0f;
+        am += has_m(kind) ? blk_m(kind, blk) * xsum[b] : 0.0f;
     }
     return hsum8(_mm256_add_ps(acc0, acc1)) + am;
 }
@@ -191,8 +224,8 @@ static inline __attribute__((always_inline)) void rows_tn(int kind, const float 
         const uint8_t *blk = row + b * bb;
         __m256 q[4];
         block_q(kind, blk, q);
-        const float d = f16(blk);
-        const float m = kind == Q4_1 ? f16(blk + 2) : -8.0f * d;
+        const float d = blk_d(kind, blk);
+        const float m = has_m(kind) ? blk_m(kind, blk) : 0.0f;
         const __m256 vd = _mm256_set1_ps(d);
         for (int t = 0; t < tn; t++) {
             acc[t] = _mm256_fmadd_ps(block_dot(q, x + t * K + b * QK), vd, acc[t]);
@@ -208,9 +241,19 @@ static inline __attribute__((always_inline)) void rows_tn(int kind, const float 
 static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t N,
                       float *y, int64_t n0, int64_t n1, int64_t t0, int nt) {
     const int64_t nb = K / QK, bb = BLOCK_BYTES[kind], rs = nb * bb;
-    if (nt == 1) {
-        for (int64_t n = n0; n < n1; n++)
-            y[t0 * N + n] = row_dot(kind, x + t0 * K, xsum ? xsum + t0 * nb : NULL, nb, w + n * rs);
+    if (nt == 1) { /* decode: one loop per format, its per-block format tests folded away */
+        const float *x1 = x + t0 * K, *s1 = xsum ? xsum + t0 * nb : NULL;
+        float *y1 = y + t0 * N;
+#define ROWS1(KIND) \
+    for (int64_t n = n0; n < n1; n++) y1[n] = row_dot(KIND, x1, s1, nb, w + n * rs);
+        switch (kind) {
+        case Q4_0: ROWS1(Q4_0) break;
+        case Q4_1: ROWS1(Q4_1) break;
+        case Q8_0: ROWS1(Q8_0) break;
+        case Q4_K: ROWS1(Q4_K) break;
+        default: ROWS1(Q6_K)
+        }
+#undef ROWS1
         return;
     }
     for (int64_t n = n0; n < n1; n++) {
@@ -307,7 +350,7 @@ static inline __m512i pair_u8(int kind, const uint8_t *b0, const uint8_t *b1) {
                                              _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
         return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
     }
-    const int off = kind == Q4_1 ? 4 : 2;
+    const int off = QS_AT[kind];
     /* 128-bit lanes [q0 q0 q1 q1]; lanes 1 and 3 take the high nibbles (weights 16..31) */
     __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + off)));
     v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)(b1 + off)));
@@ -317,7 +360,8 @@ static inline __m512i pair_u8(int kind, const uint8_t *b0, const uint8_t *b1) {
 
 /* one row of W against one row of x: the decode step's case, its accumulators in registers (two
  * chains, so that an fmadd need not wait for the previous one) */
-static inline float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_t K, const uint8_t *row) {
+static inline __attribute__((always_inline)) float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_t K,
+                                                              const uint8_t *row) {
     const int64_t nb = K / QK, np = (nb + 1) / 2, bb = BLOCK_BYTES[kind];
     const int8_t *xr = xq->q + t * K;
     const float *dd = xq->dd + t * np * 16, *xs = xq->s + t * nb;
@@ -329,7 +373,7 @@ static inline float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_
         const uint8_t *b0 = row + 2 * p * bb, *b1 = b0 + bb;
         __builtin_prefetch(b0 + PF_DIST);
         const __m512i wv = pair_u8(kind, b0, b1);
-        const float d0 = f16(b0), d1 = f16(b1);
+        const float d0 = blk_d(kind, b0), d1 = blk_d(kind, b1);
         const __m512 vd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         const __m512i start = kind == Q8_0 ? _mm512_loadu_si512(corr + p * 16) : _mm512_setzero_si512();
         const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512(xr + 2 * p * QK));
@@ -341,6 +385,9 @@ static inline float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_
         } else if (kind == Q4_0) {
             am0 -= 8.0f * d0 * xs[2 * p];
             am1 -= 8.0f * d1 * xs[2 * p + 1];
+        } else if (kind == Q4_K) {
+            am0 += blk_m(kind, b0) * xs[2 * p];
+            am1 += blk_m(kind, b1) * xs[2 * p + 1];
         }
     }
     if (2 * p < nb) { /* an odd last block: the pair's second half is zero in x and its scales */
@@ -349,10 +396,11 @@ static inline float row_dot_q8(int kind, const struct xq8 *xq, int64_t t, int64_
         const __m512i start = kind == Q8_0 ? _mm512_loadu_si512(corr + p * 16) : _mm512_setzero_si512();
         const __m512i xv = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xr + 2 * p * QK)));
         const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_zextsi256_si512(_mm512_castsi512_si256(xv)));
-        const float d0 = f16(b0);
+        const float d0 = blk_d(kind, b0);
         acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(d0), _mm512_loadu_ps(dd + p * 16)), acc0);
         if (kind == Q4_1) am0 += f16(b0 + 2) * xs[2 * p];
         else if (kind == Q4_0) am0 -= 8.0f * d0 * xs[2 * p];
+        else if (kind == Q4_K) am0 += blk_m(kind, b0) * xs[2 * p];
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + am0 + am1;
 }
@@ -368,12 +416,12 @@ static inline __attribute__((always_inline)) void rows_tn_q8(int kind, const str
         const int odd_end = b + 1 == nb; /* the last block alone: its pair's second half is zero in x's scales */
         const uint8_t *b0 = row + b * bb, *b1 = odd_end ? b0 : b0 + bb;
         const __m512i wv = pair_u8(kind, b0, b1);
-        const float d0 = f16(b0), d1 = f16(b1);
+        const float d0 = blk_d(kind, b0), d1 = blk_d(kind, b1);
         const __m512 vd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         float m0 = 0.0f, m1 = 0.0f;
         if (kind != Q8_0) {
-            m0 = kind == Q4_1 ? f16(b0 + 2) : -8.0f * d0;
-            m1 = odd_end ? 0.0f : kind == Q4_1 ? f16(b1 + 2) : -8.0f * d1;
+            m0 = blk_m(kind, b0);
+            m1 = odd_end ? 0.0f : blk_m(kind, b1);
         }
         for (int t = 0; t < tn; t++) {
             const int64_t tt = t1 + t;
@@ -394,8 +442,16 @@ static inline __attribute__((always_inline)) void rows_tn_q8(int kind, const str
 static void rows_pass_q8(int kind, const struct xq8 *xq, int64_t K, const uint8_t *w, int64_t N, float *y,
                          int64_t n0, int64_t n1, int64_t t0, int nt) {
     const int64_t nb = K / QK, rs = nb * BLOCK_BYTES[kind];
-    if (nt == 1) {
-        for (int64_t n = n0; n < n1; n++) y[t0 * N + n] = row_dot_q8(kind, xq, t0, K, w + n * rs);
+    if (nt == 1) { /* as rows_pass: one loop per format (Q6_K never comes here) */
+#define ROWS1(KIND) \
+    for (int64_t n = n0; n < n1; n++) y[t0 * N + n] = row_dot_q8(KIND, xq, t0, K, w + n * rs);
+        switch (kind) {
+        case Q4_0: ROWS1(Q4_0) break;
+        case Q4_1: ROWS1(Q4_1) break;
+        case Q4_K: ROWS1(Q4_K) break;
+        default: ROWS1(Q8_0)
+        }
+#undef ROWS1
         return;
     }
     for (int64_t n = n0; n < n1; n++) {
@@ -544,10 +600,10 @@ static void mm_part(void *p, int part, int parts) {
 /* Returns 0, or -1 for a bad argument. */
 int tpi_qmatmul(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
                 int threads) {
-    if (kind < 0 || kind > 2 || K % QK || T < 1 || N < 1) return -1;
+    if (kind < 0 || kind >= KINDS || K % QK || T < 1 || N < 1) return -1;
     const int64_t nb = K / QK;
     float *xsum = NULL;
-    if (kind != Q8_0) { /* sum of each x block, for the m term */
+    if (has_m(kind)) { /* sum of each x block, for the m term */
         xsum = malloc(sizeof(float) * T * nb);
         if (!xsum) return -1;
         for (int64_t i = 0; i < T * nb; i++) {
@@ -578,7 +634,9 @@ int tpi_has_q8dot(void) {
 int tpi_qmatmul_q8(int kind, const float *x, int64_t T, int64_t K, const uint8_t *w, int64_t N, float *y,
                    int threads) {
 #ifdef HAVE_Q8DOT
-    if (kind < 0 || kind > 2 || K % QK || T < 1 || N < 1) return -1;
+    if (kind < 0 || kind >= KINDS || K % QK || T < 1 || N < 1) return -1;
+    /* Q6_K's two scales a block do not fit the pairwise integer dot (one scale per 8 lanes): exact */
+    if (kind == Q6_K) return tpi_qmatmul(kind, x, T, K, w, N, y, threads);
     const int64_t nb = K / QK, np = (nb + 1) / 2;
     struct xq8 xq;
     /* one allocation: q (T K bytes, padded to 64), s, dd and corr */
@@ -622,13 +680,13 @@ static void dq_part(void *p, int part, int parts) {
             /* q d + m, 16 at a time (q d is exact in fp32: an fp16 times a 4- or 8-bit integer) */
             __m512 lo, hi;
             block_q(j->kind, w, &lo, &hi);
-            const float d = f16(w), m = j->kind == Q4_1 ? f16(w + 2) : j->kind == Q4_0 ? -8.0f * d : 0.0f;
+            const float d = blk_d(j->kind, w), m = has_m(j->kind) ? blk_m(j->kind, w) : 0.0f;
             _mm512_storeu_ps(o, _mm512_fmadd_ps(lo, _mm512_set1_ps(d), _mm512_set1_ps(m)));
             _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(hi, _mm512_set1_ps(d), _mm512_set1_ps(m)));
 #elif defined(__AVX2__) && defined(__FMA__)
             __m256 q[4];
             block_q(j->kind, w, q);
-            const float d = f16(w), m = j->kind == Q4_1 ? f16(w + 2) : j->kind == Q4_0 ? -8.0f * d : 0.0f;
+            const float d = blk_d(j->kind, w), m = has_m(j->kind) ? blk_m(j->kind, w) : 0.0f;
             for (int i = 0; i < 4; i++)
                 _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(q[i], _mm256_set1_ps(d), _mm256_set1_ps(m)));
 #else
@@ -643,7 +701,7 @@ static void dq_part(void *p, int part, int parts) {
 /* W's rows [n0, n1) as fp32 into out ([n1 - n0][K]): for big steps (dequantise once, then one
  * GEMM) and for embedding lookups. */
 int tpi_dequant(int kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, float *out, int threads) {
-    if (kind < 0 || kind > 2 || K % QK || n1 < n0) return -1;
+    if (kind < 0 || kind >= KINDS || K % QK || n1 < n0) return -1;
     if ((n1 - n0) * K < (1 << 16)) threads = 1;
     struct dq_job job = {kind, w, K, n0, n1, out};
     run_parts(dq_part, &job, threads);

@@ -1,11 +1,13 @@
 """Quantised weight matrices, kept in GGUF's own block formats end to end.
 
 A QMatrix is a [N, K] weight stored as N rows of K/32 blocks, each block exactly as llama.cpp
-writes it (see model/kernels/qmatmul.c for the byte layout):
+writes it, or a K-quant's 32-weight sub-block (see model/qmatmul.c for the byte layout):
 
-    q4_0  18 bytes / 32 weights   w = d (q - 8)      (GGUF Q4_0)
-    q4_1  20 bytes / 32 weights   w = d q + m        (GGUF Q4_1; what --quant int4 writes)
-    q8_0  34 bytes / 32 weights   w = d q            (GGUF Q8_0; what --quant int8 writes)
+    q4_0  18 bytes / 32 weights   w = d (q - 8)          (GGUF Q4_0)
+    q4_1  20 bytes / 32 weights   w = d q + m            (GGUF Q4_1; what --quant int4 writes)
+    q8_0  34 bytes / 32 weights   w = d q                (GGUF Q8_0; what --quant int8 writes)
+    q4_k  22 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/kquants.py)
+    q6_k  36 bytes / 32 weights   w = (d sc_half) q      (GGUF Q6_K, repacked; one scale per 16)
 
 `data` is uint8 [N, K/32, block bytes]; the last dimension names the format, so a shard file
 needs no extra metadata. Rows slice freely; columns slice at multiples of 32 (head dims and the
@@ -23,9 +25,9 @@ from tpi_node.errors import UserError
 from tpi_node.settings import QUANTS
 
 BLOCK = 32  # weights per block, every format
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 22, "q6_k": 36}
 FORMAT_OF_BYTES = {v: k for k, v in BLOCK_BYTES.items()}
-KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # the kernel's format codes
+KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4}  # the kernel's format codes
 
 QUANT_FORMAT = {"int8": "q8_0", "int4": "q4_1"}  # what --quant writes for a float weight
 
@@ -73,6 +75,15 @@ class QMatrix:
         scale = d[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
         if self.fmt == "q8_0":
             w = d[..., 2:].contiguous().view(torch.int8).float() * scale
+        elif self.fmt == "q6_k":  # two scales a block, d sc each (exact in fp32), over 16 weights
+            halves = scale * d[..., 2:4].contiguous().view(torch.int8).float()  # [N, nb, 2]
+            q = d[..., 4:].contiguous().view(torch.int8).float().unflatten(-1, (2, 16))
+            w = (q * halves.unsqueeze(-1)).flatten(-2)
+        elif self.fmt == "q4_k":  # as gguf-py: (d sc) q - dmin mn, the products exact in fp32
+            qs = d[..., 6:]
+            q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+            dmin = d[..., 2:4].contiguous().view(torch.float16).float()
+            w = q * (scale * d[..., 4:5].float()) - dmin * d[..., 5:6].float()
         else:
             qs = d[..., 4:] if self.fmt == "q4_1" else d[..., 2:]
             q = torch.cat([qs & 15, qs >> 4], dim=-1).float()  # byte j: weights j and j + 16

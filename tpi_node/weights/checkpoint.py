@@ -5,7 +5,8 @@ Nothing is read until asked for, and a slice reads only its own rows: the master
 whole model in RAM, it cuts each node's slices straight out of the memory-mapped files. Both
 readers answer in Hugging Face tensor names and layouts; a matrix comes back as a float tensor,
 or as a QMatrix (model/quant.py) when it is stored in quantised blocks: a GGUF's Q4_0 / Q4_1 /
-Q8_0 tensors, or a safetensors U8 tensor [N, K/32, block bytes] as `synth --quant` writes.
+Q8_0 tensors, its Q4_K / Q6_K tensors repacked into 32-weight blocks (weights/kquants.py), or a
+safetensors U8 tensor [N, K/32, block bytes] as `synth --quant` writes.
 
     reader = open_checkpoint(model_dir)
     reader.rows("model.layers.0.self_attn.q_proj.weight", 0, 128)   # Tensor or QMatrix
@@ -31,6 +32,7 @@ from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import UserError
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES, FORMAT_OF_BYTES, QMatrix
 from tpi_node.weights.gguf import GGUF_NAME, GgufFile
+from tpi_node.weights.kquants import REPACK, repack
 
 Weight = torch.Tensor | QMatrix
 
@@ -185,8 +187,8 @@ NATIVE_TYPES = tuple(_FLOATS) + tuple(t.upper() for t in BLOCK_BYTES)  # served 
 
 
 def refuse_unserved_types(g: GgufFile) -> None:
-    """UserError when a tensor the model reads is stored in a type tpi-node does not serve (a
-    K-quant file such as Q4_K_M: Q4_K and Q6_K blocks), naming the types and how to convert."""
+    """UserError when a tensor the model reads is stored in a type tpi-node does not serve (Q5_K,
+    Q3_K, the IQ types, ...), naming the types and how to convert."""
     unserved = Counter(t.type for t in g.tensors.values() if hf_name(t.name) is not None and t.type not in NATIVE_TYPES)
     if unserved:
         found = ", ".join(f"{kind}: {n}" for kind, n in unserved.most_common())
@@ -199,7 +201,8 @@ def refuse_unserved_types(g: GgufFile) -> None:
 
 
 class GgufReader:
-    """A GGUF's tensors in HF names and layouts, its quantised blocks kept as they are.
+    """A GGUF's tensors in HF names and layouts, its quantised blocks kept as they are (K-quants'
+    super-blocks repacked into 32-weight blocks, exactly: weights/kquants.py).
 
     llama.cpp stores a Llama's q_proj / k_proj rows permuted for its rope kernel; reading undoes
     that with a row index (transformers does the same when it loads a GGUF), which moves whole
@@ -252,6 +255,8 @@ class GgufReader:
                 return torch.from_numpy(np.array(raw)).view(dt)[rows]
             per_row = raw.reshape(t.shape[0], -1)
             return torch.from_numpy(np.array(per_row[rows])).view(dt).reshape(-1, t.shape[1])
+        if t.type in REPACK:  # K-quants: their rows' super-blocks as 32-weight blocks
+            return QMatrix(torch.from_numpy(repack(t.type, raw.reshape(t.shape[0], -1)[rows])))
         fmt = t.type.lower()
         blocks = raw.reshape(t.shape[0], t.shape[1] // BLOCK, BLOCK_BYTES[fmt])
         return QMatrix(torch.from_numpy(np.array(blocks[rows])))
@@ -269,8 +274,13 @@ class GgufReader:
 
     def mapped(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the tensor as a view of the mapped file, the stored row of each HF row or None when
-        they are the same): nothing copied; float [N, K] or [N], or U8 blocks [N, K/32, bytes]."""
+        they are the same): nothing copied; float [N, K] or [N], or U8 blocks [N, K/32, bytes]
+        (a K-quant's: repacked, a copy)."""
         t = self._info(name)
+        index = self._row_index(name, 0, t.shape[0])
+        index = None if isinstance(index, slice) else torch.from_numpy(index)
+        if t.type in REPACK:
+            return torch.from_numpy(repack(t.type, self.file.raw(t.name).reshape(t.shape[0], -1))), index
         with warnings.catch_warnings():  # a read-only mapping: the views are never written
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(self.file.raw(t.name))
@@ -279,13 +289,13 @@ class GgufReader:
         else:
             fmt = t.type.lower()
             view = raw.view(t.shape[0], t.shape[1] // BLOCK, BLOCK_BYTES[fmt])
-        index = self._row_index(name, 0, t.shape[0])
-        return view, None if isinstance(index, slice) else torch.from_numpy(index)
+        return view, index
 
-    def location(self, name: str) -> tuple[Path, int, int]:
-        """As CheckpointReader.location (rows as stored: mapped() gives the order)."""
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        """As CheckpointReader.location (rows as stored: mapped() gives the order); None for a
+        K-quant, whose stored bytes are not the blocks it is served in."""
         t = self._info(name)
-        return self.path, t.offset, t.nbytes // t.shape[0]
+        return None if t.type in REPACK else (self.path, t.offset, t.nbytes // t.shape[0])
 
     def release_pages(self) -> None:
         """As CheckpointReader.release_pages (the file is mapped afresh; its header stays parsed)."""

@@ -159,8 +159,9 @@ class CheckpointSlices:
             view, index = self.reader.mapped(name)
             if how == "cols" and (a, b) == (0, view.shape[1] * (BLOCK if view.dim() == 3 else 1)):
                 how, a, b = "rows", 0, view.shape[0]  # every column (a one-node run): all rows
-            if how == "rows" and index is None and view.dtype == dest.dtype:
-                path, at, row_bytes = self.reader.location(name)
+            stored = self.reader.location(name)  # None: not served as stored (a K-quant)
+            if how == "rows" and index is None and view.dtype == dest.dtype and stored is not None:
+                path, at, row_bytes = stored
                 start = p.offset + row * row_bytes
                 _read_into(path, at + a * row_bytes, into[start : start + (b - a) * row_bytes])
                 row += b - a
