@@ -25,6 +25,8 @@ from tpi_node.paths import KERNELS_ENV
 from tpi_node.weights.checkpoint import CheckpointReader
 from tpi_node.weights.head_rows import LM_HEAD
 
+FORMATS = list(BLOCK_BYTES)  # q4_0, q4_1, q8_0, q4_k, q6_k, q8_mix
+
 
 def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:
     """Random bytes with sane fp16 scales: every bit pattern of the quants is exercised."""
@@ -32,14 +34,14 @@ def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:
     data = torch.randint(0, 256, (n, k // 32, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
     scales = (torch.rand(n, k // 32, 2, generator=g) * 0.02 - 0.01).to(torch.float16)
     data[..., 0:2] = scales[..., :1].view(torch.uint8)
-    if fmt in ("q4_1", "q4_k"):  # q4_1's m; q4_k's dmin (its sub-block scale and min: bytes 4, 5)
+    if fmt in ("q4_1", "q4_k", "q8_mix"):  # q4_1's m; the others' dmin
         data[..., 2:4] = scales[..., 1:].view(torch.uint8)
     if fmt == "q4_k":
         data[..., 4:6] %= 64  # 6-bit in the file
     return QMatrix(data)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3, 17, 70])
 def test_kernel_and_dequantise_agree_with_a_float_matmul(fmt, tokens):
     w = _random_blocks(fmt, 200, 320)
@@ -69,7 +71,7 @@ def _int8_activations_reference(x: torch.Tensor, w: QMatrix) -> torch.Tensor:
     return xq @ (w.dequantize().double() - offset).T + x.double() @ offset.T
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_int8_activations_compute_what_they_define(fmt, tokens):
     """--act-quant int8 (AVX512-VNNI integer dot products): the kernel equals its definition to
@@ -86,7 +88,7 @@ def test_int8_activations_compute_what_they_define(fmt, tokens):
             want, exact = _int8_activations_reference(x, w), x.double() @ w.dequantize().double().T
             got = qkernel.kernel_matmul(x, w).double()
             scale = exact.abs().max()
-            if fmt == "q6_k":
+            if fmt in ("q6_k", "q8_mix"):
                 assert (got - exact).abs().max() / scale < 1e-5
                 continue
             assert (got - want).abs().max() / scale < 1e-5
@@ -226,9 +228,26 @@ def test_k_quant_super_blocks_repack_to_what_gguf_py_dequantises(gtype):
     assert torch.equal(ours.cols(64, 160).dequantize(), want[:, 64:160])  # the plan cuts at 32 columns
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_goes_into_the_mixed_format_unchanged(fmt):
+    """as_mixed: the q8_mix blocks a fused matrix of mixed formats holds give each part's weights
+    bit for bit, in torch and in the C kernel; cat_rows uses them for parts that differ."""
+    from tpi_node.model.quant import as_mixed, cat_rows
+
+    w = _random_blocks(fmt, 40, 96, seed=5)
+    mixed = as_mixed(w)
+    assert mixed.fmt == "q8_mix" and mixed.shape == w.shape
+    assert torch.equal(mixed.dequantize(), w.dequantize())
+    assert torch.equal(qkernel.dequantize(mixed), w.dequantize())
+    other = _random_blocks("q6_k" if fmt != "q6_k" else "q4_k", 8, 96, seed=6)
+    fused = cat_rows([w, other])
+    assert isinstance(fused, QMatrix) and fused.fmt == "q8_mix" and fused.shape == (48, 96)
+    assert torch.equal(fused.dequantize(), torch.cat([w.dequantize(), other.dequantize()]))
+
+
 def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
     """A Llama GGUF with Q4_K and Q6_K tensors, as a Q4_K_M file mixes them (Q6_K for the output
-    and ffn_down, and for attn_v in one layer, which makes that layer's fused q|k|v float): served
+    and ffn_down, and for attn_v in one layer, whose fused q|k|v is then q8_mix blocks): served
     from its own blocks, repacked, it gives the logits transformers gives loading the same file."""
     import gguf
 

@@ -8,6 +8,9 @@
  *   Q4_K (22 bytes): f16 d, f16 dmin, u8 sc, u8 mn, 16 bytes of nibbles   w = (d sc) q - dmin mn
  *   Q6_K (36 bytes): f16 d, i8 sc_lo, i8 sc_hi, 32 int8 (q - 32)          w = (d sc_half) q
  *     (sc_lo scales weights 0..15, sc_hi 16..31: a Q6_K scale covers 16 weights)
+ * or, for a fused matrix whose parts come in different formats (model/quant.py's as_mixed), any
+ * of them exactly in one:
+ *   Q8_MIX (40 bytes): f16 d, f16 dmin, i8 sc_lo, i8 sc_hi, u8 mn, 0, 32 int8  w = (d sc_half) q - dmin mn
  * Nibbles: byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
  * x is [T][K] fp32 (K = 32 nb), y is [T][N] fp32. Every product is the exact dequantised weight
  * times x, accumulated in fp32: the result equals x @ dequantise(W).T up to summation order.
@@ -38,35 +41,39 @@ static inline float f16(const uint8_t *p) {
     return (float)h;
 }
 
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q6_K = 4, KINDS = 5 };
-static const int BLOCK_BYTES[] = {18, 20, 34, 22, 36};
-static const int QS_AT[] = {2, 4, 2, 6, 4}; /* where a block's quants start */
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q6_K = 4, Q8_MIX = 5, KINDS = 6 };
+static const int BLOCK_BYTES[] = {18, 20, 34, 22, 36, 40};
+static const int QS_AT[] = {2, 4, 2, 6, 4, 8}; /* where a block's quants start */
+
+/* int8 quants with a scale per half block (weights 0..15, 16..31), applied to the weights */
+static inline int halves(int kind) { return kind == Q6_K || kind == Q8_MIX; }
+static inline float half_scale(int kind, const uint8_t *blk, int half) { /* d sc: exact in fp32 */
+    return f16(blk) * (float)(int8_t)blk[(kind == Q6_K ? 2 : 4) + half];
+}
 
 /* the scale of a block's sum of q x: its d (a Q4_K sub-block: d sc, exact in fp32 as gguf-py
- * computes it). Q6_K's two half scales are applied to the weights instead (block_q), so 1. */
+ * computes it); 1 where the half scales are applied to the weights (block_q) */
 static inline float blk_d(int kind, const uint8_t *blk) {
-    return kind == Q4_K ? f16(blk) * (float)blk[4] : kind == Q6_K ? 1.0f : f16(blk);
+    return kind == Q4_K ? f16(blk) * (float)blk[4] : halves(kind) ? 1.0f : f16(blk);
 }
 
 /* the m of w = d q + m, which multiplies the block's sum of x; Q8_0 and Q6_K have none */
-static inline int has_m(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q4_K; }
+static inline int has_m(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q4_K || kind == Q8_MIX; }
 static inline float blk_m(int kind, const uint8_t *blk) {
-    if (kind == Q4_K) return -(f16(blk + 2) * (float)blk[5]);
+    if (kind == Q4_K || kind == Q8_MIX) return -(f16(blk + 2) * (float)blk[kind == Q4_K ? 5 : 6]);
     return kind == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk); /* Q4_0: d (q - 8) = d q - 8 d */
 }
-
-/* a Q6_K block's scale of weights 0..15 (half 0) or 16..31 (half 1), exact in fp32 */
-static inline float q6_half(const uint8_t *blk, int half) { return f16(blk) * (float)(int8_t)blk[2 + half]; }
 
 /* one block's 32 weights as floats (before the scale): q for Q4_1 / Q8_0, q - 8 for Q4_0 */
 static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float *d, float *m) {
     *d = blk_d(kind, blk);
     *m = 0.0f;
-    if (kind == Q8_0 || kind == Q6_K) {
+    if (kind == Q8_0 || halves(kind)) {
         const int8_t *qs = (const int8_t *)(blk + QS_AT[kind]);
         for (int j = 0; j < QK; j++) q[j] = (float)qs[j];
-        if (kind == Q6_K)
-            for (int j = 0; j < QK; j++) q[j] *= q6_half(blk, j >= QK / 2);
+        if (halves(kind))
+            for (int j = 0; j < QK; j++) q[j] *= half_scale(kind, blk, j >= QK / 2);
+        if (has_m(kind)) *m = blk_m(kind, blk);
         return;
     }
     const uint8_t *qs = blk + QS_AT[kind];
@@ -85,13 +92,13 @@ static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float
  * Per row of x: dot = lo * x[0:16] + hi * x[16:32], then acc += d * dot (the scale applied once).
  * The m (or -8 d) term needs the block's sum of x: one scalar multiply-add per block. */
 static inline void block_q(int kind, const uint8_t *blk, __m512 *lo, __m512 *hi) {
-    if (kind == Q8_0 || kind == Q6_K) {
+    if (kind == Q8_0 || halves(kind)) {
         const uint8_t *qs = blk + QS_AT[kind];
         *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
         *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
-        if (kind == Q6_K) { /* the weights themselves: q (d sc), rounded once as gguf-py does */
-            *lo = _mm512_mul_ps(*lo, _mm512_set1_ps(q6_half(blk, 0)));
-            *hi = _mm512_mul_ps(*hi, _mm512_set1_ps(q6_half(blk, 1)));
+        if (halves(kind)) { /* the weights themselves: q (d sc), rounded once as gguf-py does */
+            *lo = _mm512_mul_ps(*lo, _mm512_set1_ps(half_scale(kind, blk, 0)));
+            *hi = _mm512_mul_ps(*hi, _mm512_set1_ps(half_scale(kind, blk, 1)));
         }
         return;
     }
@@ -163,12 +170,12 @@ static inline __attribute__((always_inline)) void rows_tn(int kind, const float 
  * below, which decoded SmolLM2's Q4_1 at 20 tok/s on the EPYC VM built for x86-64-v3: slower than
  * fp32. q[0..1] are weights 0..15 (a q4's low nibbles), q[2..3] weights 16..31. */
 static inline void block_q(int kind, const uint8_t *blk, __m256 q[4]) {
-    if (kind == Q8_0 || kind == Q6_K) {
+    if (kind == Q8_0 || halves(kind)) {
         for (int i = 0; i < 4; i++)
             q[i] = _mm256_cvtepi32_ps(
                 _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + QS_AT[kind] + 8 * i))));
-        if (kind == Q6_K)
-            for (int i = 0; i < 4; i++) q[i] = _mm256_mul_ps(q[i], _mm256_set1_ps(q6_half(blk, i / 2)));
+        if (halves(kind))
+            for (int i = 0; i < 4; i++) q[i] = _mm256_mul_ps(q[i], _mm256_set1_ps(half_scale(kind, blk, i / 2)));
         return;
     }
     const __m128i b = _mm_loadu_si128((const __m128i *)(blk + QS_AT[kind]));
@@ -251,7 +258,8 @@ static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, co
         case Q4_1: ROWS1(Q4_1) break;
         case Q8_0: ROWS1(Q8_0) break;
         case Q4_K: ROWS1(Q4_K) break;
-        default: ROWS1(Q6_K)
+        case Q6_K: ROWS1(Q6_K) break;
+        default: ROWS1(Q8_MIX)
         }
 #undef ROWS1
         return;
@@ -442,7 +450,7 @@ static inline __attribute__((always_inline)) void rows_tn_q8(int kind, const str
 static void rows_pass_q8(int kind, const struct xq8 *xq, int64_t K, const uint8_t *w, int64_t N, float *y,
                          int64_t n0, int64_t n1, int64_t t0, int nt) {
     const int64_t nb = K / QK, rs = nb * BLOCK_BYTES[kind];
-    if (nt == 1) { /* as rows_pass: one loop per format (Q6_K never comes here) */
+    if (nt == 1) { /* as rows_pass: one loop per format (Q6_K and Q8_MIX never come here) */
 #define ROWS1(KIND) \
     for (int64_t n = n0; n < n1; n++) y[t0 * N + n] = row_dot_q8(KIND, xq, t0, K, w + n * rs);
         switch (kind) {
@@ -635,8 +643,8 @@ int tpi_qmatmul_q8(int kind, const float *x, int64_t T, int64_t K, const uint8_t
                    int threads) {
 #ifdef HAVE_Q8DOT
     if (kind < 0 || kind >= KINDS || K % QK || T < 1 || N < 1) return -1;
-    /* Q6_K's two scales a block do not fit the pairwise integer dot (one scale per 8 lanes): exact */
-    if (kind == Q6_K) return tpi_qmatmul(kind, x, T, K, w, N, y, threads);
+    /* two scales a block (Q6_K, Q8_MIX) do not fit the pairwise integer dot (one scale per 8 lanes): exact */
+    if (halves(kind)) return tpi_qmatmul(kind, x, T, K, w, N, y, threads);
     const int64_t nb = K / QK, np = (nb + 1) / 2;
     struct xq8 xq;
     /* one allocation: q (T K bytes, padded to 64), s, dd and corr */

@@ -8,6 +8,8 @@ writes it, or a K-quant's 32-weight sub-block (see model/qmatmul.c for the byte 
     q8_0  34 bytes / 32 weights   w = d q                (GGUF Q8_0; what --quant int8 writes)
     q4_k  22 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/kquants.py)
     q6_k  36 bytes / 32 weights   w = (d sc_half) q      (GGUF Q6_K, repacked; one scale per 16)
+    q8_mix 40 bytes / 32 weights  w = (d sc_half) q - dmin mn
+                                  (each of the above exactly: a fused matrix whose parts differ, as_mixed)
 
 `data` is uint8 [N, K/32, block bytes]; the last dimension names the format, so a shard file
 needs no extra metadata. Rows slice freely; columns slice at multiples of 32 (head dims and the
@@ -25,9 +27,9 @@ from tpi_node.errors import UserError
 from tpi_node.settings import QUANTS
 
 BLOCK = 32  # weights per block, every format
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 22, "q6_k": 36}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 22, "q6_k": 36, "q8_mix": 40}
 FORMAT_OF_BYTES = {v: k for k, v in BLOCK_BYTES.items()}
-KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4}  # the kernel's format codes
+KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "q8_mix": 5}  # the kernel's format codes
 
 QUANT_FORMAT = {"int8": "q8_0", "int4": "q4_1"}  # what --quant writes for a float weight
 
@@ -75,10 +77,13 @@ class QMatrix:
         scale = d[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
         if self.fmt == "q8_0":
             w = d[..., 2:].contiguous().view(torch.int8).float() * scale
-        elif self.fmt == "q6_k":  # two scales a block, d sc each (exact in fp32), over 16 weights
-            halves = scale * d[..., 2:4].contiguous().view(torch.int8).float()  # [N, nb, 2]
-            q = d[..., 4:].contiguous().view(torch.int8).float().unflatten(-1, (2, 16))
-            w = (q * halves.unsqueeze(-1)).flatten(-2)
+        elif self.fmt in ("q6_k", "q8_mix"):  # two scales a block, d sc each (exact in fp32), over 16 weights
+            at = 2 if self.fmt == "q6_k" else 4
+            halves = scale * d[..., at : at + 2].contiguous().view(torch.int8).float()  # [N, nb, 2]
+            q = d[..., at + 2 + 2 * (self.fmt == "q8_mix") :].contiguous().view(torch.int8).float()
+            w = (q.unflatten(-1, (2, 16)) * halves.unsqueeze(-1)).flatten(-2)
+            if self.fmt == "q8_mix":
+                w = w - d[..., 2:4].contiguous().view(torch.float16).float() * d[..., 6:7].float()
         elif self.fmt == "q4_k":  # as gguf-py: (d sc) q - dmin mn, the products exact in fp32
             qs = d[..., 6:]
             q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
@@ -100,8 +105,37 @@ def cat_rows(parts: list) -> torch.Tensor | QMatrix:
         return torch.cat(parts)
     if all(isinstance(p, QMatrix) for p in parts) and len({p.fmt for p in parts}) == 1:
         return QMatrix(torch.cat([p.data for p in parts]))
-    # mixed (a GGUF may quantise q and v differently): the float form holds them all
+    if all(isinstance(p, QMatrix) for p in parts):  # a GGUF may quantise q and v differently
+        return QMatrix(torch.cat([as_mixed(p).data for p in parts]))
     return torch.cat([p.dequantize() if isinstance(p, QMatrix) else p.float() for p in parts])
+
+
+def as_mixed(w: QMatrix) -> QMatrix:
+    """Any block format as q8_mix blocks that dequantise to the same weights, bit for bit: the one
+    format a fused matrix (q|k|v, gate|up) can hold when its parts differ (a Q4_K_M file's attn_v is
+    Q6_K in some layers, its q and k Q4_K). 40 bytes a block: more than any part's, a tenth of fp32's."""
+    d, fmt = w.data, w.fmt
+    out = torch.zeros(*d.shape[:2], BLOCK_BYTES["q8_mix"], dtype=torch.uint8)
+    out[..., 0:2] = d[..., 0:2]  # d
+    one = torch.ones((), dtype=torch.int8).view(torch.uint8)
+    if fmt in ("q4_0", "q4_1", "q4_k"):
+        qs = d[..., {"q4_0": 2, "q4_1": 4, "q4_k": 6}[fmt] :]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int8)
+        if fmt == "q4_0":  # d (q - 8)
+            q, out[..., 4:6] = q - 8, one
+        elif fmt == "q4_1":  # d q + m: dmin = -m, mn = 1 (negating an fp16 is exact)
+            out[..., 2:4] = (-d[..., 2:4].contiguous().view(torch.float16)).view(torch.uint8)
+            out[..., 4:7] = one
+        else:  # (d sc) q - dmin mn
+            out[..., 2:4], out[..., 4], out[..., 5], out[..., 6] = d[..., 2:4], d[..., 4], d[..., 4], d[..., 5]
+    elif fmt == "q8_0":
+        q, out[..., 4:6] = d[..., 2:].view(torch.int8), one
+    elif fmt == "q6_k":
+        q, out[..., 4:6] = d[..., 4:].view(torch.int8), d[..., 2:4]
+    else:
+        return w
+    out[..., 8:] = q.contiguous().view(torch.uint8)
+    return QMatrix(out)
 
 
 def quantize(w: torch.Tensor, fmt: str) -> QMatrix:

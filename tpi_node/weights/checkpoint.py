@@ -31,7 +31,7 @@ from safetensors import safe_open
 from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import UserError
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES, FORMAT_OF_BYTES, QMatrix
-from tpi_node.weights.gguf import GGUF_NAME, GgufFile
+from tpi_node.weights.gguf import GGML_TYPES, GGUF_NAME, GgufFile
 from tpi_node.weights.kquants import REPACK, repack
 
 Weight = torch.Tensor | QMatrix
@@ -183,7 +183,8 @@ def hf_name(gguf: str) -> str | None:
 
 
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-NATIVE_TYPES = tuple(_FLOATS) + tuple(t.upper() for t in BLOCK_BYTES)  # served as they are
+_GGML_NAMES = {name for name, _, _ in GGML_TYPES.values()}
+NATIVE_TYPES = tuple(_FLOATS) + tuple(t.upper() for t in BLOCK_BYTES if t.upper() in _GGML_NAMES)  # served
 
 
 def refuse_unserved_types(g: GgufFile) -> None:
