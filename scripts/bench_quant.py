@@ -11,6 +11,8 @@ own reader (bit for bit what transformers computes), written once under $TPI_HOM
     .venv/bin/python scripts/bench_quant.py [--threads 2] [--tokens 128] [--repeats 3]
     .venv/bin/python scripts/bench_quant.py --llama-cpp     # also llama.cpp: installs
         llama-cpp-python into .bench/llama-cpp-venv on first use (builds from source: ~10 min on 2 cores)
+    .venv/bin/python scripts/bench_quant.py --llama-cpp --model FILE.gguf   # another GGUF: served
+        natively (exact, and with --act-quant int8) against llama.cpp on the same file
 """
 
 from __future__ import annotations
@@ -99,18 +101,24 @@ def float_dir(gguf_dir: Path) -> Path:
     return out
 
 
-def run_tpi(config: str, threads: int, tokens: int) -> dict:
+def model_dir(model: str | None) -> Path:
+    """The prepared directory of --model (a GGUF file), else of the default model."""
+    from tpi_node.weights.prepare import prepare_model, resolve_model
+
+    return resolve_model(model, progress=False) if model else prepare_model(progress=False)
+
+
+def run_tpi(config: str, threads: int, tokens: int, model: str | None) -> dict:
     """In this process: one configuration, measured."""
     import torch
 
     torch.set_num_threads(threads)
     from tpi_node.commands.compose import build_local_engine
     from tpi_node.model.sampling_params import SamplingParams
-    from tpi_node.weights.prepare import prepare_model
 
     idle, idle_kinds = rss(), resident_by_kind()
-    gguf_dir = prepare_model(progress=False)
-    gguf = config.startswith("gguf-q4_1")
+    gguf_dir = model_dir(model)
+    gguf = config.startswith("gguf")
     model, quant = (gguf_dir, "none") if gguf else (float_dir(gguf_dir), config.replace("fp32", "none"))
     act = "int8" if config.endswith("+act-int8") else "none"
     engine = build_local_engine(model, progress=False, quant=quant, speculative="off", act_quant=act)
@@ -167,11 +175,10 @@ def ensure_llama_cpp() -> Path:
     return py
 
 
-def run_llama_cpp(threads: int, tokens: int) -> dict:
+def run_llama_cpp(threads: int, tokens: int, model: str | None) -> dict:
     from tpi_node.model.tokenizer import Tokenizer
-    from tpi_node.weights.prepare import prepare_model
 
-    gguf_dir = prepare_model(progress=False)
+    gguf_dir = model_dir(model)
     tok = Tokenizer.from_dir(gguf_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
     # its KV cache is allocated (and cleared) whole at n_ctx: just what the run needs, in steps of
@@ -194,8 +201,9 @@ def run_llama_cpp(threads: int, tokens: int) -> dict:
     raise RuntimeError(f"llama.cpp failed (exit {out.returncode}): {out.stderr[-1500:]}")
 
 
-def child(config: str, threads: int, tokens: int) -> dict:
+def child(config: str, threads: int, tokens: int, model: str | None) -> dict:
     cmd = [sys.executable, __file__, "--one", config, "--threads", str(threads), "--tokens", str(tokens)]
+    cmd += ["--model", model] if model else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{config} failed:\n{out.stderr[-2000:]}")
@@ -208,29 +216,33 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each config once per round, medians shown")
     ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (installs it on first use)")
+    ap.add_argument("--model", help="a GGUF file to serve instead of the default model (native configs only)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        res = run_llama_cpp(a.threads, a.tokens) if a.one == "llama.cpp" else run_tpi(a.one, a.threads, a.tokens)
-        print(json.dumps(res))
+        one = run_llama_cpp if a.one == "llama.cpp" else lambda *args: run_tpi(a.one, *args)
+        print(json.dumps(one(a.threads, a.tokens, a.model)))
         return
-    from tpi_node.weights.prepare import prepare_model
-
-    gguf = (prepare_model(progress=False) / "model.gguf").resolve()
-    float_dir(prepare_model(progress=False))  # once, outside the timed runs
-    configs = [*CONFIGS, *(["llama.cpp"] if a.llama_cpp else [])]
+    gguf = (model_dir(a.model) / "model.gguf").resolve()
+    if a.model:  # another file: no float checkpoint of it to compare with
+        native, configs = "gguf", ["gguf", "gguf+act-int8"]
+    else:
+        float_dir(model_dir(None))  # once, outside the timed runs
+        native, configs = "gguf-q4_1", list(CONFIGS)
+    configs += ["llama.cpp"] if a.llama_cpp else []
     if a.llama_cpp:
         ensure_llama_cpp()
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(a.repeats):  # interleaved rounds: drifting machine load hits every config alike
         for c in configs:
-            runs[c].append(child(c, a.threads, a.tokens))
+            runs[c].append(child(c, a.threads, a.tokens, a.model))
             print(f"round {r + 1}/{a.repeats} {c}: {runs[c][-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"\nSmolLM2-135M-Instruct, {a.tokens} greedy tokens, {a.threads} threads, median of {a.repeats} rounds")
+    name = a.model or "SmolLM2-135M-Instruct"
+    print(f"\n{name}, {a.tokens} greedy tokens, {a.threads} threads, median of {a.repeats} rounds")
     print(f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, {time.strftime('%Y-%m-%d')}")
     print(f"GGUF: {gguf.name} {gguf.stat().st_size / 2**20:.0f} MiB\n")
-    base = statistics.median(x["tok_s"] for x in runs["gguf-q4_1"])
+    base = statistics.median(x["tok_s"] for x in runs[native])
     lcpp = statistics.median(x["tok_s"] for x in runs["llama.cpp"]) if a.llama_cpp else None
     size = gguf.stat().st_size
     print(
@@ -251,14 +263,15 @@ def main() -> None:
             "\nllama.cpp ran with n_batch=1: its batched prefill crashed here, so its TTFT is a token-by-token prefill"
         )
     print(f"\nRSS goal: peak - idle <= 1.3x the GGUF ({1.3 * size / 2**20:.0f} MiB)")
-    shown = [c for c in ("gguf-q4_1", "llama.cpp") if c in runs]
+    shown = [c for c in (native, "llama.cpp") if c in runs]
     kinds = sorted({k for c in shown for k, v in runs[c][-1]["growth"].items() if abs(v) >= 2**16})
     print("\nResident memory grown since idle, by kind of mapping, MiB (the last round):\n")
     print("| kind | " + " | ".join(shown) + " |")
     print("| --- |" + " ---: |" * len(shown))
     for k in kinds:
         print(f"| {k} | " + " | ".join(f"{runs[c][-1]['growth'].get(k, 0) / 2**20:.1f}" for c in shown) + " |")
-    print(f"\nnative Q4_1 decode vs fp32: {base / statistics.median(x['tok_s'] for x in runs['fp32']):.2f}x")
+    if "fp32" in runs:
+        print(f"\nnative Q4_1 decode vs fp32: {base / statistics.median(x['tok_s'] for x in runs['fp32']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -198,31 +198,38 @@ def test_gguf_blocks_dequantise_bit_for_bit_like_gguf_py(smollm2_dir):
 
 
 def _k_quant_rows(rng, rows: int, cols: int, gtype: str):
-    """Random bytes of a Q4_K / Q6_K tensor (every bit pattern of its quants and sub-block scales)
-    with sane fp16 super-block scales (d, and Q4_K's dmin): (uint8 [rows, bytes], ggml type)."""
+    """Random bytes of a Q4_K / Q6_K / Q5_0 / Q5_1 tensor (every bit pattern of its quants and
+    sub-block scales) with sane fp16 block scales (d, and dmin or m): (uint8 [rows, bytes], ggml type)."""
     import gguf
 
-    size = {"Q4_K": 144, "Q6_K": 210}[gtype]
-    raw = rng.integers(0, 256, (rows, cols // 256 * size), dtype=np.uint8)
+    weights, size, scales_at = {
+        "Q4_K": (256, 144, [0, 2]),
+        "Q6_K": (256, 210, [208]),
+        "Q5_0": (32, 22, [0]),
+        "Q5_1": (32, 24, [0, 2]),
+    }[gtype]
+    raw = rng.integers(0, 256, (rows, cols // weights * size), dtype=np.uint8)
     blocks = raw.reshape(rows, -1, size)
-    for at in [0, 2] if gtype == "Q4_K" else [208]:
+    for at in scales_at:
         scale = rng.random((*blocks.shape[:2], 1)) * 0.002 + 0.0005
         blocks[..., at : at + 2] = scale.astype(np.float16).view(np.uint8)
     return raw, getattr(gguf.GGMLQuantizationType, gtype)
 
 
-@pytest.mark.parametrize("gtype", ["Q4_K", "Q6_K"])
-def test_k_quant_super_blocks_repack_to_what_gguf_py_dequantises(gtype):
-    """Q4_K / Q6_K rows repacked into 32-weight blocks (weights/kquants.py) dequantise, in torch
-    and in the C kernel, bit for bit to what gguf-py (transformers' reader) gives for the file's bytes."""
+@pytest.mark.parametrize("gtype", ["Q4_K", "Q6_K", "Q5_0", "Q5_1"])
+def test_repacked_gguf_blocks_dequantise_to_what_gguf_py_gives(gtype):
+    """Q4_K / Q6_K rows repacked into 32-weight blocks, Q5_0 / Q5_1 into q8_mix ones
+    (weights/repack.py), dequantise, in torch and in the C kernel, bit for bit to what gguf-py
+    (transformers' reader) gives for the file's bytes."""
     import gguf
 
-    from tpi_node.weights.kquants import repack
+    from tpi_node.weights.checkpoint import SERVED_AS
+    from tpi_node.weights.repack import repack
 
     raw, qtype = _k_quant_rows(np.random.default_rng(1), 6, 768, gtype)
     want = torch.from_numpy(gguf.dequantize(raw, qtype).copy())
     ours = QMatrix(torch.from_numpy(repack(gtype, raw)))
-    assert ours.fmt == gtype.lower() and ours.shape == (6, 768) and ours.nbytes() == 6 * 24 * BLOCK_BYTES[ours.fmt]
+    assert ours.fmt == SERVED_AS[gtype] and ours.shape == (6, 768) and ours.nbytes() == 6 * 24 * BLOCK_BYTES[ours.fmt]
     assert torch.equal(ours.dequantize(), want)
     assert torch.equal(qkernel.dequantize(ours), want)
     assert torch.equal(ours.cols(64, 160).dequantize(), want[:, 64:160])  # the plan cuts at 32 columns
@@ -247,8 +254,9 @@ def test_every_format_goes_into_the_mixed_format_unchanged(fmt):
 
 def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
     """A Llama GGUF with Q4_K and Q6_K tensors, as a Q4_K_M file mixes them (Q6_K for the output
-    and ffn_down, and for attn_v in one layer, whose fused q|k|v is then q8_mix blocks): served
-    from its own blocks, repacked, it gives the logits transformers gives loading the same file."""
+    and ffn_down, and for attn_v in one layer, whose fused q|k|v is then q8_mix blocks), and the
+    Q5_0 / Q5_1 llama.cpp falls back to where a row does not split into 256s: served from its own
+    blocks, repacked, it gives the logits transformers gives loading the same file."""
     import gguf
 
     from tpi_node.weights.gguf import GgufFile, hf_config
@@ -280,8 +288,8 @@ def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
         norm(f"blk.{i}.ffn_norm.weight")
         for name, rows, cols in [("attn_q", hidden, hidden), ("attn_k", 128, hidden), ("attn_v", 128, hidden)]:
             add(f"blk.{i}.{name}.weight", rows, cols, "Q6_K" if name == "attn_v" and i == 0 else "Q4_K")
-        add(f"blk.{i}.attn_output.weight", hidden, hidden, "Q4_K")
-        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, "Q4_K")
+        add(f"blk.{i}.attn_output.weight", hidden, hidden, "Q5_0" if i == 1 else "Q4_K")  # llama.cpp's fallback
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, "Q5_1" if i == 1 else "Q4_K")  # gate|up then mixed
         add(f"blk.{i}.ffn_up.weight", ffn, hidden, "Q4_K")
         add(f"blk.{i}.ffn_down.weight", hidden, ffn, "Q6_K")
     w.write_header_to_file()

@@ -4,7 +4,7 @@
  *   Q4_0 (18 bytes): f16 d, 16 bytes of nibbles            w = d * (q - 8)
  *   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of nibbles     w = d * q + m
  *   Q8_0 (34 bytes): f16 d, 32 int8                        w = d * q
- * or a K-quant's 32-weight sub-block, repacked from its 256-weight super-block (weights/kquants.py):
+ * or a K-quant's 32-weight sub-block, repacked from its 256-weight super-block (weights/repack.py):
  *   Q4_K (22 bytes): f16 d, f16 dmin, u8 sc, u8 mn, 16 bytes of nibbles   w = (d sc) q - dmin mn
  *   Q6_K (36 bytes): f16 d, i8 sc_lo, i8 sc_hi, 32 int8 (q - 32)          w = (d sc_half) q
  *     (sc_lo scales weights 0..15, sc_hi 16..31: a Q6_K scale covers 16 weights)

@@ -6,7 +6,7 @@ writes it, or a K-quant's 32-weight sub-block (see model/qmatmul.c for the byte 
     q4_0  18 bytes / 32 weights   w = d (q - 8)          (GGUF Q4_0)
     q4_1  20 bytes / 32 weights   w = d q + m            (GGUF Q4_1; what --quant int4 writes)
     q8_0  34 bytes / 32 weights   w = d q                (GGUF Q8_0; what --quant int8 writes)
-    q4_k  22 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/kquants.py)
+    q4_k  22 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/repack.py)
     q6_k  36 bytes / 32 weights   w = (d sc_half) q      (GGUF Q6_K, repacked; one scale per 16)
     q8_mix 40 bytes / 32 weights  w = (d sc_half) q - dmin mn
                                   (each of the above exactly: a fused matrix whose parts differ, as_mixed)
@@ -110,32 +110,37 @@ def cat_rows(parts: list) -> torch.Tensor | QMatrix:
     return torch.cat([p.dequantize() if isinstance(p, QMatrix) else p.float() for p in parts])
 
 
+def mixed_blocks(d: torch.Tensor, q: torch.Tensor, scales=None, dmin: torch.Tensor | None = None, mn=None) -> QMatrix:
+    """q8_mix blocks [N, nb, 40] from their fields: d (fp16 bytes [N, nb, 2]), q (int8 [N, nb, 32]),
+    the int8 scales of the two halves ([N, nb, 2]; 1 and 1 by default), dmin (fp16 bytes; 0) and mn
+    (u8; 0): w = (d sc_half) q - dmin mn."""
+    out = torch.zeros(*q.shape[:2], BLOCK_BYTES["q8_mix"], dtype=torch.uint8)
+    out[..., 0:2] = d
+    out[..., 4:6] = 1 if scales is None else scales
+    if dmin is not None:
+        out[..., 2:4], out[..., 6] = dmin, mn
+    out[..., 8:] = q.contiguous().view(torch.uint8)
+    return QMatrix(out)
+
+
 def as_mixed(w: QMatrix) -> QMatrix:
     """Any block format as q8_mix blocks that dequantise to the same weights, bit for bit: the one
     format a fused matrix (q|k|v, gate|up) can hold when its parts differ (a Q4_K_M file's attn_v is
     Q6_K in some layers, its q and k Q4_K). 40 bytes a block: more than any part's, a tenth of fp32's."""
     d, fmt = w.data, w.fmt
-    out = torch.zeros(*d.shape[:2], BLOCK_BYTES["q8_mix"], dtype=torch.uint8)
-    out[..., 0:2] = d[..., 0:2]  # d
-    one = torch.ones((), dtype=torch.int8).view(torch.uint8)
-    if fmt in ("q4_0", "q4_1", "q4_k"):
-        qs = d[..., {"q4_0": 2, "q4_1": 4, "q4_k": 6}[fmt] :]
-        q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int8)
-        if fmt == "q4_0":  # d (q - 8)
-            q, out[..., 4:6] = q - 8, one
-        elif fmt == "q4_1":  # d q + m: dmin = -m, mn = 1 (negating an fp16 is exact)
-            out[..., 2:4] = (-d[..., 2:4].contiguous().view(torch.float16)).view(torch.uint8)
-            out[..., 4:7] = one
-        else:  # (d sc) q - dmin mn
-            out[..., 2:4], out[..., 4], out[..., 5], out[..., 6] = d[..., 2:4], d[..., 4], d[..., 4], d[..., 5]
-    elif fmt == "q8_0":
-        q, out[..., 4:6] = d[..., 2:].view(torch.int8), one
-    elif fmt == "q6_k":
-        q, out[..., 4:6] = d[..., 4:].view(torch.int8), d[..., 2:4]
-    else:
+    if fmt == "q8_mix":
         return w
-    out[..., 8:] = q.contiguous().view(torch.uint8)
-    return QMatrix(out)
+    if fmt == "q8_0":
+        return mixed_blocks(d[..., 0:2], d[..., 2:].view(torch.int8))
+    if fmt == "q6_k":
+        return mixed_blocks(d[..., 0:2], d[..., 4:].view(torch.int8), d[..., 2:4])
+    qs = d[..., {"q4_0": 2, "q4_1": 4, "q4_k": 6}[fmt] :]
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int8)
+    if fmt == "q4_0":  # d (q - 8)
+        return mixed_blocks(d[..., 0:2], q - 8)
+    if fmt == "q4_1":  # d q + m: dmin = -m, mn = 1 (negating an fp16 is exact)
+        return mixed_blocks(d[..., 0:2], q, None, (-d[..., 2:4].contiguous().view(torch.float16)).view(torch.uint8), 1)
+    return mixed_blocks(d[..., 0:2], q, d[..., 4:5].expand(*d.shape[:2], 2), d[..., 2:4], d[..., 5])  # q4_k
 
 
 def quantize(w: torch.Tensor, fmt: str) -> QMatrix:

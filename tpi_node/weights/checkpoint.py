@@ -5,7 +5,7 @@ Nothing is read until asked for, and a slice reads only its own rows: the master
 whole model in RAM, it cuts each node's slices straight out of the memory-mapped files. Both
 readers answer in Hugging Face tensor names and layouts; a matrix comes back as a float tensor,
 or as a QMatrix (model/quant.py) when it is stored in quantised blocks: a GGUF's Q4_0 / Q4_1 /
-Q8_0 tensors, its Q4_K / Q6_K tensors repacked into 32-weight blocks (weights/kquants.py), or a
+Q8_0 tensors, its Q4_K / Q6_K tensors repacked into 32-weight blocks (weights/repack.py), or a
 safetensors U8 tensor [N, K/32, block bytes] as `synth --quant` writes.
 
     reader = open_checkpoint(model_dir)
@@ -32,7 +32,7 @@ from tpi_node.dtypes import SAFETENSORS
 from tpi_node.errors import UserError
 from tpi_node.model.quant import BLOCK, BLOCK_BYTES, FORMAT_OF_BYTES, QMatrix
 from tpi_node.weights.gguf import GGML_TYPES, GGUF_NAME, GgufFile
-from tpi_node.weights.kquants import REPACK, repack
+from tpi_node.weights.repack import REPACK, repack
 
 Weight = torch.Tensor | QMatrix
 
@@ -184,7 +184,9 @@ def hf_name(gguf: str) -> str | None:
 
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _GGML_NAMES = {name for name, _, _ in GGML_TYPES.values()}
-NATIVE_TYPES = tuple(_FLOATS) + tuple(t.upper() for t in BLOCK_BYTES if t.upper() in _GGML_NAMES)  # served
+# GGUF block type -> the block format it is served in: as stored, or repacked (weights/repack.py)
+SERVED_AS = {t.upper(): t for t in BLOCK_BYTES if t.upper() in _GGML_NAMES} | {t: f for t, (_, f) in REPACK.items()}
+NATIVE_TYPES = (*_FLOATS, *SERVED_AS)  # the GGUF types served
 
 
 def refuse_unserved_types(g: GgufFile) -> None:
@@ -203,7 +205,7 @@ def refuse_unserved_types(g: GgufFile) -> None:
 
 class GgufReader:
     """A GGUF's tensors in HF names and layouts, its quantised blocks kept as they are (K-quants'
-    super-blocks repacked into 32-weight blocks, exactly: weights/kquants.py).
+    super-blocks repacked into 32-weight blocks, exactly: weights/repack.py).
 
     llama.cpp stores a Llama's q_proj / k_proj rows permuted for its rope kernel; reading undoes
     that with a row index (transformers does the same when it loads a GGUF), which moves whole
@@ -235,8 +237,7 @@ class GgufReader:
         return list(self._info(name).shape)
 
     def block_format(self, name: str) -> str | None:
-        fmt = self._info(name).type.lower()
-        return fmt if fmt in BLOCK_BYTES else None
+        return SERVED_AS.get(self._info(name).type)
 
     def _row_index(self, name: str, start: int, end: int) -> np.ndarray | slice:
         heads = next((h for key, h in self.permute_heads.items() if f".{key}." in name), None)
