@@ -34,7 +34,7 @@ def _random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> QMatrix:
     data = torch.randint(0, 256, (n, k // 32, BLOCK_BYTES[fmt]), dtype=torch.uint8, generator=g)
     scales = (torch.rand(n, k // 32, 2, generator=g) * 0.02 - 0.01).to(torch.float16)
     data[..., 0:2] = scales[..., :1].view(torch.uint8)
-    if fmt in ("q4_1", "q4_k", "q8_mix"):  # q4_1's m; the others' dmin
+    if fmt in ("q4_1", "q5_1", "q4_k", "q8_mix"):  # q4_1's and q5_1's m; the others' dmin
         data[..., 2:4] = scales[..., 1:].view(torch.uint8)
     if fmt == "q4_k":
         data[..., 4:6] %= 64  # 6-bit in the file
@@ -66,7 +66,8 @@ def _int8_activations_reference(x: torch.Tensor, w: QMatrix) -> torch.Tensor:
     d = w.data[..., 0:2].contiguous().view(torch.float16).double()
     dmin = w.data[..., 2:4].contiguous().view(torch.float16).double()
     d = d * w.data[..., 4:5].double() if w.fmt == "q4_k" else d  # a Q4_K sub-block's d sc
-    m = {"q4_0": -8 * d, "q4_1": dmin, "q4_k": -dmin * w.data[..., 5:6].double()}.get(w.fmt, 0 * d)
+    m = {"q4_0": -8 * d, "q5_0": -16 * d, "q4_1": dmin, "q5_1": dmin, "q4_k": -dmin * w.data[..., 5:6].double()}
+    m = m.get(w.fmt, 0 * d)
     offset = m.expand(*m.shape[:2], 32).reshape(w.shape[0], k)
     return xq @ (w.dequantize().double() - offset).T + x.double() @ offset.T
 
@@ -222,17 +223,18 @@ def _k_quant_rows(rng, rows: int, cols: int, gtype: str):
 
 @pytest.mark.parametrize("gtype", ["Q4_K", "Q6_K", "Q5_0", "Q5_1"])
 def test_repacked_gguf_blocks_dequantise_to_what_gguf_py_gives(gtype):
-    """Q4_K / Q6_K rows repacked into 32-weight blocks, Q5_0 / Q5_1 into q8_mix ones
-    (weights/repack.py), dequantise, in torch and in the C kernel, bit for bit to what gguf-py
-    (transformers' reader) gives for the file's bytes."""
+    """Q4_K / Q6_K rows repacked into 32-weight blocks (weights/repack.py), and Q5_0 / Q5_1 blocks
+    as stored, dequantise, in torch and in the C kernel, bit for bit to what gguf-py (transformers'
+    reader) gives for the file's bytes."""
     import gguf
 
     from tpi_node.weights.checkpoint import SERVED_AS
-    from tpi_node.weights.repack import repack
+    from tpi_node.weights.repack import REPACK, repack
 
     raw, qtype = _k_quant_rows(np.random.default_rng(1), 6, 768, gtype)
     want = torch.from_numpy(gguf.dequantize(raw, qtype).copy())
-    ours = QMatrix(torch.from_numpy(repack(gtype, raw)))
+    blocks = repack(gtype, raw) if gtype in REPACK else raw.reshape(6, 24, -1)
+    ours = QMatrix(torch.from_numpy(blocks))
     assert ours.fmt == SERVED_AS[gtype] and ours.shape == (6, 768) and ours.nbytes() == 6 * 24 * BLOCK_BYTES[ours.fmt]
     assert torch.equal(ours.dequantize(), want)
     assert torch.equal(qkernel.dequantize(ours), want)
@@ -254,6 +256,11 @@ def test_every_format_goes_into_the_mixed_format_unchanged(fmt):
     fused = cat_rows([w, other])
     assert isinstance(fused, QMatrix) and fused.fmt == "q8_mix" and fused.shape == (48, 96)
     assert torch.equal(fused.dequantize(), torch.cat([w.dequantize(), other.dequantize()]))
+    # parts that a smaller format holds exactly go into it: llama.cpp's Q5_0 q/k with a Q8_0 v
+    for fmts, into in ((("q5_0", "q8_0", "q4_0"), "q8_0"), (("q4_1", "q5_1"), "q5_1")):
+        parts = [_random_blocks(f, 8, 96, seed=i) for i, f in enumerate(fmts)]
+        fused = cat_rows(parts)
+        assert fused.fmt == into and torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
 def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):

@@ -4,8 +4,11 @@
  *   Q4_0 (18 bytes): f16 d, 16 bytes of nibbles            w = d * (q - 8)
  *   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of nibbles     w = d * q + m
  *   Q8_0 (34 bytes): f16 d, 32 int8                        w = d * q
+ *   Q5_0 (22 bytes): f16 d, u32 high bits, 16 bytes of nibbles         w = d * (q - 16)
+ *   Q5_1 (24 bytes): f16 d, f16 m, u32 high bits, 16 bytes of nibbles  w = d * q + m
+ *     (weight j's fifth bit is bit j of the little-endian word)
  * or a K-quant's 32-weight sub-block, repacked from its 256-weight super-block (weights/repack.py):
- *   Q4_K (22 bytes): f16 d, f16 dmin, u8 sc, u8 mn, 16 bytes of nibbles   w = (d sc) q - dmin mn
+ *   Q4_K (23 bytes): f16 d, f16 dmin, u8 sc, u8 mn, 0, 16 bytes of nibbles   w = (d sc) q - dmin mn
  *   Q6_K (36 bytes): f16 d, i8 sc_lo, i8 sc_hi, 32 int8 (q - 32)          w = (d sc_half) q
  *     (sc_lo scales weights 0..15, sc_hi 16..31: a Q6_K scale covers 16 weights)
  * or, for a fused matrix whose parts come in different formats (model/quant.py's as_mixed), any
@@ -41,9 +44,26 @@ static inline float f16(const uint8_t *p) {
     return (float)h;
 }
 
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q6_K = 4, Q8_MIX = 5, KINDS = 6 };
-static const int BLOCK_BYTES[] = {18, 20, 34, 22, 36, 40};
-static const int QS_AT[] = {2, 4, 2, 6, 4, 8}; /* where a block's quants start */
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q6_K = 4, Q8_MIX = 5, Q5_0 = 6, Q5_1 = 7, KINDS = 8 };
+static const int BLOCK_BYTES[] = {18, 20, 34, 23, 36, 40, 22, 24};
+static const int QS_AT[] = {2, 4, 2, 7, 4, 8, 6, 8}; /* where a block's quants start */
+
+/* Q5_0 / Q5_1: the fifth bits of the block's 32 weights (bit j: weight j), before the nibbles */
+static inline int five_bits(int kind) { return kind == Q5_0 || kind == Q5_1; }
+static inline uint32_t high_bits(int kind, const uint8_t *blk) {
+    uint32_t h;
+    memcpy(&h, blk + QS_AT[kind] - 4, 4);
+    return h;
+}
+
+/* the bytes 0x10 / 0x00 of 8 weights from 8 fifth bits (bit i -> byte i): the AVX2 and plain C
+ * paths OR them into the nibbles (AVX-512 has mask registers for it) */
+static uint64_t BIT_BYTES[256];
+__attribute__((constructor)) static void init_bit_bytes(void) {
+    for (int v = 0; v < 256; v++)
+        for (int i = 0; i < 8; i++)
+            if (v >> i & 1) BIT_BYTES[v] |= (uint64_t)0x10 << (8 * i);
+}
 
 /* int8 quants with a scale per half block (weights 0..15, 16..31), applied to the weights */
 static inline int halves(int kind) { return kind == Q6_K || kind == Q8_MIX; }
@@ -58,10 +78,11 @@ static inline float blk_d(int kind, const uint8_t *blk) {
 }
 
 /* the m of w = d q + m, which multiplies the block's sum of x; Q8_0 and Q6_K have none */
-static inline int has_m(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q4_K || kind == Q8_MIX; }
+static inline int has_m(int kind) { return kind != Q8_0 && kind != Q6_K; }
 static inline float blk_m(int kind, const uint8_t *blk) {
     if (kind == Q4_K || kind == Q8_MIX) return -(f16(blk + 2) * (float)blk[kind == Q4_K ? 5 : 6]);
-    return kind == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk); /* Q4_0: d (q - 8) = d q - 8 d */
+    if (kind == Q5_0) return -16.0f * f16(blk);                  /* d (q - 16) = d q - 16 d */
+    return kind == Q4_1 || kind == Q5_1 ? f16(blk + 2) : -8.0f * f16(blk); /* Q4_0: d (q - 8) */
 }
 
 /* one block's 32 weights as floats (before the scale): q for Q4_1 / Q8_0, q - 8 for Q4_0 */
@@ -79,9 +100,10 @@ static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float
     const uint8_t *qs = blk + QS_AT[kind];
     const float off = 0.0f;
     *m = blk_m(kind, blk);
+    const uint32_t h = five_bits(kind) ? high_bits(kind, blk) : 0;
     for (int j = 0; j < QK / 2; j++) {
-        q[j] = (float)(qs[j] & 15) - off;
-        q[j + QK / 2] = (float)(qs[j] >> 4) - off;
+        q[j] = (float)((qs[j] & 15) | (h >> j & 1) << 4) - off;
+        q[j + QK / 2] = (float)((qs[j] >> 4) | (h >> (j + 16) & 1) << 4) - off;
     }
 }
 
@@ -103,8 +125,14 @@ static inline void block_q(int kind, const uint8_t *blk, __m512 *lo, __m512 *hi)
         return;
     }
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + QS_AT[kind])));
-    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    __m512i l = _mm512_and_si512(b, _mm512_set1_epi32(15)), h = _mm512_srli_epi32(b, 4);
+    if (five_bits(kind)) { /* 16 in the lanes whose fifth bit is set */
+        const uint32_t bits = high_bits(kind, blk);
+        l = _mm512_or_si512(l, _mm512_maskz_set1_epi32((__mmask16)(bits & 0xFFFF), 16));
+        h = _mm512_or_si512(h, _mm512_maskz_set1_epi32((__mmask16)(bits >> 16), 16));
+    }
+    *lo = _mm512_cvtepi32_ps(l);
+    *hi = _mm512_cvtepi32_ps(h);
 }
 
 #define TV 4 /* rows of x per pass: their accumulators stay in registers */
@@ -179,8 +207,13 @@ static inline void block_q(int kind, const uint8_t *blk, __m256 q[4]) {
         return;
     }
     const __m128i b = _mm_loadu_si128((const __m128i *)(blk + QS_AT[kind]));
-    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    if (five_bits(kind)) {
+        const uint32_t h = high_bits(kind, blk);
+        lo = _mm_or_si128(lo, _mm_set_epi64x((long long)BIT_BYTES[h >> 8 & 255], (long long)BIT_BYTES[h & 255]));
+        hi = _mm_or_si128(hi, _mm_set_epi64x((long long)BIT_BYTES[h >> 24], (long long)BIT_BYTES[h >> 16 & 255]));
+    }
     q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
     q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
     q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
@@ -259,6 +292,8 @@ static void rows_pass(int kind, const float *x, const float *xsum, int64_t K, co
         case Q8_0: ROWS1(Q8_0) break;
         case Q4_K: ROWS1(Q4_K) break;
         case Q6_K: ROWS1(Q6_K) break;
+        case Q5_0: ROWS1(Q5_0) break;
+        case Q5_1: ROWS1(Q5_1) break;
         default: ROWS1(Q8_MIX)
         }
 #undef ROWS1
@@ -363,7 +398,10 @@ static inline __m512i pair_u8(int kind, const uint8_t *b0, const uint8_t *b1) {
     __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + off)));
     v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)(b1 + off)));
     v = _mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16(v, 4));
-    return _mm512_and_si512(v, _mm512_set1_epi8(15));
+    v = _mm512_and_si512(v, _mm512_set1_epi8(15));
+    if (five_bits(kind)) /* byte i of the pair: bit i of b0's word, then of b1's */
+        v = _mm512_or_si512(v, _mm512_maskz_set1_epi8(high_bits(kind, b0) | (uint64_t)high_bits(kind, b1) << 32, 16));
+    return v;
 }
 
 /* one row of W against one row of x: the decode step's case, its accumulators in registers (two
@@ -387,13 +425,7 @@ static inline __attribute__((always_inline)) float row_dot_q8(int kind, const st
         const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512(xr + 2 * p * QK));
         const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(vd, _mm512_loadu_ps(dd + p * 16)));
         if (p & 1) acc1 = _mm512_add_ps(acc1, v); else acc0 = _mm512_add_ps(acc0, v);
-        if (kind == Q4_1) {
-            am0 += f16(b0 + 2) * xs[2 * p];
-            am1 += f16(b1 + 2) * xs[2 * p + 1];
-        } else if (kind == Q4_0) {
-            am0 -= 8.0f * d0 * xs[2 * p];
-            am1 -= 8.0f * d1 * xs[2 * p + 1];
-        } else if (kind == Q4_K) {
+        if (kind != Q8_0) { /* the m term (Q6_K and Q8_MIX never come here) */
             am0 += blk_m(kind, b0) * xs[2 * p];
             am1 += blk_m(kind, b1) * xs[2 * p + 1];
         }
@@ -406,9 +438,7 @@ static inline __attribute__((always_inline)) float row_dot_q8(int kind, const st
         const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_zextsi256_si512(_mm512_castsi512_si256(xv)));
         const float d0 = blk_d(kind, b0);
         acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(d0), _mm512_loadu_ps(dd + p * 16)), acc0);
-        if (kind == Q4_1) am0 += f16(b0 + 2) * xs[2 * p];
-        else if (kind == Q4_0) am0 -= 8.0f * d0 * xs[2 * p];
-        else if (kind == Q4_K) am0 += blk_m(kind, b0) * xs[2 * p];
+        if (kind != Q8_0) am0 += blk_m(kind, b0) * xs[2 * p];
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + am0 + am1;
 }
@@ -457,6 +487,8 @@ static void rows_pass_q8(int kind, const struct xq8 *xq, int64_t K, const uint8_
         case Q4_0: ROWS1(Q4_0) break;
         case Q4_1: ROWS1(Q4_1) break;
         case Q4_K: ROWS1(Q4_K) break;
+        case Q5_0: ROWS1(Q5_0) break;
+        case Q5_1: ROWS1(Q5_1) break;
         default: ROWS1(Q8_0)
         }
 #undef ROWS1

@@ -6,7 +6,9 @@ writes it, or a K-quant's 32-weight sub-block (see model/qmatmul.c for the byte 
     q4_0  18 bytes / 32 weights   w = d (q - 8)          (GGUF Q4_0)
     q4_1  20 bytes / 32 weights   w = d q + m            (GGUF Q4_1; what --quant int4 writes)
     q8_0  34 bytes / 32 weights   w = d q                (GGUF Q8_0; what --quant int8 writes)
-    q4_k  22 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/repack.py)
+    q5_0  22 bytes / 32 weights   w = d (q - 16)         (GGUF Q5_0: 5-bit q, its fifth bits in a word)
+    q5_1  24 bytes / 32 weights   w = d q + m            (GGUF Q5_1)
+    q4_k  23 bytes / 32 weights   w = (d sc) q - dmin mn (GGUF Q4_K, repacked: weights/repack.py)
     q6_k  36 bytes / 32 weights   w = (d sc_half) q      (GGUF Q6_K, repacked; one scale per 16)
     q8_mix 40 bytes / 32 weights  w = (d sc_half) q - dmin mn
                                   (each of the above exactly: a fused matrix whose parts differ, as_mixed)
@@ -27,9 +29,11 @@ from tpi_node.errors import UserError
 from tpi_node.settings import QUANTS
 
 BLOCK = 32  # weights per block, every format
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 22, "q6_k": 36, "q8_mix": 40}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q5_0": 22, "q5_1": 24, "q4_k": 23, "q6_k": 36, "q8_mix": 40}
 FORMAT_OF_BYTES = {v: k for k, v in BLOCK_BYTES.items()}
-KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "q8_mix": 5}  # the kernel's format codes
+# the kernel's format codes (model/qmatmul.c)
+KIND = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "q8_mix": 5, "q5_0": 6, "q5_1": 7}
+NIBBLES_AT = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q4_k": 7}  # where a 4/5-bit block's nibbles start
 
 QUANT_FORMAT = {"int8": "q8_0", "int4": "q4_1"}  # what --quant writes for a float weight
 
@@ -71,6 +75,18 @@ class QMatrix:
     def to(self, device) -> QMatrix:
         return QMatrix(self.data.to(device))
 
+    def small_quants(self) -> torch.Tensor:
+        """A 4- or 5-bit format's q (0..15 or 0..31) as uint8 [N, nb, 32]: byte j of the nibbles
+        holds weights j and j + 16; a 5-bit one's fifth bits are the 32 bits before them."""
+        d = self.data
+        qs = d[..., NIBBLES_AT[self.fmt] :]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)
+        if self.fmt in ("q5_0", "q5_1"):
+            at = NIBBLES_AT[self.fmt] - 4
+            word = d[..., at : at + 4].contiguous().view(torch.int32)  # [N, nb, 1], little-endian
+            q |= ((word >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8) << 4
+        return q
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] in `dtype`, computed in fp32 as gguf-py does (pure torch: any device)."""
         d = self.data
@@ -84,18 +100,15 @@ class QMatrix:
             w = (q.unflatten(-1, (2, 16)) * halves.unsqueeze(-1)).flatten(-2)
             if self.fmt == "q8_mix":
                 w = w - d[..., 2:4].contiguous().view(torch.float16).float() * d[..., 6:7].float()
-        elif self.fmt == "q4_k":  # as gguf-py: (d sc) q - dmin mn, the products exact in fp32
-            qs = d[..., 6:]
-            q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
-            dmin = d[..., 2:4].contiguous().view(torch.float16).float()
-            w = q * (scale * d[..., 4:5].float()) - dmin * d[..., 5:6].float()
         else:
-            qs = d[..., 4:] if self.fmt == "q4_1" else d[..., 2:]
-            q = torch.cat([qs & 15, qs >> 4], dim=-1).float()  # byte j: weights j and j + 16
-            if self.fmt == "q4_1":
+            q = self.small_quants().float()
+            if self.fmt == "q4_k":  # as gguf-py: (d sc) q - dmin mn, the products exact in fp32
+                dmin = d[..., 2:4].contiguous().view(torch.float16).float()
+                w = q * (scale * d[..., 4:5].float()) - dmin * d[..., 5:6].float()
+            elif self.fmt in ("q4_1", "q5_1"):
                 w = q * scale + d[..., 2:4].contiguous().view(torch.float16).float()
-            else:
-                w = (q - 8) * scale
+            else:  # q4_0, q5_0: d (q - 8), d (q - 16)
+                w = (q - (8 if self.fmt == "q4_0" else 16)) * scale
         return w.reshape(self.shape).to(dtype)
 
 
@@ -106,8 +119,29 @@ def cat_rows(parts: list) -> torch.Tensor | QMatrix:
     if all(isinstance(p, QMatrix) for p in parts) and len({p.fmt for p in parts}) == 1:
         return QMatrix(torch.cat([p.data for p in parts]))
     if all(isinstance(p, QMatrix) for p in parts):  # a GGUF may quantise q and v differently
+        fmts = {p.fmt for p in parts}
+        if fmts <= {"q4_0", "q5_0", "q8_0"}:  # d (q - offset): q8_0 holds them all (llama.cpp's Q5_0 + Q8_0)
+            return QMatrix(torch.cat([_as_q8_0(p).data for p in parts]))
+        if fmts <= {"q4_1", "q5_1"}:  # d q + m: q5_1 holds both
+            return QMatrix(torch.cat([_as_q5_1(p).data for p in parts]))
         return QMatrix(torch.cat([as_mixed(p).data for p in parts]))
     return torch.cat([p.dequantize() if isinstance(p, QMatrix) else p.float() for p in parts])
+
+
+def _as_q8_0(w: QMatrix) -> QMatrix:
+    """q4_0 / q5_0 blocks as q8_0 ones, exactly: the same d, q - 8 or q - 16 as int8."""
+    if w.fmt == "q8_0":
+        return w
+    q = w.small_quants().to(torch.int8) - (8 if w.fmt == "q4_0" else 16)
+    return QMatrix(torch.cat([w.data[..., 0:2], q.view(torch.uint8)], dim=-1))
+
+
+def _as_q5_1(w: QMatrix) -> QMatrix:
+    """q4_1 blocks as q5_1 ones, exactly: the same d, m and nibbles, no fifth bits."""
+    if w.fmt == "q5_1":
+        return w
+    d = w.data
+    return QMatrix(torch.cat([d[..., 0:4], torch.zeros(*d.shape[:2], 4, dtype=torch.uint8), d[..., 4:]], dim=-1))
 
 
 def mixed_blocks(d: torch.Tensor, q: torch.Tensor, scales=None, dmin: torch.Tensor | None = None, mn=None) -> QMatrix:
@@ -134,11 +168,10 @@ def as_mixed(w: QMatrix) -> QMatrix:
         return mixed_blocks(d[..., 0:2], d[..., 2:].view(torch.int8))
     if fmt == "q6_k":
         return mixed_blocks(d[..., 0:2], d[..., 4:].view(torch.int8), d[..., 2:4])
-    qs = d[..., {"q4_0": 2, "q4_1": 4, "q4_k": 6}[fmt] :]
-    q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int8)
-    if fmt == "q4_0":  # d (q - 8)
-        return mixed_blocks(d[..., 0:2], q - 8)
-    if fmt == "q4_1":  # d q + m: dmin = -m, mn = 1 (negating an fp16 is exact)
+    q = w.small_quants().to(torch.int8)
+    if fmt in ("q4_0", "q5_0"):  # d (q - 8), d (q - 16)
+        return mixed_blocks(d[..., 0:2], q - (8 if fmt == "q4_0" else 16))
+    if fmt in ("q4_1", "q5_1"):  # d q + m: dmin = -m, mn = 1 (negating an fp16 is exact)
         return mixed_blocks(d[..., 0:2], q, None, (-d[..., 2:4].contiguous().view(torch.float16)).view(torch.uint8), 1)
     return mixed_blocks(d[..., 0:2], q, d[..., 4:5].expand(*d.shape[:2], 2), d[..., 2:4], d[..., 5])  # q4_k
 
