@@ -314,12 +314,18 @@ def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
     ours = OurModel(tmp_path)
     assert isinstance(ours.head.lm_head_w, QMatrix) and ours.head.lm_head_w.fmt == "q6_k"
     ids = torch.randint(0, vocab, (29,), generator=torch.Generator().manual_seed(0)).tolist()
+    _follows_transformers(ours, hf, ids, steps=4)
+
+
+def _follows_transformers(ours: OurModel, hf, ids: list[int], steps: int) -> None:
+    """Our logits within 1e-3 of transformers' for a prefill of ids (dequantise + GEMM, or the
+    kernel for short ones) and for `steps` greedy one-token steps after it (the kernel)."""
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    got = ours.step(1, 0, ids)  # a 29-token prefill
+    got = ours.step(1, 0, ids)
     assert (got - ref).abs().max() < 1e-3
     seq = list(ids)
-    for _ in range(4):  # one-token steps: the kernel
+    for _ in range(steps):
         seq.append(int(got[-1].argmax()))
         got = ours.step(1, len(seq) - 1, seq[-1:])
         with torch.no_grad():
@@ -349,18 +355,7 @@ def test_quantised_tiny_models_match_transformers_on_the_dequantised_weights(hf_
         head.copy_(quantize(head, "q8_0").dequantize())  # the head is held as q8_0 under --quant
     torch.manual_seed(3)
     ids = torch.randint(0, ours.cfg.vocab_size, (29,)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-    got = ours.step(1, 0, ids)  # 29 tokens: the dequantise + GEMM way
-    assert (got - ref).abs().max() < 1e-3
-    seq = list(ids)
-    for _ in range(6):  # one-token steps: the kernel
-        seq.append(int(got[-1].argmax()))
-        got = ours.step(1, len(seq) - 1, seq[-1:])
-        with torch.no_grad():
-            ref = hf(torch.tensor([seq])).logits[0, -1:]
-        assert (got - ref).abs().max() < 1e-3
-    ours.free([1])
+    _follows_transformers(ours, hf, ids, steps=6)
     assert isinstance(ours.head.lm_head_w, QMatrix)
     shard_bytes = ours.runner.store.resident_bytes()
     assert shard_bytes > 0
