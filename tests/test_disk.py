@@ -50,13 +50,19 @@ def test_a_one_node_run_writes_no_shard_copy(tmp_path, smollm2_dir):
     assert not (tmp_path / "shards").exists(), sorted(p.name for p in (tmp_path / "shards").rglob("*"))
 
 
-@pytest.mark.parametrize("model,dtype", [("tiny", "fp32"), ("tiny", "bf16"), ("smollm2", "fp32")])
+@pytest.mark.parametrize("model,dtype", [("tiny", "fp32"), ("tiny", "bf16"), ("smollm2", "fp32"), ("kquant", "fp32")])
 def test_in_place_slices_are_the_shard_files(tmp_path, tiny_model_dir, smollm2_dir, monkeypatch, model, dtype):
     """Every layer read from the checkpoint (resident, and streamed through slots) holds exactly
     the bytes of the shard file a worker would get: --dtype cast, a GGUF's blocks and its
-    permuted q / k rows included."""
+    permuted q / k rows included, and a K-quant GGUF's rows repacked (each rank only its own)."""
     monkeypatch.setenv("TPI_PREPACK", "0")  # resident weights as read, to compare bytes
-    d = tiny_model_dir("tiny-llama") if model == "tiny" else smollm2_dir
+    if model == "kquant":
+        from tests.gguf_util import write_k_quant_llama
+
+        (tmp_path / "kquant").mkdir()
+        d = write_k_quant_llama(tmp_path / "kquant")
+    else:
+        d = tiny_model_dir("tiny-llama") if model == "tiny" else smollm2_dir
     cfg = ModelConfig.from_dir(d)
     two = make_plan(cfg, [NodeCapacity("a", 0), NodeCapacity("b", 0)])
     for plan, rank, window in [(two, 0, None), (two, 1, 2), (make_plan(cfg, [NodeCapacity("a", 0)]), 0, 2)]:

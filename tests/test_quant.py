@@ -7,7 +7,6 @@ kernel's arithmetic (fp32, exact dequantised weights): logits agree within 1e-3.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.gguf_util import k_quant_rows, write_k_quant_llama
 from tests.hf_util import OurModel, make_hf_model
 from tpi_node.model import qkernel
 from tpi_node.model.quant import BLOCK_BYTES, QMatrix, quantize
@@ -204,25 +204,6 @@ def test_gguf_blocks_dequantise_bit_for_bit_like_gguf_py(smollm2_dir):
         assert torch.equal(ours.dequantize(), want.view(ours.shape))
 
 
-def _k_quant_rows(rng, rows: int, cols: int, gtype: str):
-    """Random bytes of a Q4_K / Q6_K / Q5_0 / Q5_1 tensor (every bit pattern of its quants and
-    sub-block scales) with sane fp16 block scales (d, and dmin or m): (uint8 [rows, bytes], ggml type)."""
-    import gguf
-
-    weights, size, scales_at = {
-        "Q4_K": (256, 144, [0, 2]),
-        "Q6_K": (256, 210, [208]),
-        "Q5_0": (32, 22, [0]),
-        "Q5_1": (32, 24, [0, 2]),
-    }[gtype]
-    raw = rng.integers(0, 256, (rows, cols // weights * size), dtype=np.uint8)
-    blocks = raw.reshape(rows, -1, size)
-    for at in scales_at:
-        scale = rng.random((*blocks.shape[:2], 1)) * 0.002 + 0.0005
-        blocks[..., at : at + 2] = scale.astype(np.float16).view(np.uint8)
-    return raw, getattr(gguf.GGMLQuantizationType, gtype)
-
-
 @pytest.mark.parametrize("gtype", ["Q4_K", "Q6_K", "Q5_0", "Q5_1"])
 def test_repacked_gguf_blocks_dequantise_to_what_gguf_py_gives(gtype):
     """Q4_K / Q6_K rows repacked into 32-weight blocks (weights/repack.py), and Q5_0 / Q5_1 blocks
@@ -233,7 +214,7 @@ def test_repacked_gguf_blocks_dequantise_to_what_gguf_py_gives(gtype):
     from tpi_node.weights.checkpoint import SERVED_AS
     from tpi_node.weights.repack import REPACK, repack
 
-    raw, qtype = _k_quant_rows(np.random.default_rng(1), 6, 768, gtype)
+    raw, qtype = k_quant_rows(np.random.default_rng(1), 6, 768, gtype)
     want = torch.from_numpy(gguf.dequantize(raw, qtype).copy())
     blocks = repack(gtype, raw) if gtype in REPACK else raw.reshape(6, 24, -1)
     ours = QMatrix(torch.from_numpy(blocks))
@@ -266,56 +247,15 @@ def test_every_format_goes_into_the_mixed_format_unchanged(fmt):
 
 
 def test_a_k_quant_gguf_gives_transformers_logits(tmp_path):
-    """A Llama GGUF with Q4_K and Q6_K tensors, as a Q4_K_M file mixes them (Q6_K for the output
-    and ffn_down, and for attn_v in one layer, whose fused q|k|v is then q8_mix blocks), and the
-    Q5_0 / Q5_1 llama.cpp falls back to where a row does not split into 256s: served from its own
-    blocks, repacked, it gives the logits transformers gives loading the same file."""
-    import gguf
-
-    from tpi_node.weights.gguf import GgufFile, hf_config
-
-    rng = np.random.default_rng(0)
-    hidden, ffn, vocab, layers = 256, 512, 320, 2
-    w = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")
-    for add, value in [("block_count", layers), ("context_length", 512), ("embedding_length", hidden)]:
-        getattr(w, f"add_{add}")(value)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(vocab)
-
-    def add(name, rows, cols, gtype):
-        raw, qtype = _k_quant_rows(rng, rows, cols, gtype)
-        w.add_tensor(name, raw, raw_dtype=qtype)
-
-    def norm(name):
-        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
-
-    add("token_embd.weight", vocab, hidden, "Q4_K")
-    add("output.weight", vocab, hidden, "Q6_K")
-    norm("output_norm.weight")
-    for i in range(layers):
-        norm(f"blk.{i}.attn_norm.weight")
-        norm(f"blk.{i}.ffn_norm.weight")
-        for name, rows, cols in [("attn_q", hidden, hidden), ("attn_k", 128, hidden), ("attn_v", 128, hidden)]:
-            add(f"blk.{i}.{name}.weight", rows, cols, "Q6_K" if name == "attn_v" and i == 0 else "Q4_K")
-        add(f"blk.{i}.attn_output.weight", hidden, hidden, "Q5_0" if i == 1 else "Q4_K")  # llama.cpp's fallback
-        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, "Q5_1" if i == 1 else "Q4_K")  # gate|up then mixed
-        add(f"blk.{i}.ffn_up.weight", ffn, hidden, "Q4_K")
-        add(f"blk.{i}.ffn_down.weight", hidden, ffn, "Q6_K")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    (tmp_path / "config.json").write_text(json.dumps(hf_config(GgufFile(tmp_path / "model.gguf"))))
-
+    """A Llama GGUF of Q4_K, Q6_K, Q5_0 and Q5_1 tensors mixed as a Q4_K_M file mixes them
+    (write_k_quant_llama), served from its own blocks, repacked, gives the logits transformers
+    gives loading the same file."""
+    write_k_quant_llama(tmp_path)
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
     ours = OurModel(tmp_path)
     assert isinstance(ours.head.lm_head_w, QMatrix) and ours.head.lm_head_w.fmt == "q6_k"
-    ids = torch.randint(0, vocab, (29,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, ours.cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(0)).tolist()
     _follows_transformers(ours, hf, ids, steps=4)
 
 

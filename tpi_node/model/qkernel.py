@@ -37,8 +37,8 @@ from tpi_node.paths import kernels_dir
 SOURCES = (Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode_ops.c"))
 CFLAGS = ("-O3", "-pthread", "-shared", "-fPIC")
 # what the kernels are compiled for: gcc's -march, this CPU unless set (TPI_KERNEL_ARCH=x86-64-v3 builds
-# the portable C path for AVX2 machines: one build for a family of CPUs, and how the tests run that
-# path on an AVX-512 machine)
+# the AVX2 path, x86-64 the plain C one: one build for a family of CPUs, and how the tests run those
+# paths on an AVX-512 machine)
 ARCH_ENV = "TPI_KERNEL_ARCH"
 STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per step tried by `tune`
 # tpi_decode_layers' callback: a half layer's partial (float *, values) -> 0, or nonzero to stop

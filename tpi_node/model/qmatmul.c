@@ -85,7 +85,8 @@ static inline float blk_m(int kind, const uint8_t *blk) {
     return kind == Q4_1 || kind == Q5_1 ? f16(blk + 2) : -8.0f * f16(blk); /* Q4_0: d (q - 8) */
 }
 
-/* one block's 32 weights as floats (before the scale): q for Q4_1 / Q8_0, q - 8 for Q4_0 */
+/* one block's 32 quants as floats (Q6_K's and Q8_MIX's with their half scales applied), with the
+ * d and m of w = d q + m */
 static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float *d, float *m) {
     *d = blk_d(kind, blk);
     *m = 0.0f;
@@ -98,12 +99,11 @@ static inline void unpack(int kind, const uint8_t *blk, float *restrict q, float
         return;
     }
     const uint8_t *qs = blk + QS_AT[kind];
-    const float off = 0.0f;
     *m = blk_m(kind, blk);
     const uint32_t h = five_bits(kind) ? high_bits(kind, blk) : 0;
     for (int j = 0; j < QK / 2; j++) {
-        q[j] = (float)((qs[j] & 15) | (h >> j & 1) << 4) - off;
-        q[j + QK / 2] = (float)((qs[j] >> 4) | (h >> (j + 16) & 1) << 4) - off;
+        q[j] = (float)((qs[j] & 15) | (h >> j & 1) << 4);
+        q[j + QK / 2] = (float)((qs[j] >> 4) | (h >> (j + 16) & 1) << 4);
     }
 }
 

@@ -197,7 +197,7 @@ def _write_model_dir(gguf_path: Path, out: Path, sampling: tuple, progress: bool
     _say(progress, f"reading {gguf_path} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
     with GgufFile(gguf_path) as g:  # a GgufError names the file; it is a UserError already
         cfg = hf_config(g)
-        refuse_unserved_types(g)  # before anything is written: K-quants are refused here, not when serving
+        refuse_unserved_types(g)  # before anything is written: types we do not serve are refused here, not when serving
         _say(progress, "writing config.json and tokenizer files")
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         write_tokenizer(g, out)

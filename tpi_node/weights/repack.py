@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SUPER = 256  # weights per K-quant super-block
-
 
 def _q4_k(raw: np.ndarray) -> np.ndarray:
     """Q4_K super-block (144 bytes): f16 d, f16 dmin, 12 bytes packing eight 6-bit scales and

@@ -156,10 +156,14 @@ class CheckpointSlices:
         dest = into[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape)
         row = 0
         for name, how, a, b in p.parts:
+            stored = self.reader.location(name)  # None: repacked when read (a K-quant)
+            if how == "rows" and stored is None:  # only this node's rows are read and repacked
+                _copy(dest[row : row + b - a], self.reader.rows(name, a, b).data)
+                row += b - a
+                continue
             view, index = self.reader.mapped(name)
             if how == "cols" and (a, b) == (0, view.shape[1] * (BLOCK if view.dim() == 3 else 1)):
                 how, a, b = "rows", 0, view.shape[0]  # every column (a one-node run): all rows
-            stored = self.reader.location(name)  # None: not served as stored (a K-quant)
             if how == "rows" and index is None and view.dtype == dest.dtype and stored is not None:
                 path, at, row_bytes = stored
                 start = p.offset + row * row_bytes
